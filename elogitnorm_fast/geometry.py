@@ -1,0 +1,94 @@
+"""Class-distance rows and the weight gradient for ELogitNorm, without any C x C x D tensor.
+
+ELogitNorm needs, for each sample, the distances ``||w_m - w_j||`` from its predicted class ``m``
+to every class ``j``. Only the rows of predicted classes are needed, so we compute at most
+``min(N, C)`` rows from ``W`` with one GEMM (``||a||^2 + ||b||^2 - 2 a.b``, accumulated in fp32, or
+fp64 for fp64 inputs, clamped at 0):
+
+* ``N < C``: one row per sample (``W[m] @ W^T``, N x C); no data-dependent shapes, so no host
+  sync (``torch.unique`` would need one);
+* ``N >= C``: one row per class (C x C, which is then no larger than the N x C logits).
+
+Both backends that run the math in PyTorch (``torch`` and the glue of the compiled ones) share
+these functions, so the GEMM layout and the weight-gradient formula exist once.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """fp64 if any input is fp64, else fp32 (fp16 / bf16 inputs accumulate in fp32)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+class DistanceRows(NamedTuple):
+    """Distances from the predicted classes to every class.
+
+    ``rows`` (R x D) are the weight rows the distances start from and ``row_class`` (R,) their
+    class indices; ``distances`` (R x C) holds ``||rows[r] - w_j||`` with the self-distance set to
+    1 (the released code adds the identity). ``per_sample`` says whether row ``r`` belongs to
+    sample ``r`` (R = N) or to class ``r`` (R = C).
+    """
+
+    rows: torch.Tensor
+    row_class: torch.Tensor
+    distances: torch.Tensor
+    per_sample: bool
+
+    def for_samples(self, predicted: torch.Tensor) -> torch.Tensor:
+        """The N x C distance rows of the samples' predicted classes."""
+        return self.distances if self.per_sample else self.distances.index_select(0, predicted)
+
+
+def distance_rows(
+    weight: torch.Tensor, predicted: torch.Tensor, dtype: torch.dtype
+) -> DistanceRows:
+    """Distance rows for the predicted classes (N,), computed in ``dtype`` from ``weight``."""
+    w = weight.to(dtype)
+    num_classes = w.shape[0]
+    per_sample = predicted.shape[0] < num_classes
+    row_class = predicted if per_sample else torch.arange(num_classes, device=w.device)
+    rows = w.index_select(0, row_class) if per_sample else w
+    squared_norms = (w * w).sum(dim=1)
+    # ||a||^2 + ||b||^2 - 2 a.b in one addmm: beta * (|a|^2 + |b|^2) - 2 * rows @ w^T.
+    squared = torch.addmm(
+        squared_norms.index_select(0, row_class)[:, None] + squared_norms[None, :],
+        rows,
+        w.t(),
+        alpha=-2.0,
+    )
+    distances = squared.clamp_min_(0.0).sqrt_()
+    distances.scatter_(1, row_class[:, None], 1.0)
+    return DistanceRows(rows, row_class, distances, per_sample)
+
+
+def weight_gradient(
+    weight: torch.Tensor,
+    geometry: DistanceRows,
+    predicted: torch.Tensor,
+    coefficients: torch.Tensor,
+) -> torch.Tensor:
+    """Gradient of the loss with respect to ``W`` through the distances (design.md section 2.1).
+
+    ``coefficients`` (N x C) holds ``c_nj = dL/dDelta_nj / Delta_nj`` for each sample ``n`` and
+    class ``j``, so that ``dw_m += c_nj (w_m - w_j)`` and ``dw_j -= c_nj (w_m - w_j)``. Summed over
+    the rows ``R`` (samples, or classes after pooling the samples' coefficients per predicted
+    class), this is two GEMMs::
+
+        dW = scatter_rows(rowsum(R) * W_rows - R W) + colsum(R) * W - R^T W_rows
+    """
+    w = weight.to(coefficients.dtype)
+    rows = geometry.rows
+    if geometry.per_sample:
+        pooled = coefficients
+    else:
+        pooled = torch.zeros(
+            w.shape[0], w.shape[0], dtype=coefficients.dtype, device=coefficients.device
+        ).index_add_(0, predicted, coefficients)
+    row_part = torch.addmm(pooled.sum(dim=1)[:, None] * rows, pooled, w, alpha=-1.0)
+    grad = torch.addmm(pooled.sum(dim=0)[:, None] * w, pooled.t(), rows, alpha=-1.0)
+    return grad.index_add_(0, geometry.row_class, row_part)

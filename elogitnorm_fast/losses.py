@@ -1,0 +1,162 @@
+"""Public loss API: functional forms and drop-in ``nn.Module`` wrappers.
+
+Every call validates its inputs once, then dispatches to a backend
+(:mod:`elogitnorm_fast.backends`): ``triton`` / ``cuda`` on GPU, ``cpu`` (the C++ extension) on
+CPU, ``torch`` anywhere, ``reference`` for the all-pairs formula.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backends import resolve_backend
+from .reference import DEFAULT_EPS, DEFAULT_TAU, divisor_value
+from .validation import check_logits, check_options, check_target, check_weight
+
+
+def elogitnorm_loss(
+    logits: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    backend: str = "auto",
+    eps: float = DEFAULT_EPS,
+    divisor: str = "classes",
+) -> torch.Tensor:
+    """ELogitNorm loss (Ding et al., CVPR 2026, https://arxiv.org/abs/2504.11434).
+
+    Cross-entropy on ``z / s`` where, per row with predicted class ``m = argmax z`` and
+    ``v = z_m``::
+
+        s = max((1 / C) * sum_j (v - z_j) / max(||w_m - w_j||, eps), eps)   (the j = m term is 0)
+
+    Gradients reach both ``logits`` and ``weight`` (the classifier head, C x D; pass the bias-free
+    weight, the bias acts through the logits). Memory is ``O(N C + C D)`` on every backend but
+    ``reference``.
+
+    Args:
+        logits: (N, C) float16 / bfloat16 / float32 / float64 logits.
+        weight: (C, D) classifier weight; may be float32 while the logits are bfloat16.
+        target: (N,) integer class indices; ``ignore_index`` rows contribute no loss or gradient.
+        reduction: ``"mean"`` (over non-ignored rows), ``"sum"`` or ``"none"``.
+        backend: ``"auto"`` or one of :func:`elogitnorm_fast.available_backends`.
+        eps: lower clamp for ``s`` and for the class distances (keeps degenerate rows finite).
+        divisor: ``"classes"`` divides by C as the released code (and its checkpoints) do;
+            ``"paper"`` divides by C - 1 as the paper's text writes it.
+
+    Example::
+
+        loss = elogitnorm_loss(model(x), model.fc.weight, y)
+    """
+    check_logits(logits)
+    check_weight(weight, logits)
+    check_target(target, logits, ignore_index)
+    check_options(reduction, eps)
+    divisor_number = divisor_value(logits.shape[1], divisor)
+    module = resolve_backend(backend, logits.device)
+    return module.elogitnorm_loss(
+        logits, weight, target, reduction=reduction, ignore_index=ignore_index, eps=eps,
+        divisor=divisor_number,
+    )
+
+
+def logitnorm_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    tau: float = DEFAULT_TAU,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """LogitNorm loss (Wei et al., ICML 2022, https://arxiv.org/abs/2205.09310).
+
+    ``CE(z / (tau * (||z||_2 + 1e-7)), y)``; ``tau = 0.04`` is OpenOOD's setting.
+
+    Example::
+
+        loss = logitnorm_loss(model(x), y, tau=0.04)
+    """
+    check_logits(logits)
+    check_target(target, logits, ignore_index)
+    check_options(reduction)
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau!r}")
+    module = resolve_backend(backend, logits.device)
+    return module.logitnorm_loss(
+        logits, target, tau=tau, reduction=reduction, ignore_index=ignore_index
+    )
+
+
+class ELogitNormLoss(nn.Module):
+    """Module form of :func:`elogitnorm_loss`: ``criterion(logits, weight, target)``.
+
+    Example::
+
+        criterion = ELogitNormLoss()
+        loss = criterion(model(x), model.fc.weight, y)
+    """
+
+    def __init__(
+        self,
+        *,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        backend: str = "auto",
+        eps: float = DEFAULT_EPS,
+        divisor: str = "classes",
+    ) -> None:
+        super().__init__()
+        check_options(reduction, eps)
+        divisor_value(2, divisor)  # validates the name
+        self.reduction, self.ignore_index, self.backend = reduction, ignore_index, backend
+        self.eps, self.divisor = eps, divisor
+
+    def forward(
+        self, logits: torch.Tensor, weight: torch.Tensor, target: torch.Tensor
+    ) -> torch.Tensor:
+        return elogitnorm_loss(
+            logits, weight, target, reduction=self.reduction, ignore_index=self.ignore_index,
+            backend=self.backend, eps=self.eps, divisor=self.divisor,
+        )
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}, backend={self.backend!r}, divisor={self.divisor!r}"
+
+
+class LogitNormLoss(nn.Module):
+    """Module form of :func:`logitnorm_loss`: ``criterion(logits, target)``.
+
+    Example::
+
+        criterion = LogitNormLoss(tau=0.04)
+        loss = criterion(model(x), y)
+    """
+
+    def __init__(
+        self,
+        *,
+        tau: float = DEFAULT_TAU,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        check_options(reduction)
+        if not tau > 0:
+            raise ValueError(f"tau must be > 0, got {tau!r}")
+        self.tau, self.reduction, self.ignore_index, self.backend = (
+            tau, reduction, ignore_index, backend
+        )
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return logitnorm_loss(
+            logits, target, tau=self.tau, reduction=self.reduction,
+            ignore_index=self.ignore_index, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}, reduction={self.reduction!r}, backend={self.backend!r}"

@@ -1,0 +1,36 @@
+"""Loss reductions shared by every backend, with ``F.cross_entropy``'s semantics.
+
+``mean`` divides by the number of non-ignored rows (so an all-ignored batch gives NaN loss and
+zero gradient, as ``F.cross_entropy`` does), ``sum`` adds, ``none`` returns one loss per row
+(0 for ignored rows).
+"""
+
+from __future__ import annotations
+
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def reduce_rows(row_losses: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Reduce per-row losses (ignored rows already 0)."""
+    if reduction == "none":
+        return row_losses
+    total = row_losses.sum()
+    if reduction == "sum":
+        return total
+    return total / valid.sum().to(total.dtype)
+
+
+def row_gradient_weights(
+    grad_output: torch.Tensor, valid: torch.Tensor, reduction: str, dtype: torch.dtype
+) -> torch.Tensor:
+    """Per-row upstream gradient ``g_n`` (N,) in ``dtype``: 0 on ignored rows.
+
+    ``grad_output`` may be a scalar or any strided (N,) tensor, e.g. the stride-0 expansion that
+    ``loss.sum().backward()`` produces for ``reduction="none"``.
+    """
+    g = grad_output.to(dtype)
+    if reduction == "mean":
+        g = g / valid.sum().to(dtype)
+    return torch.where(valid, g.expand(valid.shape), torch.zeros((), dtype=dtype, device=g.device))

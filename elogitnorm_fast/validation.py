@@ -1,0 +1,73 @@
+"""Input checks shared by the public loss functions. Errors name the argument and the value."""
+
+from __future__ import annotations
+
+import torch
+
+from .reduction import REDUCTIONS
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_logits(logits: torch.Tensor) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(
+            f"logits must be 2-D (batch, classes), got shape {tuple(logits.shape)}"
+        )
+    if logits.dtype not in _FLOATS:
+        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    if logits.shape[1] == 0:
+        raise ValueError(f"logits must have at least one class, got shape {tuple(logits.shape)}")
+
+
+def check_weight(weight: torch.Tensor, logits: torch.Tensor) -> None:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (classes, features), got shape {tuple(weight.shape)}")
+    if weight.shape[0] != logits.shape[1]:
+        raise ValueError(
+            f"weight must have one row per class: logits have C={logits.shape[1]} classes, "
+            f"weight has {weight.shape[0]} rows (shape {tuple(weight.shape)})"
+        )
+    if weight.dtype not in _FLOATS:
+        raise TypeError(f"weight must be a floating tensor, got {weight.dtype}")
+    if weight.device != logits.device:
+        raise ValueError(f"weight is on {weight.device} but logits are on {logits.device}")
+
+
+def check_target(target: torch.Tensor, logits: torch.Tensor, ignore_index: int) -> None:
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"target must hold class indices (an integer dtype), got {target.dtype}")
+    if target.shape != logits.shape[:1]:
+        raise ValueError(
+            f"target must have shape (N,) = {tuple(logits.shape[:1])} to match logits "
+            f"{tuple(logits.shape)}, got {tuple(target.shape)}"
+        )
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+    if target.numel() == 0:
+        return
+    if target.device.type != "cpu" or torch.compiler.is_compiling():
+        # Checking values on an accelerator would be a host sync, and inside torch.compile a
+        # graph break: there the kernels' own bounds checks apply, as in F.cross_entropy.
+        return
+    num_classes = logits.shape[1]
+    in_range = ((target >= 0) & (target < num_classes)) | (target == ignore_index)
+    if not bool(in_range.all()):
+        bad = target[~in_range][:5].tolist()
+        raise ValueError(
+            f"target values must be in [0, {num_classes}) or equal ignore_index={ignore_index}; "
+            f"got {bad}"
+        )
+
+
+def check_options(reduction: str, eps: float | None = None) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if eps is not None and not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps!r}")

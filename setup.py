@@ -1,0 +1,106 @@
+"""Build script: the Python package, the Triton kernels and the optional C++/CUDA extension.
+
+Build knobs (environment variables, read at build time):
+
+* ``ELOGITNORM_FAST_BUILD_CUDA``: ``auto`` (default: build CUDA sources when torch has CUDA and
+  ``nvcc`` is found), ``1``/``force`` (always; fails if impossible), ``0``/``never``.
+* ``TORCH_CUDA_ARCH_LIST``: the CUDA architectures, e.g. ``"8.0;9.0"`` (torch's own knob).
+* ``ELOGITNORM_FAST_NO_EXTENSION=1``: skip the C++ extension; the pure-PyTorch backends remain.
+* ``MAX_JOBS``: parallel compile jobs (torch's own knob).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_mode() -> str:
+    raw = os.environ.get("ELOGITNORM_FAST_BUILD_CUDA", "auto").strip().lower()
+    if raw in ("1", "force", "yes", "true", "on"):
+        return "force"
+    if raw in ("0", "never", "no", "false", "off"):
+        return "never"
+    if raw != "auto":
+        raise ValueError(f"ELOGITNORM_FAST_BUILD_CUDA must be auto, force or never, got {raw!r}")
+    return "auto"
+
+
+def _extensions() -> tuple[list, dict]:
+    if os.environ.get("ELOGITNORM_FAST_NO_EXTENSION", "0") == "1":
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:  # torch missing at build time: pure-Python install
+        return [], {}
+
+    cpp_sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+    cuda_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
+    if not cpp_sources:
+        return [], {}
+    mode = _cuda_mode()
+    has_nvcc = cpp_extension.CUDA_HOME is not None or shutil.which("nvcc") is not None
+    with_cuda = bool(cuda_sources) and (
+        mode == "force" or (mode == "auto" and torch.version.cuda is not None and has_nvcc)
+    )
+    if mode == "force" and torch.version.cuda is None:
+        raise RuntimeError(
+            "ELOGITNORM_FAST_BUILD_CUDA=force but this torch has no CUDA "
+            f"(torch {torch.__version__}); install a CUDA build of torch"
+        )
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    define_macros = [("Py_LIMITED_API", "0x03090000")]
+    extra = {"cxx": cxx_flags}
+    if with_cuda:
+        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math"]
+        define_macros.append(("ELOGITNORM_FAST_WITH_CUDA", "1"))
+        ext_cls = cpp_extension.CUDAExtension
+        sources = cpp_sources + cuda_sources
+    else:
+        ext_cls = cpp_extension.CppExtension
+        sources = cpp_sources
+    ext = ext_cls(
+        name="elogitnorm_fast._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args=extra,
+        extra_link_args=["-fopenmp"],
+        define_macros=define_macros,
+        py_limited_api=True,
+    )
+    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
+    return [ext], {"build_ext": build_ext}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="elogitnorm_fast",
+    version="0.1.0",
+    description="Fast LogitNorm / ELogitNorm losses, OOD scorers and metrics for PyTorch",
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    if os.path.exists(os.path.join(ROOT, "README.md"))
+    else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["elogitnorm_fast", "elogitnorm_fast.*"])
+    + ["elogitnorm_fast.kernels"],
+    package_dir={"elogitnorm_fast.kernels": "kernels"},
+    install_requires=["torch>=2.4", "numpy", "scikit-learn", "tqdm", "matplotlib"],
+    extras_require={
+        "triton": ["triton"],
+        "test": ["pytest", "pytest-benchmark", "ruff"],
+        "bench": ["pytest-benchmark", "faiss-cpu"],
+    },
+    entry_points={"console_scripts": ["elogitnorm-fast=elogitnorm_fast.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
+    zip_safe=False,
+)
