@@ -1,0 +1,7 @@
+"""``python -m elogitnorm_fast ...`` runs the command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,147 @@
+"""Peak extra memory of one loss forward+backward, measured in a fresh process.
+
+CPU: the resident-set high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs`` right
+before the call) minus the resident set before it. CUDA: ``torch.cuda.max_memory_allocated``
+minus the memory allocated before the call. The inputs exist before the measurement starts, so
+the figure is the loss's own working memory (its outputs and gradients included).
+
+Run as ``python -m elogitnorm_fast.peak_memory --loss elogitnorm --backend torch --n 256 --c 1000
+--d 512``; it prints one JSON object. :func:`measure` wraps that in a subprocess, with an optional
+address-space cap so that an all-pairs reference that would exhaust the machine fails as "OOM".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_bytes() -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _run(args: argparse.Namespace) -> dict:
+    import torch
+
+    import elogitnorm_fast as ef
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+
+    def inputs(n: int, c: int, d: int):
+        logits = torch.randn(n, c, device=device, dtype=dtype, requires_grad=True)
+        weight = torch.randn(c, d, device=device, dtype=torch.float32, requires_grad=True)
+        target = torch.randint(0, c, (n,), device=device)
+        return logits, weight, target
+
+    def step(logits, weight, target):
+        if args.loss == "elogitnorm":
+            loss = ef.elogitnorm_loss(logits, weight, target, backend=args.backend)
+            loss.backward()
+        else:
+            ef.logitnorm_loss(logits, target, backend=args.backend).backward()
+
+    step(*inputs(4, 3, 2))  # load kernels and libraries outside the measurement
+    logits, weight, target = inputs(args.n, args.c, args.d)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        step(logits, weight, target)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        extra = torch.cuda.max_memory_allocated() - before
+    else:
+        before = _rss_bytes()
+        exact = _reset_peak()
+        start = time.perf_counter()
+        step(logits, weight, target)
+        seconds = time.perf_counter() - start
+        extra = max(0, _peak_bytes() - before)
+        if not exact:
+            extra = -1
+    return {"peak_extra_bytes": extra, "seconds_first_call": seconds}
+
+
+def measure(
+    loss: str,
+    backend: str,
+    n: int,
+    c: int,
+    d: int,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    memory_cap_bytes: int | None = None,
+    timeout_s: float = 600.0,
+) -> dict:
+    """Measure one configuration in a fresh interpreter; returns a dict with ``status``.
+
+    ``status`` is ``"ok"``, ``"OOM"`` (the process ran out of its memory cap or was killed) or
+    ``"timeout"``.
+    """
+    command = [
+        sys.executable, "-m", "elogitnorm_fast.peak_memory", "--loss", loss, "--backend", backend,
+        "--n", str(n), "--c", str(c), "--d", str(d), "--device", device, "--dtype", dtype,
+    ]
+
+    def cap() -> None:  # runs in the child before exec
+        if memory_cap_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (memory_cap_bytes, memory_cap_bytes))
+
+    record = {"loss": loss, "backend": backend, "n": n, "c": c, "d": d, "device": device,
+              "dtype": dtype}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+                              preexec_fn=cap)
+    except subprocess.TimeoutExpired:
+        return {**record, "status": "timeout", "limit_s": timeout_s}
+    if done.returncode != 0:
+        oom = "out of memory" in done.stderr.lower() or "memoryerror" in done.stderr.lower() or (
+            done.returncode < 0
+        ) or "can't allocate" in done.stderr.lower()
+        if oom:
+            return {**record, "status": "OOM", "cap_bytes": memory_cap_bytes}
+        raise RuntimeError(f"peak-memory run failed: {' '.join(command)}\n{done.stderr[-2000:]}")
+    return {**record, "status": "ok", **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--loss", choices=("elogitnorm", "logitnorm"), default="elogitnorm")
+    parser.add_argument("--backend", default="torch")
+    parser.add_argument("--n", type=int, default=256)
+    parser.add_argument("--c", type=int, default=1000)
+    parser.add_argument("--d", type=int, default=512)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    print(json.dumps(_run(parser.parse_args(argv))))
+
+
+if __name__ == "__main__":
+    main()

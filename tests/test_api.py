@@ -1,0 +1,119 @@
+"""Public API: names, modules, dispatch, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import elogitnorm_fast as ef
+from elogitnorm_fast.reference import elogitnorm_reference, logitnorm_reference
+
+
+def _inputs(n=5, c=4, d=3):
+    return torch.randn(n, c), torch.randn(c, d), torch.randint(0, c, (n,))
+
+
+def test_available_backends_lists_the_always_present_ones():
+    names = ef.available_backends()
+    assert "reference" in names and "torch" in names
+    assert set(names) <= {"reference", "torch", "cpu", "cuda", "triton"}
+
+
+def test_auto_backend_on_cpu_is_an_available_cpu_backend():
+    chosen = ef.resolve_backend("auto", torch.device("cpu"))
+    assert chosen.NAME in ef.available_backends("cpu")
+    assert chosen.NAME in ("cpu", "torch")
+
+
+def test_unknown_backend_names_itself():
+    logits, weight, target = _inputs()
+    with pytest.raises(ValueError, match="'nope'"):
+        ef.elogitnorm_loss(logits, weight, target, backend="nope")
+
+
+def test_unavailable_backend_says_which_and_why():
+    logits, weight, target = _inputs()
+    # CUDA kernels cannot take CPU tensors; the error names the backend and the device.
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' is not available on cpu"):
+        ef.elogitnorm_loss(logits, weight, target, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "auto"])
+def test_modules_match_functions(backend):
+    logits, weight, target = _inputs()
+    module = ef.ELogitNormLoss(reduction="sum", backend=backend)
+    expected = elogitnorm_reference(logits, weight, target, reduction="sum")
+    torch.testing.assert_close(module(logits, weight, target), expected)
+    torch.testing.assert_close(
+        ef.LogitNormLoss(tau=0.1, backend=backend)(logits, target),
+        logitnorm_reference(logits, target, tau=0.1),
+    )
+    assert "sum" in repr(module)
+
+
+@pytest.mark.parametrize(
+    "change, error, pattern",
+    [
+        (lambda z, w, y: (z[0], w, y), ValueError, r"logits must be 2-D.*\(4,\)"),
+        (lambda z, w, y: (z.long(), w, y), TypeError, "logits must be float"),
+        (lambda z, w, y: (z, w[:3], y), ValueError, r"C=4 classes, weight has 3 rows"),
+        (lambda z, w, y: (z, w[0], y), ValueError, r"weight must be 2-D"),
+        (lambda z, w, y: (z, w, y[:2]), ValueError, r"target must have shape \(N,\) = \(5,\)"),
+        (lambda z, w, y: (z, w, y.float()), TypeError, "target must hold class indices"),
+        (lambda z, w, y: (z, w, torch.full_like(y, 4)), ValueError, r"\[0, 4\).*got \[4, 4"),
+        (lambda z, w, y: (z, w, torch.full_like(y, -3)), ValueError, r"ignore_index=-100.*-3"),
+    ],
+)
+def test_bad_input_errors_name_argument_and_value(change, error, pattern):
+    with pytest.raises(error, match=pattern):
+        ef.elogitnorm_loss(*change(*_inputs()), backend="torch")
+
+
+def test_bad_options_are_named():
+    logits, weight, target = _inputs()
+    with pytest.raises(ValueError, match="reduction must be one of.*'avg'"):
+        ef.elogitnorm_loss(logits, weight, target, reduction="avg")
+    with pytest.raises(ValueError, match="tau must be > 0, got 0"):
+        ef.logitnorm_loss(logits, target, tau=0)
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        ef.ELogitNormLoss(eps=0.0)
+    with pytest.raises(ValueError, match="divisor must be one of.*'c-1'"):
+        ef.elogitnorm_loss(logits, weight, target, divisor="c-1")
+    with pytest.raises(ValueError, match="logits must be 2-D"):
+        ef.logitnorm_loss(logits[0], target)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_all_ignored_batch_behaves_like_cross_entropy(backend):
+    logits, weight, _ = _inputs()
+    logits.requires_grad_(True)
+    target = torch.full((5,), -100)
+    expected = F.cross_entropy(logits, target)  # NaN for mean, zero gradient
+    loss = ef.elogitnorm_loss(logits, weight, target, backend=backend)
+    assert torch.isnan(loss) and torch.isnan(expected)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert torch.equal(grad, torch.zeros_like(grad))
+    assert ef.elogitnorm_loss(logits, weight, target, reduction="sum", backend=backend) == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_nan_logits_propagate_to_their_row_only(backend):
+    logits, weight, target = _inputs(6, 5, 3)
+    logits[2, 1] = float("nan")
+    loss = ef.elogitnorm_loss(logits, weight, target, reduction="none", backend=backend)
+    assert torch.isnan(loss[2])
+    keep = torch.tensor([0, 1, 3, 4, 5])
+    torch.testing.assert_close(
+        loss[keep], elogitnorm_reference(logits[keep], weight, target[keep], reduction="none")
+    )
+
+
+def test_degenerate_inputs_stay_finite():
+    logits = torch.ones(4, 6)  # s would be 0
+    weight = torch.ones(6, 3)  # every distance would be 0
+    target = torch.arange(4)
+    loss = ef.elogitnorm_loss(logits.requires_grad_(True), weight.requires_grad_(True), target)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+    assert torch.isfinite(weight.grad).all()
