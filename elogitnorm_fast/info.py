@@ -1,0 +1,45 @@
+"""``elogitnorm-fast info``: versions, backends (and why the others are not available), devices."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from .backends import BACKENDS, unavailable_reason
+
+
+def collect() -> dict:
+    """Everything ``info`` prints, as a dict (also recorded in benchmark JSON)."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i} ({torch.cuda.get_device_name(i)})"
+                    for i in range(torch.cuda.device_count())]
+    from . import __version__
+
+    return {
+        "elogitnorm_fast": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "cpu_threads": torch.get_num_threads(),
+        "devices": devices,
+        "backends": {name: unavailable_reason(name) for name in BACKENDS},
+    }
+
+
+def render(details: dict) -> str:
+    lines = [f"{key}: {details[key]}" for key in
+             ("elogitnorm_fast", "python", "torch", "torch_cuda", "triton", "cpu_threads")]
+    lines.append("devices: " + ", ".join(details["devices"]))
+    lines.append("backends:")
+    for name, reason in details["backends"].items():
+        lines.append(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+    return "\n".join(lines)
