@@ -1,0 +1,117 @@
+"""Running exact top-k of similarity blocks: the selection half of the KNN scorer.
+
+Each query keeps its ``k`` best ``(similarity, bank index)`` pairs while similarity blocks
+``S = Q B^T`` stream past, bank chunk by bank chunk, in increasing bank-index order. A pair is
+better when its similarity is larger, or equal with a smaller bank index; the k-th best
+similarity of a row is the smallest kept value.
+
+Two implementations:
+
+* ``native``: the C++ op ``torch.ops.elogitnorm_fast.knn_select_update`` (CPU, from
+  ``csrc/cpu/knn_select.cpp``): a per-row min-heap with a threshold prefilter, so that after the
+  first chunk selection is one vectorised read of ``S``.
+* ``torch``: ``torch.topk`` of each block merged with the running top-k (any device; the GPU path).
+  ``torch.topk`` picks arbitrarily among equal values at the k-th place; with ``exact_ties`` a
+  fix-up pass keeps the smallest indices there (needed for neighbour indices, not for the k-th
+  value, which is the same either way, so scoring skips it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Index stored in empty slots; it ranks below every real bank index on ties at ``-inf``.
+EMPTY_INDEX = torch.iinfo(torch.int64).max
+
+_native_checked: bool | None = None
+
+
+def native_select_available() -> bool:
+    """Whether the compiled CPU selection op is registered (``elogitnorm_fast._C`` built)."""
+    global _native_checked
+    if _native_checked is None:
+        try:
+            import elogitnorm_fast._C  # noqa: F401  (loading registers the ops)
+        except (ImportError, OSError):  # not built, or built against another torch
+            pass
+        try:
+            _native_checked = hasattr(torch.ops.elogitnorm_fast, "knn_select_update")
+        except (AttributeError, RuntimeError):
+            _native_checked = False
+    return _native_checked
+
+
+class RunningTopK:
+    """The ``k`` best similarities and their bank indices for ``num_queries`` rows.
+
+    Usage: ``top = RunningTopK(n, k, device, native=True); top.update(0, n, S, offset)`` for each
+    block, then ``top.kth_values()`` or ``top.sorted()``.
+    """
+
+    def __init__(
+        self, num_queries: int, k: int, device: torch.device, native: bool, exact_ties: bool = True
+    ) -> None:
+        self.k = k
+        self.native = native
+        self.exact_ties = exact_ties
+        self.values = torch.full((num_queries, k), float("-inf"), device=device)
+        self.indices = torch.full((num_queries, k), EMPTY_INDEX, dtype=torch.int64, device=device)
+
+    def update(self, row_start: int, row_end: int, scores: torch.Tensor, index_offset: int) -> None:
+        """Merge the block ``scores`` (rows ``row_start:row_end``, bank columns from
+        ``index_offset``) into the running top-k."""
+        values = self.values[row_start:row_end]
+        indices = self.indices[row_start:row_end]
+        if self.native:
+            torch.ops.elogitnorm_fast.knn_select_update(scores, values, indices, index_offset)
+            return
+        block_k = min(self.k, scores.shape[1])
+        if self.exact_ties:
+            block_values, block_indices = _block_topk_smallest_index(scores, block_k)
+            block_indices += index_offset
+            kept_values, kept_indices = sort_candidates(
+                torch.cat((values, block_values.float()), dim=1),
+                torch.cat((indices, block_indices), dim=1),
+                self.k,
+            )
+            values.copy_(kept_values)
+            indices.copy_(kept_indices)
+            return
+        block_values, block_indices = torch.topk(scores, block_k, dim=1, sorted=False)
+        block_indices += index_offset
+        merged_values = torch.cat((values, block_values.float()), dim=1)
+        merged_indices = torch.cat((indices, block_indices), dim=1)
+        kept_values, position = torch.topk(merged_values, self.k, dim=1, sorted=False)
+        values.copy_(kept_values)
+        indices.copy_(torch.gather(merged_indices, 1, position))
+
+    def kth_values(self) -> torch.Tensor:
+        """The k-th largest similarity of each row (``-inf`` where fewer than k were seen)."""
+        return self.values.amin(dim=1)
+
+    def sorted(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values, indices)`` best first; equal similarities ordered by smaller bank index."""
+        return sort_candidates(self.values, self.indices, self.k)
+
+
+def sort_candidates(
+    values: torch.Tensor, indices: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` best of candidate pairs per row, best first, ties broken by smaller index."""
+    by_index = torch.argsort(indices, dim=1, stable=True)
+    values = torch.gather(values, 1, by_index)
+    indices = torch.gather(indices, 1, by_index)
+    values, by_value = torch.sort(values, dim=1, descending=True, stable=True)
+    indices = torch.gather(indices, 1, by_value)
+    return values[:, :k], indices[:, :k]
+
+
+def _block_topk_smallest_index(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk`` of each row, but among values equal to the k-th the smallest indices."""
+    kth = torch.topk(scores, k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+    greater = scores > kth
+    equal = scores == kth
+    missing = k - greater.sum(dim=1, keepdim=True)
+    keep = greater | (equal & (equal.cumsum(dim=1) <= missing))
+    # exactly k finite entries per row survive the mask, so topk returns precisely them
+    return torch.topk(scores.masked_fill(~keep, float("-inf")), k, dim=1, sorted=False)

@@ -1,0 +1,96 @@
+"""Two gloo ranks on localhost, each holding half the bank, equal the single-process scorer."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from elogitnorm_fast.knn import KNNScorer
+
+WORKER = textwrap.dedent(
+    """
+    import sys
+    import torch
+    import torch.distributed as dist
+    from elogitnorm_fast.knn import DistributedKNNScorer
+
+    data_path, out_path = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo", init_method="env://")
+    rank = dist.get_rank()
+    torch.set_num_threads(1)
+    data = torch.load(data_path)
+    results = {}
+    # shard=True: each rank passes its own uneven slice (rank 0 gets fewer rows than k)
+    cut = 30
+    shard = data["bank"][:cut] if rank == 0 else data["bank"][cut:]
+    scorer = DistributedKNNScorer(k=data["k"], squared=True, bank_chunk=97).fit(shard)
+    results["score_shard"] = scorer.score(data["queries"])
+    results["kneighbors_shard"] = scorer.kneighbors(data["queries"])
+    # shard=False: every rank passes the full bank and keeps its half
+    scorer = DistributedKNNScorer(k=data["k"], bank_chunk=64, backend="torch")
+    results["score_split"] = scorer.fit(data["bank"], shard=False).score(data["queries"])
+    try:
+        DistributedKNNScorer(k=10_000).fit(shard)
+    except ValueError as err:
+        results["error"] = str(err)
+    torch.save(results, out_path)
+    dist.destroy_process_group()
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_gloo_ranks_equal_single_process(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    bank = torch.randn(403, 24, generator=g)
+    queries = torch.randn(57, 24, generator=g)
+    queries[:3] = bank[[0, 200, 402]]
+    k = 40
+    torch.save({"bank": bank, "queries": queries, "k": k}, tmp_path / "data.pt")
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / "data.pt"), str(tmp_path / f"{r}.pt")],
+            env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        for r in range(2)
+    ]
+    for proc in procs:
+        try:
+            output, _ = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, output.decode()[-3000:]
+
+    single = KNNScorer(k=k, squared=True).fit(bank)
+    expected_scores = single.score(queries)
+    expected_distances, expected_indices = single.kneighbors(queries)
+    unsquared = KNNScorer(k=k).fit(bank).score(queries)
+    # independent check of the single-process reference too: float64 brute force
+    d2 = torch.cdist(
+        torch.nn.functional.normalize(queries.double(), dim=1),
+        torch.nn.functional.normalize(bank.double(), dim=1),
+    ).pow(2).sort(dim=1).values[:, k - 1]
+    torch.testing.assert_close(expected_scores.double(), -d2, rtol=1e-5, atol=2e-6)
+    for r in range(2):
+        got = torch.load(tmp_path / f"{r}.pt")
+        # GEMM shapes differ per shard, so allow fp32 rounding; neighbours must be identical
+        torch.testing.assert_close(got["score_shard"], expected_scores, rtol=1e-6, atol=1e-6)
+        distances, indices = got["kneighbors_shard"]
+        torch.testing.assert_close(distances, expected_distances, rtol=1e-6, atol=1e-6)
+        assert torch.equal(indices, expected_indices)
+        torch.testing.assert_close(got["score_split"], unsquared, rtol=1e-6, atol=1e-5)
+        assert "over all ranks (403)" in got["error"]
