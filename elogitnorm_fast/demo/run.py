@@ -1,75 +1,143 @@
-"""Run the demo: train each loss over several seeds, score ID vs OOD, print the table."""
+"""Run the demo: train each loss over several seeds, score ID vs OOD, print and save the table."""
 
 from __future__ import annotations
 
+import csv
+import json
+import os
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
-from sklearn.metrics import roc_auc_score
+from tqdm.auto import tqdm
 
-from .data import load_splits
+from .data import ID_CLASSES, load_splits
+from .evaluate import SCORERS, evaluate
 from .train import LOSSES, Recipe, train_model
+
+COLUMNS = ("near/auroc", "near/fpr95", "far/auroc", "far/fpr95")
 
 
 @dataclass
 class DemoConfig:
+    """Options of ``elogitnorm-fast demo`` (defaults: the documented experiment)."""
+
     epochs: int = 60
     seeds: tuple[int, ...] = (0, 1, 2)
     backend: str = "auto"
     device: str = "cpu"
     losses: tuple[str, ...] = LOSSES
+    out: str = "demo_output"
     progress: bool = True
-    results: dict = field(default_factory=dict)
+    figure: bool = True
 
 
-def _msp(logits: torch.Tensor) -> torch.Tensor:
-    return logits.softmax(dim=1).max(dim=1).values
+def _stats(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _auroc(id_scores: torch.Tensor, ood_scores: torch.Tensor) -> float:
-    labels = [1] * len(id_scores) + [0] * len(ood_scores)
-    scores = torch.cat([id_scores, ood_scores]).double().cpu().numpy()
-    return float(roc_auc_score(labels, scores))
+def _summarise(per_seed: dict[str, dict[str, list[float]]]) -> dict:
+    return {loss: {name: _stats(values) for name, values in metrics.items()}
+            for loss, metrics in per_seed.items()}
 
 
-def _mean_std(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.fmean(values):6.2f} +- {100 * spread:4.2f}"
+def _fmt(pair: tuple[float, float]) -> str:
+    return f"{100 * pair[0]:5.1f}±{100 * pair[1]:3.1f}"
 
 
-def run_demo(config: DemoConfig) -> dict[str, dict[str, list[float]]]:
-    """Train every loss for every seed; return {loss: {metric: [value per seed]}}."""
+def render_table(summary: dict) -> str:
+    """The paper-style table: rows scorer x loss; AUROC / FPR@95 in %, mean±std over seeds."""
+    header = f"| {'scorer':<8} | {'loss':<13} | " + " | ".join(f"{c:>10}" for c in COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (2 + len(COLUMNS))]
+    for scorer in SCORERS:
+        for loss, metrics in summary.items():
+            cells = " | ".join(f"{_fmt(metrics[f'{scorer}/{c}']):>10}" for c in COLUMNS)
+            lines.append(f"| {scorer:<8} | {loss:<13} | {cells} |")
+    lines.append("")
+    lines.append(f"| {'loss':<13} | {'ID acc':>10} | {'ECE':>10} | {'ECE (z/s)':>10} |")
+    lines.append("|---|---|---|---|")
+    for loss, metrics in summary.items():
+        lines.append(f"| {loss:<13} | {_fmt(metrics['accuracy']):>10} | "
+                     f"{_fmt(metrics['ece']):>10} | {_fmt(metrics['ece_scaled']):>10} |")
+    return "\n".join(lines)
+
+
+def verdict(summary: dict) -> str:
+    """One measured sentence: did ELogitNorm beat CE and LogitNorm on mean AUROC over scorers?"""
+    if not {"elogitnorm", "cross_entropy", "logitnorm"} <= set(summary):
+        return ""
+    parts = []
+    for split in ("near", "far"):
+        mean = {loss: statistics.fmean(summary[loss][f"{s}/{split}/auroc"][0] for s in SCORERS)
+                for loss in summary}
+        others = {loss: value for loss, value in mean.items() if loss != "elogitnorm"}
+        beat = all(mean["elogitnorm"] > value for value in others.values())
+        parts.append(
+            f"{split}-OOD mean AUROC over {len(SCORERS)} scorers: ELogitNorm "
+            f"{100 * mean['elogitnorm']:.2f} vs "
+            + ", ".join(f"{loss} {100 * value:.2f}" for loss, value in others.items())
+            + (" -> ELogitNorm best" if beat else " -> ELogitNorm NOT best")
+        )
+    return "; ".join(parts)
+
+
+def _write_files(config: DemoConfig, per_seed: dict, summary: dict, scores: dict) -> list[str]:
+    os.makedirs(config.out, exist_ok=True)
+    written = []
+    path = os.path.join(config.out, "results.csv")
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["loss", "metric", "mean", "std", "per_seed"])
+        for loss, metrics in summary.items():
+            for name, (mean, std) in metrics.items():
+                values = " ".join(f"{v:.6f}" for v in per_seed[loss][name])
+                writer.writerow([loss, name, f"{mean:.6f}", f"{std:.6f}", values])
+    written.append(path)
+    path = os.path.join(config.out, "results.json")
+    with open(path, "w") as handle:
+        json.dump({"config": asdict(config), "id_classes": list(ID_CLASSES),
+                   "per_seed": per_seed,
+                   "summary": {loss: {k: {"mean": m, "std": s} for k, (m, s) in metrics.items()}
+                               for loss, metrics in summary.items()}}, handle, indent=1)
+    written.append(path)
+    if config.figure:
+        from .figure import save_figure
+
+        path = os.path.join(config.out, "demo.png")
+        save_figure(summary, scores, path)
+        written.append(path)
+    return written
+
+
+def run_demo(config: DemoConfig) -> dict:
+    """Train every loss for every seed, evaluate, print the table, write CSV / JSON / PNG."""
     splits = load_splits()
     recipe = Recipe(epochs=config.epochs)
-    results: dict[str, dict[str, list[float]]] = {}
+    per_seed: dict[str, dict[str, list[float]]] = {}
+    first_seed_scores: dict[str, dict] = {}
     start = time.perf_counter()
-    for loss_name in config.losses:
-        per_seed: dict[str, list[float]] = {"accuracy": [], "msp_auroc_near": [],
-                                            "msp_auroc_far": []}
-        for seed in config.seeds:
-            model = train_model(
-                loss_name, splits.train_x, splits.train_y, splits.num_classes, seed=seed,
-                recipe=recipe, backend=config.backend, device=config.device,
-                progress=config.progress,
-            )
-            with torch.no_grad():
-                id_logits = model(splits.test_x.to(config.device))
-                near = _msp(model(splits.near_ood.to(config.device)))
-                far = _msp(model(torch.cat(list(splits.far_ood.values())).to(config.device)))
-            id_msp = _msp(id_logits)
-            accuracy = (id_logits.argmax(1).cpu() == splits.test_y).float().mean().item()
-            per_seed["accuracy"].append(accuracy)
-            per_seed["msp_auroc_near"].append(_auroc(id_msp, near))
-            per_seed["msp_auroc_far"].append(_auroc(id_msp, far))
-        results[loss_name] = per_seed
+    runs = [(loss, seed) for loss in config.losses for seed in config.seeds]
+    for loss_name, seed in tqdm(runs, desc="train + score", disable=not config.progress):
+        model = train_model(
+            loss_name, splits.train_x, splits.train_y, splits.num_classes, seed=seed,
+            recipe=recipe, backend=config.backend, device=config.device,
+            progress=config.progress,
+        )
+        result = evaluate(model, splits, config.device)
+        for name, value in result["metrics"].items():
+            per_seed.setdefault(loss_name, {}).setdefault(name, []).append(value)
+        first_seed_scores.setdefault(loss_name, result["scores"])
     elapsed = time.perf_counter() - start
-    print(f"\nDigits 0-5 as ID; near-OOD digits 6-9; far-OOD photo patches + noise. "
-          f"{len(config.seeds)} seed(s), {config.epochs} epochs, {elapsed:.1f} s.")
-    print(f"{'loss':<14} {'ID acc %':>15} {'MSP AUROC near %':>18} {'MSP AUROC far %':>17}")
-    for loss_name, per_seed in results.items():
-        print(f"{loss_name:<14} {_mean_std(per_seed['accuracy']):>15} "
-              f"{_mean_std(per_seed['msp_auroc_near']):>18} "
-              f"{_mean_std(per_seed['msp_auroc_far']):>17}")
-    return results
+    summary = _summarise(per_seed)
+    print(f"\nID: digits {ID_CLASSES[0]}-{ID_CLASSES[-1]}; near-OOD: the other digits; far-OOD: "
+          f"photo patches + noise. {len(config.seeds)} seed(s) x {config.epochs} epochs, "
+          f"{elapsed:.1f} s, torch {torch.__version__}, device {config.device}.")
+    print("AUROC / FPR@95TPR in %, mean±std over seeds (higher AUROC, lower FPR are better)\n")
+    print(render_table(summary))
+    message = verdict(summary)
+    if message:
+        print("\n" + message)
+    written = _write_files(config, per_seed, summary, first_seed_scores)
+    print("wrote " + ", ".join(written))
+    return {"per_seed": per_seed, "summary": summary, "files": written, "seconds": elapsed}

@@ -1,0 +1,91 @@
+"""``elogitnorm-fast score`` on small generated files, including error cases."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from elogitnorm_fast.cli import main
+from elogitnorm_fast.metrics import auroc
+from elogitnorm_fast.scoring import KNNScorer, energy, msp
+
+
+@pytest.fixture()
+def files(tmp_path):
+    rng = np.random.default_rng(1)
+    bank = rng.random((300, 12), dtype=np.float32)
+    id_test = rng.random((40, 12), dtype=np.float32)
+    ood = rng.standard_normal((30, 12)).astype(np.float32) * 3
+    np.save(tmp_path / "bank.npy", bank)
+    np.save(tmp_path / "id.npy", id_test)
+    torch.save(torch.from_numpy(ood), tmp_path / "ood.pt")
+    head = {"weight": torch.randn(4, 12), "bias": torch.randn(4)}
+    torch.save(head, tmp_path / "head.pt")
+    return tmp_path, bank, id_test, ood, head
+
+
+def test_scores_and_report_match_direct_computation(files):
+    folder, bank, id_test, ood, head = files
+    out = folder / "out"
+    code = main(["score", "--id", str(folder / "id.npy"), "--ood", f"noise={folder / 'ood.pt'}",
+                 "--bank", str(folder / "bank.npy"), "--head", str(folder / "head.pt"),
+                 "--scorers", "msp,energy,knn", "--k", "7", "--out", str(out)])
+    assert code == 0
+    with open(out / "scores.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 40 + 30 and {r["split"] for r in rows} == {"id", "noise"}
+    id_logits = torch.from_numpy(id_test) @ head["weight"].T + head["bias"]
+    written_msp = torch.tensor([float(r["msp"]) for r in rows if r["split"] == "id"])
+    torch.testing.assert_close(written_msp, msp(id_logits, backend="torch"), rtol=1e-5, atol=1e-6)
+    written_energy = torch.tensor([float(r["energy"]) for r in rows if r["split"] == "id"])
+    torch.testing.assert_close(written_energy, energy(id_logits, backend="torch"), rtol=1e-5,
+                               atol=1e-5)
+    knn = KNNScorer(k=7).fit(torch.from_numpy(bank))
+    written_knn = torch.tensor([float(r["knn"]) for r in rows if r["split"] == "noise"])
+    torch.testing.assert_close(written_knn, knn.score(torch.from_numpy(ood)), rtol=1e-5,
+                               atol=1e-6)
+    report = json.loads((out / "report.json").read_text())
+    expected = auroc(knn.score(torch.from_numpy(id_test)), knn.score(torch.from_numpy(ood)))
+    assert report["noise"]["knn"]["auroc"] == pytest.approx(expected)
+
+
+def test_npy_format_writes_one_file_per_split_and_scorer(files):
+    folder, *_ = files
+    out = folder / "npy"
+    main(["score", "--id", str(folder / "id.npy"), "--ood", str(folder / "ood.pt"),
+          "--head", str(folder / "head.pt"), "--scorers", "gen,max_logit", "--format", "npy",
+          "--out", str(out)])
+    assert sorted(p.name for p in out.glob("*.npy")) == [
+        "id_gen.npy", "id_max_logit.npy", "ood_gen.npy", "ood_max_logit.npy"]
+    assert np.load(out / "ood_gen.npy").shape == (30,)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--scorers", "knnx"], "unknown scorer"),
+        (["--scorers", "knn"], "need --bank"),
+        (["--scorers", "msp"], "need --head"),
+        (["--scorers", "msp", "--head", "missing.pt"], "file not found"),
+        (["--scorers", "knn", "--bank", "BANK_WRONG"], "columns"),
+    ],
+)
+def test_errors_are_clear(files, extra, message, capsys):
+    folder, *_ = files
+    np.save(folder / "wrong.npy", np.zeros((10, 5), dtype=np.float32))
+    extra = [str(folder / "wrong.npy") if e == "BANK_WRONG" else e for e in extra]
+    with pytest.raises(SystemExit, match=message):
+        main(["score", "--id", str(folder / "id.npy"), "--ood", str(folder / "ood.pt"),
+              "--out", str(folder / "o"), *extra])
+
+
+def test_shape_mismatch_between_inputs_is_reported(files):
+    folder, *_ = files
+    np.save(folder / "other.npy", np.zeros((10, 5), dtype=np.float32))
+    with pytest.raises(SystemExit, match="same number of columns"):
+        main(["score", "--id", str(folder / "id.npy"), "--ood", str(folder / "other.npy"),
+              "--inputs", "logits", "--scorers", "msp", "--out", str(folder / "o")])
