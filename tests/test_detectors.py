@@ -125,3 +125,19 @@ def test_subclassing_interface_like_a_knn_detector():
     det.fit(DataLoader(TensorDataset(bank), batch_size=30))
     torch.testing.assert_close(det.mean, bank.mean(dim=0))
     assert det.score(torch.randn(7, 2)).shape == (7,)
+
+
+def test_knn_detector_on_a_loader_matches_float64_brute_force():
+    from elogitnorm_fast.scoring import KNNDetector, NotFittedError
+
+    bank = torch.randn(120, 6)
+    queries = torch.randn(25, 6)
+    detector = KNNDetector(k=4)
+    with pytest.raises(NotFittedError):
+        detector.score(queries)
+    loader = DataLoader(TensorDataset(bank, torch.zeros(120)), batch_size=32)
+    scores = detector.fit(loader).score(DataLoader(TensorDataset(queries), batch_size=7))
+    b = torch.nn.functional.normalize(bank.double(), dim=1)
+    q = torch.nn.functional.normalize(queries.double(), dim=1)
+    kth = torch.cdist(q, b).sort(dim=1).values[:, 3]
+    torch.testing.assert_close(scores.double(), -kth, rtol=1e-5, atol=1e-5)

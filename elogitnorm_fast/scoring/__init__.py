@@ -78,4 +78,6 @@ __all__ = [
 # ---- KNN (lead adds below): from elogitnorm_fast.knn import KNNScorer, DistributedKNNScorer ----
 from elogitnorm_fast.knn import DistributedKNNScorer, KNNScorer  # noqa: E402
 
-__all__ += ["KNNScorer", "DistributedKNNScorer"]
+from elogitnorm_fast.scoring.knn_detector import KNNDetector  # noqa: E402
+
+__all__ += ["KNNScorer", "DistributedKNNScorer", "KNNDetector"]
