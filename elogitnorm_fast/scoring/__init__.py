@@ -75,9 +75,8 @@ __all__ = [
     "SCALEDetector",
 ]
 
-# ---- KNN (lead adds below): from elogitnorm_fast.knn import KNNScorer, DistributedKNNScorer ----
+# KNN lives in elogitnorm_fast.knn; re-exported here with its Detector form.
 from elogitnorm_fast.knn import DistributedKNNScorer, KNNScorer  # noqa: E402
-
 from elogitnorm_fast.scoring.knn_detector import KNNDetector  # noqa: E402
 
 __all__ += ["KNNScorer", "DistributedKNNScorer", "KNNDetector"]
