@@ -44,10 +44,21 @@ class DistanceRows(NamedTuple):
         return self.distances if self.per_sample else self.distances.index_select(0, predicted)
 
 
+#: Entries whose squared distance is below this fraction of ``|a|^2 + |b|^2`` lose most of their
+#: digits to cancellation in ``|a|^2 + |b|^2 - 2 a.b``; :func:`distance_rows` recomputes them.
+CANCELLATION_RATIO = 1e-2
+
+
 def distance_rows(
-    weight: torch.Tensor, predicted: torch.Tensor, dtype: torch.dtype
+    weight: torch.Tensor, predicted: torch.Tensor, dtype: torch.dtype, *, refine: bool = False
 ) -> DistanceRows:
-    """Distance rows for the predicted classes (N,), computed in ``dtype`` from ``weight``."""
+    """Distance rows for the predicted classes (N,), computed in ``dtype`` from ``weight``.
+
+    The GEMM form loses relative precision when two weight rows nearly coincide (in fp32 an
+    exact duplicate comes out near ``1e-3 |w|`` instead of 0). With ``refine=True`` the few
+    entries below :data:`CANCELLATION_RATIO` are recomputed from the direct difference; finding
+    them (``nonzero``) synchronises with the device, so callers enable it on the CPU only.
+    """
     w = weight.to(dtype)
     num_classes = w.shape[0]
     per_sample = predicted.shape[0] < num_classes
@@ -61,6 +72,15 @@ def distance_rows(
         w.t(),
         alpha=-2.0,
     )
+    if refine and dtype != torch.float64:
+        suspicious = squared < CANCELLATION_RATIO * (
+            squared_norms.index_select(0, row_class)[:, None] + squared_norms[None, :]
+        )
+        suspicious.scatter_(1, row_class[:, None], False)
+        row_index, column_index = suspicious.nonzero(as_tuple=True)
+        if row_index.numel() > 0:
+            difference = rows.index_select(0, row_index) - w.index_select(0, column_index)
+            squared[row_index, column_index] = (difference * difference).sum(dim=1)
     distances = squared.clamp_min_(0.0).sqrt_()
     distances.scatter_(1, row_class[:, None], 1.0)
     return DistanceRows(rows, row_class, distances, per_sample)

@@ -40,6 +40,13 @@ def test_elogitnorm_float32_matches_reference(n, c, d, reduction):
     check_elogitnorm("torch", logits, weight, target, reduction, rtol=2e-4, atol=2e-6)
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_elogitnorm_float32_duplicate_weight_rows_match_reference(reduction):
+    """fp32 GEMM-form distances of coincident rows are ~1e-3, not 0: they must be recomputed."""
+    logits, weight, target = make_case(40, 6, 5, "duplicate_weights", dtype=torch.float32)
+    check_elogitnorm("torch", logits, weight, target, reduction, rtol=2e-4, atol=2e-6)
+
+
 def test_elogitnorm_paper_divisor_matches_reference():
     logits, weight, target = make_case(16, 7, 5)
     check_elogitnorm("torch", logits, weight, target, "mean", rtol=1e-9, atol=1e-11,

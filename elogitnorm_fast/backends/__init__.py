@@ -1,12 +1,14 @@
 """Backend registry and the one dispatch point.
 
 Each backend is a module with ``NAME``, ``unavailable_reason(device) -> str | None``,
-``elogitnorm_loss(...)`` and ``logitnorm_loss(...)`` (inputs already validated). Modules are
-imported lazily so that a missing optional dependency (triton, the compiled extension) only
-disables its own backend.
+``elogitnorm_loss(...)`` and ``logitnorm_loss(...)`` (inputs already validated). A backend
+module whose optional dependency (the compiled extension) is missing fails to import and only
+disables itself; triton itself is imported by the triton backend only when a kernel runs.
 
 ``backend="auto"`` takes the first available backend of the device's preference list; the
-choice is visible through :func:`resolve_backend`.
+choice is visible through :func:`resolve_backend`. Successful resolutions are cached per
+(backend, device type), so that after the first call dispatch is one dict lookup, which
+``torch.compile(fullgraph=True)`` traces without a graph break.
 """
 
 from __future__ import annotations
@@ -32,11 +34,17 @@ _PREFERENCE = {
 BACKENDS = tuple(_MODULES)
 
 
+_LOADED: dict[str, tuple[ModuleType | None, str | None]] = {}
+_RESOLVED: dict[tuple[str, str], ModuleType] = {}
+
+
 def _load(name: str) -> tuple[ModuleType | None, str | None]:
-    try:
-        return importlib.import_module(_MODULES[name], __name__), None
-    except ImportError as error:  # optional dependency missing
-        return None, f"{name} backend could not be imported: {error}"
+    if name not in _LOADED:
+        try:
+            _LOADED[name] = importlib.import_module(_MODULES[name], __name__), None
+        except ImportError as error:  # optional dependency missing
+            _LOADED[name] = None, f"{name} backend could not be imported: {error}"
+    return _LOADED[name]
 
 
 def unavailable_reason(name: str, device: torch.device | str | None = None) -> str | None:
@@ -59,15 +67,30 @@ def resolve_backend(backend: str, device: torch.device) -> ModuleType:
 
     Raises ``RuntimeError`` naming the backend and the reason when it cannot run there.
     """
+    key = (backend, device.type)
+    if key in _RESOLVED:
+        return _RESOLVED[key]
     if backend == "auto":
         for name in _PREFERENCE.get(device.type, ("torch",)):
             module, _ = _load(name)
             if module is not None and module.unavailable_reason(device) is None:
-                return module
-        raise RuntimeError(f"no backend available for device {device}")  # pragma: no cover
-    reason = unavailable_reason(backend, device)
-    if reason is not None:
-        raise RuntimeError(f"backend {backend!r} is not available on {device}: {reason}")
-    module, _ = _load(backend)
-    assert module is not None
+                break
+        else:  # pragma: no cover - torch runs everywhere
+            raise RuntimeError(f"no backend available for device {device}")
+    else:
+        reason = unavailable_reason(backend, device)
+        if reason is not None:
+            raise RuntimeError(f"backend {backend!r} is not available on {device}: {reason}")
+        module, _ = _load(backend)
+    _RESOLVED[key] = module
     return module
+
+
+def _load_all() -> None:
+    """Import every backend module now (cheap: none imports triton at module level), so that
+    dispatch inside ``torch.compile`` never has to trace an import."""
+    for name in _MODULES:
+        _load(name)
+
+
+_load_all()

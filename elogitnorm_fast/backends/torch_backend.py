@@ -31,7 +31,8 @@ class _ELogitNorm(torch.autograd.Function):
         dtype = accumulation_dtype(logits, weight)
         z = logits.to(dtype)
         values, predicted = z.max(dim=1)
-        geometry = distance_rows(weight, predicted, dtype)
+        # CPU: recompute near-coincident weight rows exactly (the check is a sync elsewhere).
+        geometry = distance_rows(weight, predicted, dtype, refine=weight.device.type == "cpu")
         raw_distances = geometry.for_samples(predicted)
         distances = raw_distances.clamp_min(eps)
         margins = values[:, None] - z
