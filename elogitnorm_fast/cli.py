@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .score_cli import add_parser as add_score_parser
 
     add_score_parser(commands)
+    from .bench_cli import add_parser as add_bench_parser
+
+    add_bench_parser(commands)
     return parser
 
 

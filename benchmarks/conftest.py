@@ -1,0 +1,45 @@
+"""Shared benchmark set-up: size modes and the machine record written into every JSON.
+
+``ELOGITNORM_BENCH_SIZE`` picks the sizes (read before the benchmark modules import):
+
+* ``full`` (default): the protocol sizes of ``benchmarking.md``;
+* ``quick``: protocol sizes for the losses and KNN, fewer rows for the scorer / metric
+  benchmarks (``elogitnorm-fast bench --quick``, under 10 minutes on 2 cores);
+* ``smoke``: tiny sizes, for CI to check that every benchmark still runs (``--benchmark-disable``).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+
+MODES = {
+    "full": {},
+    "quick": {"ELOGITNORM_BENCH_ROWS": "100000", "ELOGITNORM_BENCH_SCORES": "1000000,10000000"},
+    "smoke": {"ELOGITNORM_BENCH_ROWS": "2000", "ELOGITNORM_BENCH_SCORES": "5000",
+              "KNN_BENCH_SCALE": "0.01"},
+}
+MODE = os.environ.get("ELOGITNORM_BENCH_SIZE", "full")
+if MODE not in MODES:
+    raise ValueError(f"ELOGITNORM_BENCH_SIZE must be one of {sorted(MODES)}, got {MODE!r}")
+for key, value in MODES[MODE].items():
+    os.environ.setdefault(key, value)
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    import torch
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=os.path.dirname(__file__)).stdout.strip()
+    machine_info.update(
+        torch=torch.__version__, triton=triton_version, threads=torch.get_num_threads(),
+        commit=commit, size_mode=MODE, python_version=platform.python_version(),
+        gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    )

@@ -1,0 +1,73 @@
+"""``elogitnorm-fast bench``: run the benchmark matrix, write JSON, render tables and a plot.
+
+Runs from a source checkout (the ``benchmarks/`` folder beside the package). CPU: every
+``benchmarks/bench_*.py`` through pytest-benchmark, one JSON per file. CUDA: every
+``benchmarks/gpu_*.py`` script. Then :mod:`elogitnorm_fast.bench_report` renders the Markdown
+tables and the PNG, and rewrites the README's performance section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def _run(command: list[str], env: dict, log) -> int:
+    done = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return done.returncode
+
+
+def run(args: argparse.Namespace) -> int:
+    if not BENCHMARKS.is_dir():
+        raise SystemExit(f"error: bench runs from a source checkout; {BENCHMARKS} not found")
+    out = Path(args.out) if args.out else BENCHMARKS / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, ELOGITNORM_BENCH_SIZE="quick" if args.quick else "full",
+               PYTHONUNBUFFERED="1")
+    failures = []
+    log_path = out / f"bench_{args.device}.log"
+    with open(log_path, "w") as log:
+        if args.device == "cpu":
+            files = sorted(BENCHMARKS.glob("bench_*.py"))
+            for path in tqdm(files, desc="benchmarks (cpu)", unit="file"):
+                json_path = out / f"{path.stem.removeprefix('bench_')}_cpu.json"
+                code = _run([sys.executable, "-m", "pytest", str(path), "-q", "-p",
+                             "no:cacheprovider", f"--benchmark-json={json_path}"], env, log)
+                if code != 0:
+                    failures.append(f"{path.name} (exit {code})")
+        else:
+            scripts = sorted(BENCHMARKS.glob("gpu_*.py"))
+            scripts = [s for s in scripts if s.name != "gpu_summary.py"]
+            for path in tqdm(scripts, desc="benchmarks (cuda)", unit="script"):
+                command = [sys.executable, str(path), "--out", str(out)]
+                code = _run(command + (["--quick"] if args.quick else []), env, log)
+                if code != 0:
+                    failures.append(f"{path.name} (exit {code})")
+    from .bench_report import write_report
+
+    written = write_report(out, readme=None if args.no_readme else ROOT / "README.md")
+    print("wrote " + ", ".join(str(p) for p in written) + f"; log {log_path}")
+    if failures:
+        print("FAILED: " + ", ".join(failures) + f" (see {log_path})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser("bench", help="run the benchmarks, render tables and plot",
+                                 description=__doc__)
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer rows for scorer / metric benchmarks (< 10 min on 2 cores)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--out", help="results folder (default benchmarks/results)")
+    parser.add_argument("--no-readme", action="store_true",
+                        help="do not rewrite the README's performance section")
+    parser.set_defaults(handler=run)
