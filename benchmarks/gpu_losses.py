@@ -1,0 +1,328 @@
+"""GPU benchmark of the losses: every CUDA backend against the baselines, side by side.
+
+Times forward (grad enabled, as in training) and forward+backward of LogitNorm and ELogitNorm
+for every backend available on CUDA, the reference in eager mode and under ``torch.compile``
+(small sizes only: compiling is slow), and ``F.cross_entropy`` on pre-scaled logits (the floor of
+any loss kernel), at the sizes of ``../shared/benchmarking.md`` plus N=4096, C=32768 for
+LogitNorm. Medians from ``triton.testing.do_bench`` (inputs rotate over several buffer sets so
+repeated calls do not hit L2); calls under 50 us, and every size up to 2^18 logits (host-bound
+in eager mode), are also timed as a replayed CUDA graph. Each result is checked against the
+float64 math before it is timed. Reports the fraction of the
+memory-bandwidth floor (logits read + gradient written (+ W read), over the measured
+device-to-device copy bandwidth) and the peak extra memory; OOM, infeasible sizes and the time
+budget are recorded, not dropped. Writes JSON (card, torch, triton) to ``--out`` and prints a
+short table.
+
+Example::
+
+    python benchmarks/gpu_losses.py --out benchmarks/results/gpu --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import elogitnorm_fast as ef  # noqa: E402
+from elogitnorm_fast.reference import elogitnorm_reference, logitnorm_reference  # noqa: E402
+
+ELOGITNORM_SIZES = [(128, 10, 512), (128, 100, 512), (256, 200, 512), (256, 1000, 2048),
+                    (1024, 10000, 512), (1024, 100000, 512)]
+LOGITNORM_SIZES = [(n, c, 0) for n, c, _ in ELOGITNORM_SIZES] + [(4096, 32768, 0)]
+QUICK_ELOGITNORM = [(128, 10, 512), (256, 1000, 2048), (1024, 10000, 512)]
+QUICK_LOGITNORM = [(128, 10, 0), (256, 1000, 0), (4096, 32768, 0)]
+#: torch.compile only at these (N, C): each shape compiles anew, tens of seconds.
+COMPILE_SIZES = {"elogitnorm": {(128, 10), (256, 1000)}, "logitnorm": {(128, 10), (4096, 32768)}}
+QUICK_COMPILE_SIZES = {"elogitnorm": {(256, 1000)}, "logitnorm": {(4096, 32768)}}
+ROTATION_BYTES = 256 << 20  # input sets together exceed the L2 cache (50 MiB on H100)
+GRAPH_BELOW_MS = 0.05
+GRAPH_BELOW_ELEMENTS = 1 << 18
+
+
+def copy_bandwidth(triton_testing) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write of 1 GiB)."""
+    source = torch.empty(1 << 28, dtype=torch.float32, device="cuda").uniform_()
+    target = torch.empty_like(source)
+    ms = triton_testing.do_bench(lambda: target.copy_(source), warmup=25, rep=200,
+                                 return_mode="median")
+    return 2 * source.numel() * 4 / (ms * 1e-3)
+
+
+def make_sets(loss: str, n: int, c: int, d: int, count: int):
+    """``count`` independent (logits, weight, target) sets; leaves require grad."""
+    sets = []
+    for _ in range(count):
+        logits = (torch.randn(n, c, device="cuda") * 3).requires_grad_(True)
+        weight = (torch.randn(c, d, device="cuda") / math.sqrt(d)).requires_grad_(True) \
+            if loss == "elogitnorm" else None
+        target = torch.randint(0, c, (n,), device="cuda")
+        sets.append((logits, weight, target))
+    return sets
+
+
+def reference_bytes(c: int, d: int) -> int:
+    """Memory of the released all-pairs formula: the C x C x D difference and its gradient."""
+    return 3 * c * c * d * 4
+
+
+def implementations(loss: str, n: int, c: int, d: int, compile_sizes: set) -> dict:
+    """name -> (callable(logits, weight, target) -> scalar loss, None or reason to skip)."""
+    impls = {}
+    for backend in ef.available_backends("cuda"):
+        if backend == "reference":
+            continue
+        if loss == "elogitnorm":
+            impls[backend] = (lambda z, w, y, b=backend: ef.elogitnorm_loss(z, w, y, backend=b),
+                              None)
+        else:
+            impls[backend] = (lambda z, w, y, b=backend: ef.logitnorm_loss(z, y, backend=b), None)
+    if loss == "elogitnorm":
+        def reference(z, w, y):
+            return elogitnorm_reference(z, w, y)
+    else:
+        def reference(z, w, y):
+            return logitnorm_reference(z, y)
+    free, _ = torch.cuda.mem_get_info()
+    infeasible = None
+    if loss == "elogitnorm" and reference_bytes(c, d) > 0.6 * free:
+        infeasible = (f"OOM/infeasible: C x C x D needs {reference_bytes(c, d) / 2**30:.0f} GiB "
+                      f"> 60% of {free / 2**30:.0f} GiB free (not attempted)")
+    impls["reference eager"] = (reference, infeasible)
+    if (n, c) in compile_sizes[loss]:
+        impls["reference compiled"] = (torch.compile(reference), infeasible)
+        torch_fn = impls.get("torch", (None, None))[0]
+        if torch_fn is not None and loss == "elogitnorm":
+            impls["torch compiled"] = (torch.compile(torch_fn), None)
+    else:
+        impls["reference compiled"] = (None, "skipped: compiled only at " + str(sorted(
+            compile_sizes[loss])))
+    impls["F.cross_entropy (pre-scaled)"] = (lambda z, w, y: F.cross_entropy(z, y), None)
+    return impls
+
+
+def expected_loss(loss: str, logits, weight, target) -> torch.Tensor:
+    """float64 oracle: the reference where it fits, else the float64 torch closed form."""
+    z = logits.detach().double()
+    if loss == "logitnorm":
+        return logitnorm_reference(z, target)
+    w = weight.detach().double()
+    if reference_bytes(logits.shape[1], w.shape[1]) * 2 < 0.3 * torch.cuda.mem_get_info()[0]:
+        return elogitnorm_reference(z, w, target)
+    return ef.elogitnorm_loss(z, w, target, backend="torch")
+
+
+def runner(fn, sets, backward: bool, rotate: bool = True):
+    cycle = itertools.cycle(sets if rotate else sets[:1])
+
+    def run():
+        z, w, y = next(cycle)
+        loss = fn(z, w, y)
+        if backward:
+            torch.autograd.grad(loss, [t for t in (z, w) if t is not None], allow_unused=True)
+        return loss
+
+    return run
+
+
+def time_ms(triton_testing, run, slow: bool, quick: bool) -> float:
+    if slow:  # a few repeats only (the all-pairs reference at large C)
+        run()
+        times = []
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[1]
+    return triton_testing.do_bench(run, warmup=10 if quick else 25, rep=40 if quick else 100,
+                                   return_mode="median")
+
+
+def graph_ms(triton_testing, run) -> float | str:
+    try:
+        return triton_testing.do_bench_cudagraph(run, rep=20, return_mode="median")
+    except Exception as error:  # not capturable (e.g. a host sync in a baseline)
+        torch.cuda.synchronize()
+        return f"not capturable: {type(error).__name__}"
+
+
+def peak_extra_mib(run) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def floor_bytes(loss: str, n: int, c: int, d: int, backward: bool) -> int:
+    logits = n * c * 4
+    weight = c * d * 4 if loss == "elogitnorm" else 0
+    return logits * (2 if backward else 1) + weight * (2 if backward else 1)
+
+
+def bench_case(loss, n, c, d, args, triton_testing, bandwidth, deadline, compile_sizes):
+    rows = []
+    per_set = n * c * 4 * 2 + c * d * 4 * 2
+    count = max(2, min(8, ROTATION_BYTES // max(per_set, 1)))
+    if per_set * count > 0.25 * torch.cuda.mem_get_info()[0]:
+        count = 2
+    sets = make_sets(loss, n, c, d, count)
+    expected = expected_loss(loss, *sets[0])
+    for name, (fn, skip) in implementations(loss, n, c, d, compile_sizes).items():
+        row = {"loss": loss, "N": n, "C": c, "D": d, "impl": name}
+        rows.append(row)
+        if skip is not None:
+            row["status"] = skip
+            continue
+        if time.monotonic() > deadline:
+            row["status"] = "skipped: time budget of the script spent"
+            continue
+        try:
+            started = time.monotonic()
+            value = fn(*sets[0])
+            torch.cuda.synchronize()
+            row["check_s"] = round(time.monotonic() - started, 2)
+            if name.startswith("F.cross_entropy"):
+                row["checked"] = "baseline (different loss)"
+            else:
+                error = abs(value.double().item() - expected.item()) / max(abs(expected.item()),
+                                                                             1e-12)
+                row["rel_error_vs_float64"] = error
+                if not error < 1e-3:
+                    row["status"] = f"WRONG: relative error {error:.2e}"
+                    continue
+            slow = name == "reference eager" and c >= 1000
+            for label, backward in (("fwd", False), ("fwd_bwd", True)):
+                run = runner(fn, sets, backward)
+                ms = time_ms(triton_testing, run, slow, args.quick)
+                row[f"{label}_ms"] = ms
+                row[f"{label}_floor_fraction"] = floor_bytes(loss, n, c, d, backward) / bandwidth \
+                    / (ms * 1e-3)
+                # Small sizes are host-bound in eager mode: time them as a CUDA graph too.
+                small = ms < GRAPH_BELOW_MS or n * c <= GRAPH_BELOW_ELEMENTS
+                if small and "compiled" not in name:
+                    row[f"{label}_graph_ms"] = graph_ms(triton_testing, runner(fn, sets, backward,
+                                                                               rotate=False))
+            row["peak_extra_MiB_fwd_bwd"] = peak_extra_mib(runner(fn, sets, True))
+            row["status"] = "ok"
+        except torch.cuda.OutOfMemoryError:
+            row["status"] = "OOM"
+        except Exception as error:  # recorded, the matrix goes on
+            row["status"] = f"error: {type(error).__name__}: {str(error)[:200]}"
+        finally:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+    del sets
+    torch.cuda.empty_cache()
+    return rows
+
+
+def summary(rows: list[dict]) -> dict:
+    """The issue's performance targets, as measured ratios."""
+    def ms(loss, n, c, impl, key="fwd_bwd_ms"):
+        for row in rows:
+            if (row["loss"], row["N"], row["C"], row["impl"]) == (loss, n, c, impl):
+                return row.get(key)
+        return None
+
+    out = {}
+    triton = ms("elogitnorm", 256, 1000, "triton")
+    for base in ("reference eager", "reference compiled"):
+        other = ms("elogitnorm", 256, 1000, base)
+        if triton and other:
+            out[f"elogitnorm imagenet-1k speedup vs {base}"] = other / triton
+    for row in rows:
+        if (row["loss"], row["N"], row["C"], row["impl"]) == ("logitnorm", 4096, 32768, "triton"):
+            out["logitnorm 4096x32768 fwd_bwd floor fraction"] = row.get("fwd_bwd_floor_fraction")
+    for loss in ("logitnorm", "elogitnorm"):
+        for n, c in ((128, 10), (128, 100)):
+            triton, ce = ms(loss, n, c, "triton"), ms(loss, n, c, "F.cross_entropy (pre-scaled)")
+            if triton and ce:
+                out[f"{loss} {n}x{c} triton / cross_entropy (eager)"] = triton / ce
+            triton_g = ms(loss, n, c, "triton", "fwd_bwd_graph_ms")
+            ce_g = ms(loss, n, c, "F.cross_entropy (pre-scaled)", "fwd_bwd_graph_ms")
+            if isinstance(triton_g, float) and isinstance(ce_g, float):
+                out[f"{loss} {n}x{c} triton / cross_entropy (CUDA graph)"] = triton_g / ce_g
+    return out
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'loss':<10} {'N':>5} {'C':>6} {'impl':<30} {'fwd ms':>9} {'f+b ms':>9} "
+          f"{'f+b floor':>9} {'graph ms':>9}  status")
+    def fmt(row, key, spec=".4f"):
+        value = row.get(key)
+        return format(value, spec) if isinstance(value, float) else "-"
+
+    for row in rows:
+        print(f"{row['loss']:<10} {row['N']:>5} {row['C']:>6} {row['impl']:<30} "
+              f"{fmt(row, 'fwd_ms'):>9} {fmt(row, 'fwd_bwd_ms'):>9} "
+              f"{fmt(row, 'fwd_bwd_floor_fraction', '.2f'):>9} "
+              f"{fmt(row, 'fwd_bwd_graph_ms'):>9}  {row.get('status', '')[:60]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="stop timing new cases after this many seconds "
+                        "(default 200, 90 quick)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_losses: no CUDA device; nothing to time")
+        return 0
+    import triton
+    import triton.testing as triton_testing
+
+    budget = args.budget_s or (90.0 if args.quick else 200.0)
+    deadline = time.monotonic() + budget
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    bandwidth = copy_bandwidth(triton_testing)
+    result = {
+        "card": torch.cuda.get_device_name(0), "torch": torch.__version__,
+        "triton": triton.__version__, "python": platform.python_version(),
+        "backends": ef.available_backends("cuda"), "quick": args.quick,
+        "copy_bandwidth_GBps": bandwidth / 1e9, "dtype": "float32", "tf32": False, "rows": [],
+    }
+    compile_sizes = QUICK_COMPILE_SIZES if args.quick else COMPILE_SIZES
+    cases = [("elogitnorm", s) for s in (QUICK_ELOGITNORM if args.quick else ELOGITNORM_SIZES)]
+    cases += [("logitnorm", s) for s in (QUICK_LOGITNORM if args.quick else LOGITNORM_SIZES)]
+    try:
+        from tqdm import tqdm
+    except ImportError:  # progress bars are optional on the GPU machine
+        def tqdm(items, **_):
+            return items
+    for loss, (n, c, d) in tqdm(cases, desc="gpu_losses", file=sys.stderr):
+        result["rows"] += bench_case(loss, n, c, d, args, triton_testing, bandwidth, deadline,
+                                     compile_sizes)
+    result["summary"] = summary(result["rows"])
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "gpu_losses.json")
+    with open(path, "w") as handle:
+        json.dump(result, handle, indent=1, default=str)
+    print(f"card: {result['card']}  torch {result['torch']}  triton {result['triton']}  "
+          f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    print_table(result["rows"])
+    for key, value in result["summary"].items():
+        print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,283 @@
+"""The ``triton`` backend: fused Triton kernels for LogitNorm and ELogitNorm (the CUDA default).
+
+One kernel launch per direction and block of rows computes the per-row loss and, when a gradient
+will be needed, the logits gradient for an upstream gradient of 1 (plus, for ELogitNorm, the
+coefficients ``c`` of the weight gradient); the backward only rescales rows by their upstream
+gradient and, for ELogitNorm, runs the two weight-gradient GEMMs. The distance rows of the
+predicted classes come from one GEMM (:func:`elogitnorm_fast.geometry.distance_rows`; TF32 follows
+``torch.backends.cuda.matmul.allow_tf32``, off by default). Never C x C x D, never C x C unless
+N >= C. No host syncs; the caller's logits are never written.
+
+The ops are ``torch.library.triton_op`` s with ``register_autograd``, so
+``torch.compile(fullgraph=True)`` traces through them. Triton is imported only inside the ops.
+With ``TRITON_INTERPRET=1`` set before triton is imported, CPU tensors are accepted (the Triton
+interpreter; fp32 only), which is how the kernels are tested without a GPU. float64 inputs run
+the ``torch`` backend's closed form (the kernels compute in fp32).
+
+Example::
+
+    loss = elogitnorm_fast.elogitnorm_loss(logits, fc.weight, y, backend="triton")
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+
+import torch
+
+from ..geometry import DistanceRows, distance_rows, weight_gradient
+from ..reduction import reduce_rows
+from . import torch_backend
+
+NAME = "triton"
+
+_HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+# Looked up once (without importing triton): torch.compile cannot trace importlib.
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(device: torch.device | None) -> str | None:
+    """Why the kernels cannot run on ``device`` (None where they can; any device if None)."""
+    if not _HAS_TRITON:
+        return "triton is not installed (pip install triton)"
+    if not _HAS_TRITON_OP:
+        return f"torch >= 2.6 is needed for torch.library.triton_op, got torch {torch.__version__}"
+    if device is None:
+        if torch.cuda.is_available() or _interpreting():
+            return None
+        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)"
+    if device.type == "cuda":
+        return None if torch.cuda.is_available() else "torch cannot reach a CUDA device"
+    if device.type == "cpu" and _interpreting():
+        return None
+    return f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got device {device}"
+
+
+def _kernels(name: str):
+    return importlib.import_module(f"elogitnorm_fast.kernels.{name}")
+
+
+def _block(block_cols: int) -> int | None:
+    return block_cols if block_cols > 0 else None
+
+
+#: Outside torch.compile, skip the custom-op dispatch and ``wrap_triton`` (together ~350 us of
+#: host time per call on an H100 machine, measured) and run the same kernels under a plain
+#: autograd.Function.
+EAGER_FAST_PATH = True
+
+
+def _logitnorm_impl(logits, target, inv_tau, ignore_index, write_grad, block_cols,
+                    traced=True):
+    return _kernels("logitnorm").logitnorm_rows(
+        logits, target, inv_tau=inv_tau, ignore_index=ignore_index, write_grad=write_grad,
+        block_cols=_block(block_cols), traced=traced,
+    )
+
+
+def _elogitnorm_impl(logits, weight, target, ignore_index, eps, divisor, write_grad,
+                     write_coefficients, block_cols, traced=True):
+    predicted = logits.argmax(dim=1)  # first index on ties, like torch.max
+    geometry = distance_rows(weight, predicted, torch.float32)
+    squared_norms = weight.float().square().sum(dim=1)
+    losses, grad, coefficients = _kernels("elogitnorm").elogitnorm_rows(
+        logits, target, predicted, geometry.distances, weight, squared_norms,
+        per_sample=geometry.per_sample, eps=eps, divisor=divisor, ignore_index=ignore_index,
+        write_grad=write_grad, write_coefficients=write_coefficients,
+        block_cols=_block(block_cols), traced=traced,
+    )
+    return losses, grad, coefficients, predicted
+
+
+def _scale_rows_impl(first, second, upstream, target, ignore_index, traced=True):
+    return _kernels("rows").scale_rows(first, second, upstream, target,
+                                       ignore_index=ignore_index, traced=traced)
+
+
+def _scale_rows_eager(first, second, upstream, target, ignore_index):
+    return _scale_rows_impl(first, second, upstream, target, ignore_index, traced=False)
+
+
+def _logitnorm_setup(ctx, inputs, output):
+    _, target, _, ignore_index, _, _ = inputs
+    ctx.save_for_backward(output[1], target)
+    ctx.ignore_index = ignore_index
+
+
+def _logitnorm_backward(ctx, grad_losses, *_unused):
+    grad_unit, target = ctx.saved_tensors
+    empty = grad_unit.new_empty((0, grad_unit.shape[1]))
+    scale_rows = _scale_rows_eager if getattr(ctx, "eager", False) else _scale_rows
+    grad_logits, _ = scale_rows(grad_unit, empty, grad_losses.float(), target, ctx.ignore_index)
+    return grad_logits, None, None, None, None, None
+
+
+def _elogitnorm_setup(ctx, inputs, output):
+    _, weight, target, ignore_index, *_ = inputs
+    _, grad_unit, coefficient_unit, predicted = output
+    ctx.save_for_backward(weight, target, grad_unit, coefficient_unit, predicted)
+    ctx.ignore_index = ignore_index
+
+
+def _elogitnorm_backward(ctx, grad_losses, *_unused):
+    weight, target, grad_unit, coefficient_unit, predicted = ctx.saved_tensors
+    # Everything the forward wrote is linear in the row's upstream gradient.
+    scale_rows = _scale_rows_eager if getattr(ctx, "eager", False) else _scale_rows
+    grad_logits, coefficients = scale_rows(grad_unit, coefficient_unit, grad_losses.float(),
+                                           target, ctx.ignore_index)
+    grad_weight = None
+    if ctx.needs_input_grad[1]:
+        w = weight.to(torch.float32)
+        num_classes = w.shape[0]
+        per_sample = predicted.shape[0] < num_classes
+        if per_sample:
+            geometry = DistanceRows(w.index_select(0, predicted), predicted, w, True)
+        else:
+            classes = torch.arange(num_classes, device=w.device)
+            geometry = DistanceRows(w, classes, w, False)
+        grad_weight = weight_gradient(w, geometry, predicted, coefficients).to(weight.dtype)
+    return (grad_logits if ctx.needs_input_grad[0] else None, grad_weight,
+            None, None, None, None, None, None, None)
+
+
+class _EagerLogitNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _logitnorm_impl(*inputs, traced=False)
+        ctx.mark_non_differentiable(output[1])
+        ctx.eager = True
+        _logitnorm_setup(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_logitnorm_backward)
+
+
+class _EagerELogitNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _elogitnorm_impl(*inputs, traced=False)
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.eager = True
+        _elogitnorm_setup(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_elogitnorm_backward)
+
+
+if _HAS_TRITON_OP:
+    from torch.library import triton_op
+
+    @triton_op("elogitnorm_fast::triton_logitnorm_rows", mutates_args=())
+    def _logitnorm_rows(
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        inv_tau: float,
+        ignore_index: int,
+        write_grad: bool,
+        block_cols: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row LogitNorm losses (fp32) and the unit-upstream logits gradient."""
+        return _logitnorm_impl(logits, target, inv_tau, ignore_index, write_grad, block_cols)
+
+    @triton_op("elogitnorm_fast::triton_elogitnorm_rows", mutates_args=())
+    def _elogitnorm_rows(
+        logits: torch.Tensor,
+        weight: torch.Tensor,
+        target: torch.Tensor,
+        ignore_index: int,
+        eps: float,
+        divisor: int,
+        write_grad: bool,
+        write_coefficients: bool,
+        block_cols: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-row ELogitNorm losses, unit-upstream gradient, coefficients, predicted classes."""
+        return _elogitnorm_impl(logits, weight, target, ignore_index, eps, divisor, write_grad,
+                                write_coefficients, block_cols)
+
+    @triton_op("elogitnorm_fast::triton_scale_rows", mutates_args=())
+    def _scale_rows(
+        first: torch.Tensor,
+        second: torch.Tensor,
+        upstream: torch.Tensor,
+        target: torch.Tensor,
+        ignore_index: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of ``first`` and ``second`` times ``where(target valid, upstream, 0)``."""
+        return _scale_rows_impl(first, second, upstream, target, ignore_index)
+
+    torch.library.register_autograd(
+        "elogitnorm_fast::triton_logitnorm_rows", _logitnorm_backward,
+        setup_context=_logitnorm_setup,
+    )
+    torch.library.register_autograd(
+        "elogitnorm_fast::triton_elogitnorm_rows", _elogitnorm_backward,
+        setup_context=_elogitnorm_setup,
+    )
+
+
+def _use_op() -> bool:
+    """The triton_op (traceable by torch.compile) or the eager autograd.Function path."""
+    return not EAGER_FAST_PATH or torch.compiler.is_compiling()
+
+
+def _unit_column_stride(logits: torch.Tensor) -> torch.Tensor:
+    return logits if logits.shape[1] == 1 or logits.stride(1) == 1 else logits.contiguous()
+
+
+def _needs_grad(tensor: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and tensor.requires_grad
+
+
+def elogitnorm_loss(
+    logits: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    reduction: str,
+    ignore_index: int,
+    eps: float,
+    divisor: int,
+    block_cols: int | None = None,
+) -> torch.Tensor:
+    """ELogitNorm (inputs already validated); ``divisor`` is the number, C or C - 1.
+
+    ``block_cols`` (a power of two) forces the kernel's column block (tests use it to exercise
+    the streaming path at small C); None picks it from C.
+    """
+    if logits.dtype == torch.float64 or weight.dtype == torch.float64:
+        return torch_backend.elogitnorm_loss(logits, weight, target, reduction=reduction,
+                                             ignore_index=ignore_index, eps=eps, divisor=divisor)
+    rows = _elogitnorm_rows if _use_op() else _EagerELogitNorm.apply
+    losses, *_ = rows(
+        _unit_column_stride(logits), weight, target.contiguous(), ignore_index, float(eps),
+        int(divisor), _needs_grad(logits), _needs_grad(weight), block_cols or 0,
+    )
+    return reduce_rows(losses, target != ignore_index, reduction).to(logits.dtype)
+
+
+def logitnorm_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    tau: float,
+    reduction: str,
+    ignore_index: int,
+    block_cols: int | None = None,
+) -> torch.Tensor:
+    """LogitNorm (inputs already validated); see :func:`elogitnorm_loss` for ``block_cols``."""
+    if logits.dtype == torch.float64:
+        return torch_backend.logitnorm_loss(logits, target, tau=tau, reduction=reduction,
+                                            ignore_index=ignore_index)
+    rows = _logitnorm_rows if _use_op() else _EagerLogitNorm.apply
+    losses, _ = rows(
+        _unit_column_stride(logits), target.contiguous(), 1.0 / tau, ignore_index,
+        _needs_grad(logits), block_cols or 0,
+    )
+    return reduce_rows(losses, target != ignore_index, reduction).to(logits.dtype)

@@ -1,0 +1,264 @@
+"""Triton kernel for ELogitNorm: per block of rows, loss, logits gradient and distance coefficients.
+
+ELogitNorm (Ding et al., CVPR 2026, https://arxiv.org/abs/2504.11434; design.md section 2.1),
+per row ``z`` (C,) with predicted class ``m`` (first argmax), ``v = z_m`` and the distance row
+``Delta_j = max(||w_m - w_j||, eps)`` (``Delta_m = 1``)::
+
+    s = max((1 / divisor) sum_j (v - z_j) / Delta_j, eps)
+    loss = log(sum_j exp((z_j - v) / s)) + (v - z_y) / s
+
+Gradient for an upstream gradient of 1 (the backward rescales rows; everything is linear in it),
+with ``p = softmax(z / s)``, ``G = p - onehot(y)``, ``ds = -(G . z) / s^2`` (0 while the clamp on
+``s`` is active), ``k_j = ds / (divisor Delta_j)`` and ``T = {j : z_j < v}``::
+
+    dz_j = G_j / s - [j in T] k_j + [j = m] sum_{i in T} k_i
+    c_j  = -[j in T] k_j (v - z_j) / Delta_j^2      (0 where the clamp on Delta_j is active)
+
+``c`` feeds the two weight-gradient GEMMs (:func:`elogitnorm_fast.geometry.weight_gradient`).
+The max of ``z / s`` is ``v / s``, known before the row is read, so no online max is needed.
+Rows with ``C <= BLOCK`` are read once; longer rows stream over column blocks (pass 1: the
+scale; pass 2: the exponential sums; pass 3: gradient and coefficients). int64 offsets, fp32
+arithmetic. Imported lazily (needs triton).
+
+Example::
+
+    losses, grad, coeff = elogitnorm_rows(logits, target, predicted, distances, weight,
+                                          norms, per_sample=True,
+                                          eps=1e-6, divisor=10, ignore_index=-100,
+                                          write_grad=True, write_coefficients=True)
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .rows import _row_targets, launch_config, launcher
+
+
+@triton.jit
+def _clamped(raw, eps):
+    """``max(raw, eps)`` that keeps NaN (``tl.maximum`` may drop it)."""
+    return tl.where(raw < eps, eps, raw)
+
+
+@triton.jit
+def _refine_distances(raw_distance, cols, mask, predicted, weight_ptr, weight_stride,
+                      weight_col_stride, n_features, norms_ptr):
+    """Exact ``||w_m - w_j||`` where the GEMM form ``|a|^2 + |b|^2 - 2 a.b`` cancels.
+
+    In fp32 that form has an absolute error near ``eps_32 * (|a|^2 + |b|^2)``, so (near-)duplicate
+    weight rows get distances of ~1e-3 instead of ~0. Entries below 10 % of the norms are
+    recomputed from the difference; tiles without one (the normal case) skip the loop.
+    """
+    row_norm = tl.load(norms_ptr + predicted)
+    col_norm = tl.load(norms_ptr + cols[None, :], mask=mask, other=0.0)
+    suspect = mask & (cols[None, :] != predicted[:, None])
+    suspect = suspect & (raw_distance * raw_distance < 1e-2 * (row_norm[:, None] + col_norm))
+    if tl.max(suspect.to(tl.int32)) > 0:
+        squared = tl.zeros(raw_distance.shape, dtype=tl.float32)
+        for k in range(0, n_features):
+            a = tl.load(weight_ptr + predicted * weight_stride + k * weight_col_stride)
+            b = tl.load(weight_ptr + cols[None, :] * weight_stride + k * weight_col_stride,
+                        mask=suspect, other=0.0)
+            diff = a.to(tl.float32)[:, None] - b.to(tl.float32)
+            squared += diff * diff
+        raw_distance = tl.where(suspect, tl.sqrt(squared), raw_distance)
+    return raw_distance
+
+
+@triton.jit
+def _elogitnorm_tiles(z, raw_distance, cols, mask, value, predicted, target, scale, log_sum,
+                      k_scale, below_sum, eps):
+    """Gradient and coefficient tiles of one column block (see the module docstring)."""
+    distance = _clamped(raw_distance, eps)
+    p = tl.exp((z - value[:, None]) / scale[:, None] - log_sum[:, None])
+    onehot = (cols[None, :] == target[:, None]).to(tl.float32)
+    below = mask & (z < value[:, None])
+    k = tl.where(below, k_scale[:, None] / distance, 0.0)
+    is_predicted = cols[None, :] == predicted[:, None]
+    grad = (p - onehot) / scale[:, None] - k
+    grad += tl.where(is_predicted, (k_scale * below_sum)[:, None], 0.0)
+    margin = value[:, None] - z
+    coefficients = tl.where(raw_distance >= eps, -k * margin / (distance * distance), 0.0)
+    return grad, coefficients
+
+
+@triton.jit
+def _elogitnorm_kernel(
+    logits_ptr,
+    logits_stride,
+    target_ptr,
+    predicted_ptr,
+    distance_ptr,
+    distance_stride,
+    weight_ptr,
+    weight_stride,
+    weight_col_stride,
+    n_features,
+    norms_ptr,
+    loss_ptr,
+    grad_ptr,
+    grad_stride,
+    coefficient_ptr,
+    coefficient_stride,
+    n_rows,
+    n_cols,
+    eps,
+    inv_divisor,
+    ignore_index,
+    PER_SAMPLE: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    WRITE_COEFFICIENTS: tl.constexpr,
+    SINGLE: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # 1. Rows, targets, predicted class m and v = z_m; int64 offsets.
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    row_mask = rows < n_rows
+    cols = tl.arange(0, BLOCK)
+    target, valid, in_range = _row_targets(target_ptr, rows, row_mask, n_cols, ignore_index)
+    predicted = tl.load(predicted_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    value = tl.load(logits_ptr + rows * logits_stride + predicted, mask=row_mask,
+                    other=0.0).to(tl.float32)
+    z_target = tl.load(logits_ptr + rows * logits_stride + target, mask=in_range,
+                       other=float("nan")).to(tl.float32)
+    row_base = logits_ptr + rows[:, None] * logits_stride
+    # Distance row: the sample's own (N < C) or its predicted class's (N >= C).
+    if PER_SAMPLE:
+        distance_base = distance_ptr + rows[:, None] * distance_stride
+    else:
+        distance_base = distance_ptr + predicted[:, None] * distance_stride
+
+    # 2. Scale s = max(sum_j (v - z_j) / Delta_j / divisor, eps), and sum_{j in T} 1 / Delta_j.
+    if SINGLE:
+        mask = row_mask[:, None] & (cols[None, :] < n_cols)
+        z = tl.load(row_base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        raw_distance = tl.load(distance_base + cols[None, :], mask=mask, other=1.0)
+        raw_distance = _refine_distances(raw_distance, cols, mask, predicted, weight_ptr,
+                                         weight_stride, weight_col_stride, n_features, norms_ptr)
+        distance = _clamped(raw_distance, eps)
+        margin_sum = tl.sum(tl.where(mask, (value[:, None] - z) / distance, 0.0), axis=1)
+        below_sum = tl.sum(tl.where(mask & (z < value[:, None]), 1.0 / distance, 0.0), axis=1)
+    else:
+        margin_sum = tl.zeros([ROWS], dtype=tl.float32)
+        below_sum = tl.zeros([ROWS], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            block_cols = start + cols
+            mask = row_mask[:, None] & (block_cols[None, :] < n_cols)
+            zb = tl.load(row_base + block_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            db = tl.load(distance_base + block_cols[None, :], mask=mask, other=1.0)
+            db = _refine_distances(db, block_cols, mask, predicted, weight_ptr, weight_stride,
+                                   weight_col_stride, n_features, norms_ptr)
+            db = _clamped(db, eps)
+            margin_sum += tl.sum(tl.where(mask, (value[:, None] - zb) / db, 0.0), axis=1)
+            below_sum += tl.sum(tl.where(mask & (zb < value[:, None]), 1.0 / db, 0.0), axis=1)
+    raw_scale = margin_sum * inv_divisor
+    scale = _clamped(raw_scale, eps)
+
+    # 3. sum_j exp((z_j - v) / s) and sum_j exp(...) (z_j - v); the max of z / s is v / s.
+    if SINGLE:
+        e = tl.where(mask, tl.exp((z - value[:, None]) / scale[:, None]), 0.0)
+        exp_sum = tl.sum(e, axis=1)
+        exp_dot = tl.sum(e * tl.where(mask, z - value[:, None], 0.0), axis=1)
+    else:
+        exp_sum = tl.zeros([ROWS], dtype=tl.float32)
+        exp_dot = tl.zeros([ROWS], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            block_cols = start + cols
+            mask = row_mask[:, None] & (block_cols[None, :] < n_cols)
+            zb = tl.load(row_base + block_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            e = tl.where(mask, tl.exp((zb - value[:, None]) / scale[:, None]), 0.0)
+            exp_sum += tl.sum(e, axis=1)
+            exp_dot += tl.sum(e * tl.where(mask, zb - value[:, None], 0.0), axis=1)
+    log_sum = tl.log(exp_sum)
+    loss = log_sum + (value - z_target) / scale
+    tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_mask)
+
+    # 4. ds = -(G . z) / s^2 with G . z = sum_j p_j (z_j - v) - (z_y - v); 0 on an active clamp.
+    if WRITE_GRAD or WRITE_COEFFICIENTS:
+        dot = exp_dot / exp_sum - (z_target - value)
+        grad_scale = tl.where((raw_scale >= eps) & valid, -dot / (scale * scale), 0.0)
+        k_scale = grad_scale * inv_divisor
+        grad_base = grad_ptr + rows[:, None] * grad_stride
+        coefficient_base = coefficient_ptr + rows[:, None] * coefficient_stride
+        if SINGLE:
+            grad, coefficients = _elogitnorm_tiles(z, raw_distance, cols, mask, value, predicted,
+                                                   target, scale, log_sum, k_scale, below_sum,
+                                                   eps)
+            if WRITE_GRAD:
+                grad = tl.where(valid[:, None], grad, 0.0)
+                tl.store(grad_base + cols[None, :], grad.to(grad_ptr.dtype.element_ty),
+                         mask=mask)
+            if WRITE_COEFFICIENTS:
+                coefficients = tl.where(valid[:, None], coefficients, 0.0)
+                tl.store(coefficient_base + cols[None, :], coefficients, mask=mask)
+        else:
+            for start in range(0, n_cols, BLOCK):
+                block_cols = start + cols
+                mask = row_mask[:, None] & (block_cols[None, :] < n_cols)
+                zb = tl.load(row_base + block_cols[None, :], mask=mask, other=0.0)
+                zb = zb.to(tl.float32)
+                db = tl.load(distance_base + block_cols[None, :], mask=mask, other=1.0)
+                db = _refine_distances(db, block_cols, mask, predicted, weight_ptr,
+                                       weight_stride, weight_col_stride, n_features, norms_ptr)
+                grad, coefficients = _elogitnorm_tiles(zb, db, block_cols, mask, value,
+                                                       predicted, target, scale, log_sum,
+                                                       k_scale, below_sum, eps)
+                if WRITE_GRAD:
+                    grad = tl.where(valid[:, None], grad, 0.0)
+                    tl.store(grad_base + block_cols[None, :],
+                             grad.to(grad_ptr.dtype.element_ty), mask=mask)
+                if WRITE_COEFFICIENTS:
+                    coefficients = tl.where(valid[:, None], coefficients, 0.0)
+                    tl.store(coefficient_base + block_cols[None, :], coefficients, mask=mask)
+
+
+def elogitnorm_rows(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    predicted: torch.Tensor,
+    distances: torch.Tensor,
+    weight: torch.Tensor,
+    squared_norms: torch.Tensor,
+    *,
+    per_sample: bool,
+    eps: float,
+    divisor: int,
+    ignore_index: int,
+    write_grad: bool,
+    write_coefficients: bool,
+    block_cols: int | None = None,
+    traced: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row ELogitNorm losses (fp32), unit-upstream logits gradient and coefficients ``c``.
+
+    ``distances`` (fp32, unit column stride) holds one row per sample (``per_sample``) or one
+    per class, with 1 on the predicted class, from the GEMM form; entries where that form
+    cancels are recomputed from ``weight`` (C, D) and its fp32 ``squared_norms`` (C,). The
+    gradient has the logits' dtype, the coefficients are fp32; each is an empty tensor when not
+    requested. ``traced``: see
+    :func:`elogitnorm_fast.kernels.rows.launcher`.
+    """
+    n_rows, n_cols = logits.shape
+    device = logits.device
+    losses = torch.empty(n_rows, dtype=torch.float32, device=device)
+    grad = torch.empty((n_rows if write_grad else 0, n_cols), dtype=logits.dtype, device=device)
+    coefficients = torch.empty((n_rows if write_coefficients else 0, n_cols),
+                               dtype=torch.float32, device=device)
+    if n_rows == 0:
+        return losses, grad, coefficients
+    config = launch_config(n_cols, block_cols)
+    grid = (triton.cdiv(n_rows, config["ROWS"]),)
+    launcher(_elogitnorm_kernel, grid, traced)(
+        logits, logits.stride(0), target, predicted, distances, distances.stride(0),
+        weight, weight.stride(0), weight.stride(1), weight.shape[1], squared_norms,
+        losses, grad, grad.stride(0), coefficients, coefficients.stride(0),
+        n_rows, n_cols, eps, 1.0 / divisor, ignore_index,
+        PER_SAMPLE=per_sample, WRITE_GRAD=write_grad, WRITE_COEFFICIENTS=write_coefficients,
+        SINGLE=config["SINGLE"], ROWS=config["ROWS"], BLOCK=config["BLOCK"],
+        num_warps=config["num_warps"],
+    )
+    return losses, grad, coefficients

@@ -1,0 +1,133 @@
+"""Row-blocking helpers shared by the loss kernels, and the backward's row rescaling kernel.
+
+The loss kernels write the logits gradient for an upstream gradient of 1 per valid row; the
+backward multiplies row ``n`` by its upstream gradient ``g_n`` (0 on ignored rows, so an
+all-ignored ``mean`` gives zero gradient, not ``0 * inf``). Imported lazily (needs triton).
+
+Example::
+
+    grad_logits, coefficients = scale_rows(grad_unit, coeff_unit, g, target, ignore_index=-100)
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+#: Largest row length (columns) kept on chip in one block.
+MAX_SINGLE_BLOCK = 32768  # measured on H100: 1.3x faster fwd+bwd at C=32768 than 16384
+#: Column block used when rows stream.
+STREAM_BLOCK = 4096
+#: Tile width of the rescaling kernel.
+SCALE_BLOCK = 2048
+
+
+def launch_config(num_cols: int, block_cols: int | None = None) -> dict[str, int | bool]:
+    """Block sizes for a row length: ``BLOCK`` columns, ``ROWS`` rows per program, warps.
+
+    ``block_cols`` (a power of two) forces the column block, e.g. to test streaming at small C.
+    """
+    if block_cols is None:
+        single_block = triton.next_power_of_2(num_cols)
+        block = single_block if single_block <= MAX_SINGLE_BLOCK else STREAM_BLOCK
+    else:
+        if block_cols <= 0 or block_cols & (block_cols - 1):
+            raise ValueError(f"block_cols must be a positive power of two, got {block_cols}")
+        block = block_cols
+    single = num_cols <= block
+    rows = min(16, max(1, 2048 // block)) if single else 1
+    elements = rows * block
+    num_warps = 2 if elements <= 512 else 4 if elements <= 4096 else 8 if elements <= 8192 else 16
+    return {"BLOCK": block, "ROWS": rows, "SINGLE": single, "num_warps": num_warps}
+
+
+def launcher(kernel, grid: tuple[int, ...], traced: bool):
+    """``kernel[grid]``, through ``torch.library.wrap_triton`` when ``traced``.
+
+    ``wrap_triton`` is what lets torch.compile trace a launch inside a ``triton_op``, but in eager
+    mode it costs ~370 us of host time per launch (measured, torch 2.11 on an H100 machine; the
+    bare launch takes ~22 us), so eager callers pass ``traced=False``.
+    """
+    return torch.library.wrap_triton(kernel)[grid] if traced else kernel[grid]
+
+
+@triton.jit
+def _row_targets(target_ptr, rows, row_mask, n_cols, ignore_index):
+    """Targets of a block of rows as int64, the valid-row mask and the in-range mask."""
+    target = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
+    valid = row_mask & (target != ignore_index)
+    in_range = valid & (target >= 0) & (target < n_cols)
+    return target, valid, in_range
+
+
+@triton.jit
+def _scale_rows_kernel(
+    first_ptr,
+    first_out_ptr,
+    second_ptr,
+    second_out_ptr,
+    upstream_ptr,
+    upstream_stride,
+    target_ptr,
+    n_rows,
+    n_cols,
+    ignore_index,
+    HAS_FIRST: tl.constexpr,
+    HAS_SECOND: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # Tile (ROWS x BLOCK) of two contiguous N x C tensors, each scaled by the row's g.
+    # A 1-D grid (axes 1 and 2 stop at 65535 blocks): program -> (row block, column block).
+    program = tl.program_id(0).to(tl.int64)
+    column_blocks = tl.cdiv(n_cols, BLOCK)
+    rows = (program // column_blocks) * ROWS + tl.arange(0, ROWS)
+    cols = (program % column_blocks) * BLOCK + tl.arange(0, BLOCK)
+    row_mask = rows < n_rows
+    target, valid, _ = _row_targets(target_ptr, rows, row_mask, n_cols, ignore_index)
+    g = tl.load(upstream_ptr + rows * upstream_stride, mask=row_mask, other=0.0)
+    g = tl.where(valid, g.to(tl.float32), 0.0)
+    mask = row_mask[:, None] & (cols[None, :] < n_cols)
+    offsets = rows[:, None] * n_cols + cols[None, :]
+    if HAS_FIRST:
+        x = tl.load(first_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        tl.store(first_out_ptr + offsets, (x * g[:, None]).to(first_out_ptr.dtype.element_ty),
+                 mask=mask)
+    if HAS_SECOND:
+        x = tl.load(second_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        tl.store(second_out_ptr + offsets, (x * g[:, None]).to(second_out_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+def scale_rows(
+    first: torch.Tensor,
+    second: torch.Tensor,
+    upstream: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int,
+    traced: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(first * g[:, None], second * g[:, None])`` with ``g = where(valid, upstream, 0)``.
+
+    ``first`` / ``second`` are contiguous (N, C) (either may be empty: (0, C)); ``upstream`` is
+    any strided (N,) tensor, e.g. a stride-0 expansion. New tensors are returned, the inputs are
+    left untouched (they may be saved for a second backward). ``traced``: see :func:`launcher`.
+    """
+    first_out = torch.empty_like(first)
+    second_out = torch.empty_like(second)
+    n_rows = upstream.shape[0]
+    n_cols = max(first.shape[1], second.shape[1])
+    has_first, has_second = first.shape[0] > 0, second.shape[0] > 0
+    if n_rows == 0 or n_cols == 0 or not (has_first or has_second):
+        return first_out, second_out
+    block = min(triton.next_power_of_2(n_cols), SCALE_BLOCK)
+    rows = min(16, max(1, SCALE_BLOCK // block))
+    grid = (triton.cdiv(n_rows, rows) * triton.cdiv(n_cols, block),)
+    launcher(_scale_rows_kernel, grid, traced)(
+        first, first_out, second, second_out, upstream, upstream.stride(0), target,
+        n_rows, n_cols, ignore_index,
+        HAS_FIRST=has_first, HAS_SECOND=has_second, ROWS=rows, BLOCK=block, num_warps=4,
+    )
+    return first_out, second_out
