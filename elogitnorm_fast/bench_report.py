@@ -16,9 +16,10 @@ from pathlib import Path
 BEGIN, END = "<!-- performance:begin -->", "<!-- performance:end -->"
 #: Implementations that are this package's own code paths (the rest are baselines).
 OURS = ("cpu", "cuda", "triton", "torch backend", "KNNScorer", "one pass", "ours")
-GPU_KEYS = ("op", "loss", "pass", "impl", "backend", "config", "n", "c", "d", "k", "status",
-            "ms", "median_ms", "graph_ms", "speedup", "fraction_of_floor", "bandwidth_fraction",
-            "matmul_fraction", "tflops", "peak_extra_mib")
+GPU_KEYS = ("op", "loss", "pass", "impl", "backend", "config", "n", "c", "d", "N", "C", "D",
+            "rows", "k", "status", "ms", "median_ms", "fwd_ms", "fwd_bwd_ms", "graph_fwd_bwd_ms",
+            "speedup", "fwd_bwd_floor_fraction", "fraction_of_floor", "bandwidth_fraction",
+            "tflops", "peak_extra_MiB_fwd_bwd")
 
 
 def _cell(value) -> str:
@@ -76,12 +77,14 @@ def gpu_tables(folder: Path) -> list[str]:
             continue
         keys = [k for k in GPU_KEYS if any(k in row for row in rows)]
         keys += [k for k in rows[0] if k not in keys and "fraction" in k]
-        keys = keys[:12]
-        machine = payload.get("machine", {})
+        keys = keys[:13]
+        machine = payload.get("machine") or payload
         card = machine.get("gpu") or machine.get("device_name") or machine.get("card") or "GPU"
         lines += [f"#### {path.stem} ({card}, torch {machine.get('torch', '?')})", ""]
         lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         lines += ["| " + " | ".join(_cell(row.get(k)) for k in keys) + " |" for row in rows]
+        for name, value in (payload.get("summary") or {}).items():
+            lines.append(f"- {name}: {_cell(value)}")
         lines.append("")
     return lines
 
