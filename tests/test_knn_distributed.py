@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import torch
 
 from elogitnorm_fast.knn import KNNScorer
+
+from gloo_ranks import FINISH, run_ranks
 
 WORKER = textwrap.dedent(
     """
@@ -19,7 +17,7 @@ WORKER = textwrap.dedent(
     import torch.distributed as dist
     from elogitnorm_fast.knn import DistributedKNNScorer
 
-    data_path, out_path = sys.argv[1], sys.argv[2]
+    data_path, out_path = sys.argv[1], f"{sys.argv[2]}/{sys.argv[3]}.pt"
     dist.init_process_group("gloo", init_method="env://")
     rank = dist.get_rank()
     torch.set_num_threads(1)
@@ -39,15 +37,8 @@ WORKER = textwrap.dedent(
     except ValueError as err:
         results["error"] = str(err)
     torch.save(results, out_path)
-    dist.destroy_process_group()
     """
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+) + FINISH
 
 
 def test_two_gloo_ranks_equal_single_process(tmp_path):
@@ -59,21 +50,7 @@ def test_two_gloo_ranks_equal_single_process(tmp_path):
     torch.save({"bank": bank, "queries": queries, "k": k}, tmp_path / "data.pt")
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               WORLD_SIZE="2", OMP_NUM_THREADS="1")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(tmp_path / "data.pt"), str(tmp_path / f"{r}.pt")],
-            env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )
-        for r in range(2)
-    ]
-    for proc in procs:
-        try:
-            output, _ = proc.communicate(timeout=120)
-        finally:
-            proc.kill()
-        assert proc.returncode == 0, output.decode()[-3000:]
+    run_ranks(script, [str(tmp_path / "data.pt"), str(tmp_path)])
 
     single = KNNScorer(k=k, squared=True).fit(bank)
     expected_scores = single.score(queries)
