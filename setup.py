@@ -4,7 +4,11 @@ Build knobs (environment variables, read at build time):
 
 * ``ELOGITNORM_FAST_BUILD_CUDA``: ``auto`` (default: build CUDA sources when torch has CUDA and
   ``nvcc`` is found), ``1``/``force`` (always; fails if impossible), ``0``/``never``.
-* ``TORCH_CUDA_ARCH_LIST``: the CUDA architectures, e.g. ``"8.0;9.0"`` (torch's own knob).
+* ``TORCH_CUDA_ARCH_LIST``: the CUDA architectures, e.g. ``"8.0;9.0"`` (torch's own knob; unset,
+  torch builds for the GPUs it sees).
+* ``ELOGITNORM_FAST_CPU_ARCH``: ``native`` (default: ``-march=native``, vectorises the CPU loss
+  loops for the build machine's SIMD width), ``portable`` (the compiler's baseline, for wheels
+  that move between machines), or any other value passed as ``-march=VALUE``.
 * ``ELOGITNORM_FAST_NO_EXTENSION=1``: skip the C++ extension; the pure-PyTorch backends remain.
 * ``MAX_JOBS``: parallel compile jobs (torch's own knob).
 """
@@ -31,6 +35,13 @@ def _cuda_mode() -> str:
     return "auto"
 
 
+def _cpu_arch_flags() -> list[str]:
+    raw = os.environ.get("ELOGITNORM_FAST_CPU_ARCH", "native").strip()
+    if raw in ("", "portable", "none"):
+        return []
+    return [f"-march={raw}"]
+
+
 def _extensions() -> tuple[list, dict]:
     if os.environ.get("ELOGITNORM_FAST_NO_EXTENSION", "0") == "1":
         return [], {}
@@ -54,11 +65,12 @@ def _extensions() -> tuple[list, dict]:
             "ELOGITNORM_FAST_BUILD_CUDA=force but this torch has no CUDA "
             f"(torch {torch.__version__}); install a CUDA build of torch"
         )
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", *_cpu_arch_flags()]
     define_macros = [("Py_LIMITED_API", "0x03090000")]
     extra = {"cxx": cxx_flags}
     if with_cuda:
-        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math"]
+        # No --use_fast_math: the kernels pick their fast intrinsics explicitly (parity matters).
+        extra["nvcc"] = ["-O3", "-std=c++17"]
         define_macros.append(("ELOGITNORM_FAST_WITH_CUDA", "1"))
         ext_cls = cpp_extension.CUDAExtension
         sources = cpp_sources + cuda_sources

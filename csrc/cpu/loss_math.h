@@ -1,0 +1,130 @@
+// Scalar helpers shared by the CPU loss kernels (elogitnorm_loss.cpp, logitnorm_loss.cpp).
+//
+// Everything here is branch-free and inline so that gcc -O3 vectorises the row loops that call
+// it (`#pragma omp simd` on the loops lets it reorder the float sums; the order depends on the
+// vector width only, never on the thread count).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <string_view>
+#include <type_traits>
+
+namespace elogitnorm_fast::cpu {
+
+enum class Reduction { None, Mean, Sum };
+
+inline Reduction parse_reduction(std::string_view name, const char* op) {
+  if (name == "mean") return Reduction::Mean;
+  if (name == "sum") return Reduction::Sum;
+  TORCH_CHECK(name == "none", op, ": reduction must be 'mean', 'sum' or 'none', got '",
+              std::string(name), "'");
+  return Reduction::None;
+}
+
+// exp(x) for x <= 0 (the callers shift by the row maximum), vectorisable: x = n ln2 + r with
+// |r| <= ln2 / 2, a degree-7 polynomial for exp(r) (relative error below 2e-7) and 2^n built in
+// the exponent bits. NaN stays NaN; x below -87 gives 0.
+inline float exp_nonpositive(float x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693145751953125f;
+  constexpr float kLn2Lo = 1.428606765330187045e-06f;
+  const float clamped = x < -87.0f ? -87.0f : x;
+  const float n = std::nearbyint(clamped * kLog2e);
+  const float r = (clamped - n * kLn2Hi) - n * kLn2Lo;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return x < -87.0f ? 0.0f : p * two_n;
+}
+
+inline double exp_nonpositive(double x) { return std::exp(x); }
+
+// Clamp from below that keeps NaN (std::max(NaN, lo) would too, but this reads as the formula).
+template <typename T>
+inline T clamp_min_keep_nan(T x, T lo) {
+  return x < lo ? lo : x;
+}
+
+template <typename T>
+inline T to_acc(T x) {
+  return x;
+}
+inline float to_acc(c10::Half x) { return static_cast<float>(x); }
+inline float to_acc(c10::BFloat16 x) { return static_cast<float>(x); }
+
+// Copy one row into `buffer` in the accumulation type and return it; rows that already have the
+// accumulation type are returned in place.
+template <typename acc_t, typename scalar_t>
+inline const acc_t* row_in_acc(const scalar_t* row, int64_t length, acc_t* buffer) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    return row;
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < length; ++j) buffer[j] = static_cast<acc_t>(to_acc(row[j]));
+    return buffer;
+  }
+}
+
+// Per-row upstream gradient g_n: a scalar for mean / sum (mean divides by the valid count, and an
+// all-ignored batch gives 0), one strided entry per row for none.
+template <typename acc_t>
+struct UpstreamGradient {
+  const acc_t* data;
+  int64_t stride;
+  acc_t scalar;
+  bool per_row;
+  acc_t operator()(int64_t n) const { return per_row ? data[n * stride] : scalar; }
+};
+
+// `grad_acc` must be grad_output converted to acc_t (any strides) and stay alive while used.
+template <typename acc_t>
+inline UpstreamGradient<acc_t> upstream_gradient(const at::Tensor& grad_acc,
+                                                 const at::Tensor& valid_count,
+                                                 Reduction reduction, int64_t rows,
+                                                 const char* op) {
+  UpstreamGradient<acc_t> g{nullptr, 0, acc_t(0), false};
+  if (reduction == Reduction::None) {
+    TORCH_CHECK(grad_acc.dim() == 1 && grad_acc.size(0) == rows, op,
+                ": grad_output must have shape (", rows, ",) for reduction='none', got ",
+                grad_acc.sizes());
+    g.data = grad_acc.data_ptr<acc_t>();
+    g.stride = grad_acc.stride(0);
+    g.per_row = true;
+    return g;
+  }
+  TORCH_CHECK(grad_acc.numel() == 1, op, ": grad_output must be a scalar for reduction='",
+              reduction == Reduction::Mean ? "mean" : "sum", "', got shape ", grad_acc.sizes());
+  g.scalar = *grad_acc.data_ptr<acc_t>();
+  if (reduction == Reduction::Mean) {
+    const acc_t count = *valid_count.data_ptr<acc_t>();
+    g.scalar = count > 0 ? g.scalar / count : acc_t(0);
+  }
+  return g;
+}
+
+// Row grain for at::parallel_for: about 16k elements per task, so that small batches run on
+// one thread instead of paying the fork / join.
+inline int64_t row_grain(int64_t columns) {
+  return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(columns, 1));
+}
+
+// Accumulation dtype: fp64 when any input is fp64, else fp32.
+inline at::ScalarType accumulation_type(const at::Tensor& a, const at::Tensor& b) {
+  return (a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble) ? at::kDouble
+                                                                           : at::kFloat;
+}
+
+}  // namespace elogitnorm_fast::cpu

@@ -1,0 +1,51 @@
+"""The ``cpu`` backend: fused C++ kernels (``csrc/cpu/``) registered with ``torch.library``.
+
+One op per direction: the forward computes the loss and, when an input requires grad, the
+gradient with respect to the logits in the same parallel pass over the rows (design.md section
+2.1); the backward rescales it and runs the two weight-gradient GEMMs.
+
+Example::
+
+    loss = elogitnorm_fast.elogitnorm_loss(logits, fc.weight, target, backend="cpu")
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _extension_ops
+
+NAME = "cpu"
+
+
+def unavailable_reason(device: torch.device | None) -> str | None:
+    """None when the compiled CPU kernels are built (and ``device``, if given, is the CPU)."""
+    if device is not None and device.type != "cpu":
+        return f"the cpu backend runs on CPU tensors, got device {device}"
+    return _extension_ops.unavailable_reason("CPU")
+
+
+def elogitnorm_loss(
+    logits: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    reduction: str,
+    ignore_index: int,
+    eps: float,
+    divisor: int,
+) -> torch.Tensor:
+    """ELogitNorm (inputs already validated); ``divisor`` is the number, C or C - 1."""
+    return _extension_ops.elogitnorm(
+        logits, weight, target, reduction=reduction, ignore_index=ignore_index, eps=eps,
+        divisor=divisor,
+    )
+
+
+def logitnorm_loss(
+    logits: torch.Tensor, target: torch.Tensor, *, tau: float, reduction: str, ignore_index: int
+) -> torch.Tensor:
+    """LogitNorm (inputs already validated)."""
+    return _extension_ops.logitnorm(
+        logits, target, tau=tau, reduction=reduction, ignore_index=ignore_index
+    )
