@@ -57,6 +57,10 @@ def check_target(target: torch.Tensor, logits: torch.Tensor, ignore_index: int) 
         # graph break: there the kernels' own bounds checks apply, as in F.cross_entropy.
         return
     num_classes = logits.shape[1]
+    # Fast path (one reduction): every target is a class index.
+    low, high = torch.aminmax(target)
+    if int(low) >= 0 and int(high) < num_classes:
+        return
     in_range = ((target >= 0) & (target < num_classes)) | (target == ignore_index)
     if not bool(in_range.all()):
         bad = target[~in_range][:5].tolist()
