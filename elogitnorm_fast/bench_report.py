@@ -2,7 +2,7 @@
 
 Reads, from one folder: pytest-benchmark files ``*_cpu.json`` (each benchmark's median and its
 ``extra_info``) and the GPU scripts' ``gpu_*.json`` (``{"machine": ..., "rows": [...]}``).
-Loss benchmarks carry ``extra_info`` keys ``loss``, ``pass`` (``fwd`` / ``fwd+bwd``), ``impl``,
+Loss benchmarks carry ``extra_info`` keys ``loss``, ``mode`` (``fwd`` / ``fwd+bwd``), ``impl``,
 ``n``, ``c``, ``d``; those feed the plot (time vs C per implementation, and speed-up bars of the
 fastest package backend against each baseline).
 """
@@ -94,6 +94,7 @@ def _loss_points(folder: Path) -> list[dict]:
     for path in sorted(folder.glob("*_cpu.json")):
         for bench in json.loads(path.read_text()).get("benchmarks", []):
             info = bench.get("extra_info", {})
+            info = {**info, "pass": info.get("pass", info.get("mode"))}
             if {"loss", "pass", "impl", "c"} <= set(info):
                 points.append({**info, "median": bench["stats"]["median"]})
     return points
@@ -101,7 +102,7 @@ def _loss_points(folder: Path) -> list[dict]:
 
 def plot(folder: Path, path: Path) -> bool:
     """Time vs C (log-log) per implementation, and speed-up bars; False if no loss data."""
-    points = [p for p in _loss_points(folder) if p["pass"] == "fwd+bwd"]
+    points = [p for p in _loss_points(folder) if p["pass"] in ("fwd+bwd", "fwd_bwd")]
     if not points:
         return False
     import matplotlib
