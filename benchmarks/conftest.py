@@ -25,6 +25,9 @@ if MODE not in MODES:
     raise ValueError(f"ELOGITNORM_BENCH_SIZE must be one of {sorted(MODES)}, got {MODE!r}")
 for key, value in MODES[MODE].items():
     os.environ.setdefault(key, value)
+# Inductor's pool of compile workers keeps spinning after a torch.compile cell and slows the
+# eager cells timed next on a 2-core machine: compile in-process instead.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

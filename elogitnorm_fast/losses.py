@@ -53,10 +53,11 @@ def elogitnorm_loss(
     """
     check_logits(logits)
     check_weight(weight, logits)
-    check_target(target, logits, ignore_index)
     check_options(reduction, eps)
     divisor_number = divisor_value(logits.shape[1], divisor)
     module = resolve_backend(backend, logits.device)
+    check_target(target, logits, ignore_index,
+                 values=not getattr(module, "CHECKS_TARGET_VALUES", False))
     return module.elogitnorm_loss(
         logits, weight, target, reduction=reduction, ignore_index=ignore_index, eps=eps,
         divisor=divisor_number,
@@ -81,11 +82,12 @@ def logitnorm_loss(
         loss = logitnorm_loss(model(x), y, tau=0.04)
     """
     check_logits(logits)
-    check_target(target, logits, ignore_index)
     check_options(reduction)
     if not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau!r}")
     module = resolve_backend(backend, logits.device)
+    check_target(target, logits, ignore_index,
+                 values=not getattr(module, "CHECKS_TARGET_VALUES", False))
     return module.logitnorm_loss(
         logits, target, tau=tau, reduction=reduction, ignore_index=ignore_index
     )

@@ -38,7 +38,14 @@ def check_weight(weight: torch.Tensor, logits: torch.Tensor) -> None:
         raise ValueError(f"weight is on {weight.device} but logits are on {logits.device}")
 
 
-def check_target(target: torch.Tensor, logits: torch.Tensor, ignore_index: int) -> None:
+def check_target(
+    target: torch.Tensor, logits: torch.Tensor, ignore_index: int, *, values: bool = True
+) -> None:
+    """Type, shape and device of ``target``; with ``values``, also its range (CPU only).
+
+    Backends whose kernels check the range themselves (``CHECKS_TARGET_VALUES``) skip the
+    value pass: it costs a reduction over the targets per call.
+    """
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
@@ -52,7 +59,7 @@ def check_target(target: torch.Tensor, logits: torch.Tensor, ignore_index: int) 
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
     if target.numel() == 0:
         return
-    if target.device.type != "cpu" or torch.compiler.is_compiling():
+    if not values or target.device.type != "cpu" or torch.compiler.is_compiling():
         # Checking values on an accelerator would be a host sync, and inside torch.compile a
         # graph break: there the kernels' own bounds checks apply, as in F.cross_entropy.
         return

@@ -117,3 +117,16 @@ def test_degenerate_inputs_stay_finite():
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
     assert torch.isfinite(weight.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto", "reference"])
+@pytest.mark.parametrize("bad", [4, -3])
+def test_out_of_range_target_raises_value_error_on_every_cpu_backend(backend, bad):
+    logits, weight, target = _inputs()
+    target[2] = bad
+    with pytest.raises(ValueError, match=r"must be in \[0, 4\)") as error:
+        ef.elogitnorm_loss(logits, weight, target, backend=backend)
+    assert str(bad) in str(error.value)
+    with pytest.raises(ValueError, match=r"must be in \[0, 4\)") as error:
+        ef.logitnorm_loss(logits, target, backend=backend)
+    assert str(bad) in str(error.value)

@@ -43,8 +43,8 @@ void predict_rows(const scalar_t* logits, const int64_t* target, int64_t rows, i
         predicted[n] = -1;
         continue;
       }
-      TORCH_CHECK(y >= 0 && y < classes, kForward, ": target[", n, "] = ", y,
-                  " must be in [0, ", classes, ") or equal ignore_index=", ignore_index);
+      TORCH_CHECK_VALUE(y >= 0 && y < classes, kForward, ": target[", n, "] = ", y,
+                        " must be in [0, ", classes, ") or equal ignore_index=", ignore_index);
       const acc_t* z = row_in_acc<acc_t>(logits + n * classes, classes, buffer.data());
       acc_t best = z[0];
 #pragma omp simd reduction(max : best)

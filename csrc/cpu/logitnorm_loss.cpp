@@ -88,8 +88,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& logits, const at::Tensor&
         if (grad != nullptr) std::fill(grad, grad + classes, acc_t(0));
         continue;
       }
-      TORCH_CHECK(y >= 0 && y < classes, kForward, ": target[", n, "] = ", y,
-                  " must be in [0, ", classes, ") or equal ignore_index=", ignore_index);
+      TORCH_CHECK_VALUE(y >= 0 && y < classes, kForward, ": target[", n, "] = ", y,
+                        " must be in [0, ", classes, ") or equal ignore_index=", ignore_index);
       const acc_t* z = row_in_acc<acc_t>(z_all + n * classes, classes, buffer.data());
       row_loss[n] = logitnorm_row<acc_t>(z, classes, y, static_cast<acc_t>(tau), grad);
     }

@@ -1,10 +1,10 @@
-"""Python side of the compiled loss ops: fake kernels, autograd formulas and thin callers.
+"""Python side of the compiled loss ops: fake kernels, availability and thin callers.
 
 The C++ extension ``elogitnorm_fast._C`` declares the ops in ``csrc/ops.cpp`` and implements them
 per device (``csrc/cpu/*_loss.cpp``, ``csrc/cuda/*.cu``). This module adds what the dispatcher
-needs from Python, following the schema-first pattern of ``torch.library``:
+needs from Python (schema-first ``torch.library``): ``register_fake`` kernels giving output
+shapes for ``torch.compile`` and meta tensors.
 
-* ``register_fake``: output shapes for ``torch.compile`` / meta tensors;
 The autograd formulas are registered in C++ (``csrc/ops.cpp``, measured about 60-100 us per
 step cheaper than ``register_autograd`` on a 2-core CPU); the backward of each forward op is
 itself a registered op with a fake kernel here, so a training step is one dispatcher call per
@@ -21,6 +21,8 @@ Importing this module never fails: when the extension is missing or lacks the op
 from __future__ import annotations
 
 import torch
+
+from ..geometry import accumulation_dtype
 
 _NAMESPACE = "elogitnorm_fast"
 _OPS = ("elogitnorm_forward", "elogitnorm_backward", "logitnorm_forward", "logitnorm_backward")
@@ -59,10 +61,6 @@ def unavailable_reason(dispatch_key: str) -> str | None:
     return _KERNEL_REASONS[dispatch_key]
 
 
-def _accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def elogitnorm(
     logits: torch.Tensor,
     weight: torch.Tensor,
@@ -96,7 +94,7 @@ def _elogitnorm_forward_fake(
     need_weight_grad,
 ):
     rows, classes = logits.shape
-    acc = _accumulation_dtype(logits, weight)
+    acc = accumulation_dtype(logits, weight)
     loss = logits.new_empty((rows,) if reduction == "none" else ())
     grad_unit = logits.new_empty((rows, classes) if need_logits_grad else (0,), dtype=acc)
     scale_grad = logits.new_empty((rows,) if need_weight_grad else (0,), dtype=acc)
@@ -119,7 +117,7 @@ def _elogitnorm_backward_fake(
 
 def _logitnorm_forward_fake(logits, target, tau, reduction, ignore_index, need_grad):
     rows, classes = logits.shape
-    acc = _accumulation_dtype(logits)
+    acc = accumulation_dtype(logits)
     loss = logits.new_empty((rows,) if reduction == "none" else ())
     grad_unit = logits.new_empty((rows, classes) if need_grad else (0,), dtype=acc)
     return loss, grad_unit, logits.new_empty((), dtype=acc)

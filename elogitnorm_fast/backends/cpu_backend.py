@@ -16,6 +16,9 @@ import torch
 from . import _extension_ops
 
 NAME = "cpu"
+#: The kernels raise ValueError for a target outside [0, C) (other than ignore_index), so the
+#: public API skips its own pass over the targets.
+CHECKS_TARGET_VALUES = True
 
 
 def unavailable_reason(device: torch.device | None) -> str | None:
