@@ -117,10 +117,18 @@ def plot(folder: Path, path: Path) -> bool:
         mine = [p for p in points if p["loss"] == loss]
         axis = axes[0, column]
         for impl in sorted({p["impl"] for p in mine}):
-            series = sorted((p for p in mine if p["impl"] == impl), key=lambda p: (p["c"], p["n"]))
+            # One point per C: the smallest D, then the largest N, among the sizes with that C.
+            by_class: dict[int, dict] = {}
+            for point in (p for p in mine if p["impl"] == impl):
+                best = by_class.get(point["c"])
+                rank = (-point.get("d", 0), point["n"])
+                if best is None or rank > (-best.get("d", 0), best["n"]):
+                    by_class[point["c"]] = point
+            series = [by_class[c] for c in sorted(by_class)]
             axis.plot([p["c"] for p in series], [1e3 * p["median"] for p in series], "o-",
                       label=impl)
-        axis.set(xscale="log", yscale="log", xlabel="classes C", ylabel="fwd+bwd median (ms)",
+        axis.set(xscale="log", yscale="log", xlabel="classes C (per C: smallest D, largest N)",
+                 ylabel="fwd+bwd median (ms)",
                  title=f"{loss}: time vs C (CPU)")
         axis.legend(fontsize=8)
         axis = axes[1, column]
