@@ -61,7 +61,7 @@ def unavailable_reason(dispatch_key: str) -> str | None:
     return _KERNEL_REASONS[dispatch_key]
 
 
-def elogitnorm(
+def elogitnorm_loss(
     logits: torch.Tensor,
     weight: torch.Tensor,
     target: torch.Tensor,
@@ -79,7 +79,7 @@ def elogitnorm(
     )[0]
 
 
-def logitnorm(
+def logitnorm_loss(
     logits: torch.Tensor, target: torch.Tensor, *, tau: float, reduction: str, ignore_index: int
 ) -> torch.Tensor:
     """LogitNorm through the compiled ops (inputs already validated)."""
@@ -134,3 +134,4 @@ if _LOAD_ERROR is None:
     torch.library.register_fake(f"{_NAMESPACE}::elogitnorm_backward")(_elogitnorm_backward_fake)
     torch.library.register_fake(f"{_NAMESPACE}::logitnorm_forward")(_logitnorm_forward_fake)
     torch.library.register_fake(f"{_NAMESPACE}::logitnorm_backward")(_logitnorm_backward_fake)
+

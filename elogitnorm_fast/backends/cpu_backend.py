@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import _extension_ops
+from ._extension_ops import elogitnorm_loss, logitnorm_loss  # noqa: F401 (the backend API)
 
 NAME = "cpu"
 #: The kernels raise ValueError for a target outside [0, C) (other than ignore_index), so the
@@ -27,28 +28,3 @@ def unavailable_reason(device: torch.device | None) -> str | None:
         return f"the cpu backend runs on CPU tensors, got device {device}"
     return _extension_ops.unavailable_reason("CPU")
 
-
-def elogitnorm_loss(
-    logits: torch.Tensor,
-    weight: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    reduction: str,
-    ignore_index: int,
-    eps: float,
-    divisor: int,
-) -> torch.Tensor:
-    """ELogitNorm (inputs already validated); ``divisor`` is the number, C or C - 1."""
-    return _extension_ops.elogitnorm(
-        logits, weight, target, reduction=reduction, ignore_index=ignore_index, eps=eps,
-        divisor=divisor,
-    )
-
-
-def logitnorm_loss(
-    logits: torch.Tensor, target: torch.Tensor, *, tau: float, reduction: str, ignore_index: int
-) -> torch.Tensor:
-    """LogitNorm (inputs already validated)."""
-    return _extension_ops.logitnorm(
-        logits, target, tau=tau, reduction=reduction, ignore_index=ignore_index
-    )

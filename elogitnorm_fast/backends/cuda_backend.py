@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import _extension_ops
+from ._extension_ops import elogitnorm_loss, logitnorm_loss  # noqa: F401 (the backend API)
 
 NAME = "cuda"
 
@@ -30,28 +31,3 @@ def unavailable_reason(device: torch.device | None) -> str | None:
         return "no CUDA device is available"
     return None
 
-
-def elogitnorm_loss(
-    logits: torch.Tensor,
-    weight: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    reduction: str,
-    ignore_index: int,
-    eps: float,
-    divisor: int,
-) -> torch.Tensor:
-    """ELogitNorm (inputs already validated); ``divisor`` is the number, C or C - 1."""
-    return _extension_ops.elogitnorm(
-        logits, weight, target, reduction=reduction, ignore_index=ignore_index, eps=eps,
-        divisor=divisor,
-    )
-
-
-def logitnorm_loss(
-    logits: torch.Tensor, target: torch.Tensor, *, tau: float, reduction: str, ignore_index: int
-) -> torch.Tensor:
-    """LogitNorm (inputs already validated)."""
-    return _extension_ops.logitnorm(
-        logits, target, tau=tau, reduction=reduction, ignore_index=ignore_index
-    )
