@@ -1,0 +1,51 @@
+"""The package imports and its pure-PyTorch paths work when the compiled extension is absent."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent(
+    """
+    import importlib.abc
+    import sys
+
+
+    class HideExtension(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "elogitnorm_fast._C":
+                raise ImportError("hidden for this test")
+            return None
+
+
+    sys.meta_path.insert(0, HideExtension())
+    import torch
+
+    import elogitnorm_fast as ef
+    from elogitnorm_fast import scoring
+    from elogitnorm_fast.reference import elogitnorm_reference
+
+    names = ef.available_backends("cpu")
+    assert "cpu" not in names and {"torch", "reference"} <= set(names), names
+    assert "not built" in ef.unavailable_reason("cpu"), ef.unavailable_reason("cpu")
+    assert ef.resolve_backend("auto", torch.device("cpu")).NAME == "torch"
+    logits, weight = torch.randn(9, 5, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    target = torch.randint(0, 5, (9,))
+    torch.testing.assert_close(ef.elogitnorm_loss(logits, weight, target),
+                               elogitnorm_reference(logits, weight, target))
+    scores = scoring.logit_scores(logits.float(), ("msp", "energy"))
+    torch.testing.assert_close(scores["energy"], torch.logsumexp(logits.float(), dim=1))
+    knn = scoring.KNNScorer(k=2).fit(torch.randn(20, 3))
+    assert knn.score(torch.randn(4, 3)).shape == (4,)
+    assert "elogitnorm_fast._C" not in sys.modules
+    print("ok")
+    """
+)
+
+
+def test_pure_pytorch_paths_work_without_the_compiled_extension():
+    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok")
