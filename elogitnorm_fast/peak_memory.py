@@ -4,7 +4,9 @@ CPU: the resident-set high-water mark (``VmHWM``, reset through ``/proc/self/cle
 before the call) minus the resident set before it. CUDA: ``torch.cuda.max_memory_allocated``
 minus the memory allocated before the call. The inputs exist before the measurement starts, so
 the figure is the loss's own working memory (its outputs and gradients included); one
-untimed call of the same shapes runs first, so one-time library loads are not counted.
+untimed call of the same shapes runs first, so one-time library loads are not counted, and
+blocks of 64 KiB and more are unmapped on free (a fixed glibc mmap threshold), so what the
+warm-up freed cannot hide the measured peak; smaller blocks may not register at all.
 
 Run as ``python -m elogitnorm_fast.peak_memory --loss elogitnorm --backend torch --n 256 --c 1000
 --d 512``; it prints one JSON object. :func:`measure` wraps that in a subprocess, with an optional
@@ -120,9 +122,13 @@ def measure(
 
     record = {"loss": loss, "backend": backend, "n": n, "c": c, "d": d, "device": device,
               "dtype": dtype}
+    # A fixed glibc mmap threshold: blocks of 64 KiB and more are mapped and unmapped on free,
+    # so memory freed by the warm-up call does not hide the measured call's peak (the default
+    # threshold grows after frees, and freed heap memory stays resident).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
-                              preexec_fn=cap)
+                              preexec_fn=cap, env=env)
     except subprocess.TimeoutExpired:
         return {**record, "status": "timeout", "limit_s": timeout_s}
     if done.returncode != 0:
