@@ -46,3 +46,9 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         commit=commit, size_mode=MODE, python_version=platform.python_version(),
         gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     )
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    # Keep the statistics, drop every round's raw time (tens of MB for the fast cells).
+    for bench in output_json.get("benchmarks", []):
+        bench.get("stats", {}).pop("data", None)
