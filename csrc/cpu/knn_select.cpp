@@ -4,8 +4,9 @@
 // one chunk) with a BLAS GEMM and hands it here. Each query row keeps a min-heap of its k best
 // (similarity, bank index) pairs in `best_values` / `best_indices`; the heap root is the worst
 // kept pair, so its similarity is a threshold: a whole run of 16 columns is skipped when its
-// maximum does not beat it. After the first chunk almost every run is skipped, so selection
-// costs one vectorised read of S, a small fraction of the GEMM.
+// maximum does not beat it. Candidates of a run are collected branch-free into a buffer; a
+// cold heap (first chunk: many candidates) absorbs them in bulk with nth_element + make_heap,
+// a warm one by single root replacements, so selection stays a small fraction of the GEMM.
 //
 // Order: a pair is better when its similarity is larger, or equal with a smaller bank index.
 // Chunks must arrive in increasing bank-index order (then a new column never wins a tie).
@@ -13,10 +14,23 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <utility>
+#include <vector>
 #include <limits>
 
 namespace {
+
+struct Pair {
+  float v;
+  int64_t i;
+};
+
+// Strict total order: larger similarity first, equal similarities by smaller bank index.
+inline bool better(const Pair& a, const Pair& b) {
+  return a.v > b.v || (a.v == b.v && a.i < b.i);
+}
 
 inline bool worse(float va, int64_t ia, float vb, int64_t ib) {
   // true when (va, ia) ranks below (vb, ib)
@@ -39,6 +53,19 @@ inline void heap_replace_root(float* vals, int64_t* idx, int64_t k, float v, int
   }
   vals[pos] = v;
   idx[pos] = i;
+}
+
+// Merge candidates buf[k, n) into the heap (hv, hi) of size k: copy the heap into buf[0, k),
+// keep the k best with one nth_element and rebuild the heap (root = worst kept pair).
+inline void bulk_merge(Pair* buf, int64_t n, float* hv, int64_t* hi, int64_t k) {
+  for (int64_t j = 0; j < k; ++j) buf[j] = Pair{hv[j], hi[j]};
+  std::nth_element(buf, buf + (k - 1), buf + n, better);
+  // a max-heap by `better` has the worst pair at its root
+  std::make_heap(buf, buf + k, better);
+  for (int64_t j = 0; j < k; ++j) {
+    hv[j] = buf[j].v;
+    hi[j] = buf[j].i;
+  }
 }
 
 void knn_select_update_cpu(const at::Tensor& scores, at::Tensor& best_values,
@@ -67,13 +94,22 @@ void knn_select_update_cpu(const at::Tensor& scores, at::Tensor& best_values,
   float* bv_ptr = best_values.data_ptr<float>();
   int64_t* bi_ptr = best_indices.data_ptr<int64_t>();
   constexpr int64_t kRun = 16;
+  // Candidates that beat the threshold are collected first. Many of them (a cold heap: the
+  // first chunk) are merged in bulk, one nth_element per `slack` candidates, amortised O(1)
+  // each; the few that arrive once the heap is warm are inserted one by one (O(log k)).
+  const int64_t slack = std::max<int64_t>(k, 256);
+  const int64_t capacity = k + slack;
+  const int64_t bulk_min = std::max<int64_t>(k / 4, 16);
 
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Pair> storage(static_cast<size_t>(capacity + kRun));
+    Pair* buf = storage.data();
     for (int64_t r = begin; r < end; ++r) {
       const float* row = s_ptr + r * s_stride;
       float* hv = bv_ptr + r * k;
       int64_t* hi = bi_ptr + r * k;
-      float threshold = hv[0];
+      float threshold = hv[0];  // the heap root: the k-th best pair so far
+      int64_t n = k;            // candidates live in buf[k, n)
       int64_t c = 0;
       for (; c + kRun <= cols; c += kRun) {
         float run_max = -std::numeric_limits<float>::infinity();
@@ -82,19 +118,29 @@ void knn_select_update_cpu(const at::Tensor& scores, at::Tensor& best_values,
           run_max = row[c + j] > run_max ? row[c + j] : run_max;
         }
         if (!(run_max > threshold)) continue;
+        // branch-free compaction of the run's candidates (the buffer has kRun spare slots)
         for (int64_t j = 0; j < kRun; ++j) {
           const float v = row[c + j];
-          if (v > threshold) {
-            heap_replace_root(hv, hi, k, v, index_offset + c + j);
-            threshold = hv[0];
-          }
+          buf[n] = Pair{v, index_offset + c + j};
+          n += static_cast<int64_t>(v > threshold);
+        }
+        if (n >= capacity) {
+          bulk_merge(buf, n, hv, hi, k);
+          n = k;
+          threshold = hv[0];
         }
       }
       for (; c < cols; ++c) {
         const float v = row[c];
-        if (v > threshold) {
-          heap_replace_root(hv, hi, k, v, index_offset + c);
-          threshold = hv[0];
+        buf[n] = Pair{v, index_offset + c};
+        n += static_cast<int64_t>(v > threshold);
+      }
+      if (n - k >= bulk_min) {
+        bulk_merge(buf, n, hv, hi, k);
+      } else {
+        // candidates come in increasing index order, so a tie with the root never wins
+        for (int64_t j = k; j < n; ++j) {
+          if (buf[j].v > hv[0]) heap_replace_root(hv, hi, k, buf[j].v, buf[j].i);
         }
       }
     }

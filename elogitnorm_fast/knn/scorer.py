@@ -193,8 +193,8 @@ class KNNScorer:
 
     def _chunk_sizes(self, num_queries: int) -> tuple[int, int]:
         on_cpu = self._bank().device.type == "cpu"
-        query_chunk = self.query_chunk or (2048 if on_cpu else 16384)
-        bank_chunk = self.bank_chunk or (8192 if on_cpu else 32768)
+        query_chunk = self.query_chunk or (4096 if on_cpu else 16384)
+        bank_chunk = self.bank_chunk or (2048 if on_cpu else 32768)
         return max(1, min(query_chunk, num_queries)), bank_chunk
 
     def _search(self, queries: torch.Tensor, k: int, exact_ties: bool = True) -> RunningTopK:
