@@ -12,14 +12,12 @@ Usage: ``python benchmarks/gpu_knn.py --out DIR [--quick]``
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import time
 
 import torch
 import torch.nn.functional as F
+
+from _gpu_common import begin, write_rows
 
 
 def fp64_kth_squared(bank, queries, k, chunk=131072):
@@ -55,26 +53,17 @@ def median_ms(fn, inputs, reps):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "gpu_knn.json")
-    machine = {"host": platform.node(), "torch": torch.__version__}
-    rows: list[dict] = []
-    if not torch.cuda.is_available():
-        rows.append({"config": "all", "status": "skipped: no CUDA device"})
-        json.dump({"machine": machine, "rows": rows}, open(path, "w"), indent=1)
-        print("no CUDA device; wrote", path)
+    started = begin("gpu_knn", __doc__, skip_key="config")
+    if started is None:
         return
+    args, path, machine = started
+    rows: list[dict] = []
 
     from triton.testing import do_bench
 
     from elogitnorm_fast.knn import KNNScorer
 
     t_begin = time.perf_counter()
-    machine["gpu"] = torch.cuda.get_device_name(0)
     torch.backends.cuda.matmul.allow_tf32 = False
     num_bank = 262_144 if args.quick else 1_281_167
     num_queries, dim, k = 10_000, 2048, 1000
@@ -138,7 +127,7 @@ def main() -> None:
                  "fraction_of_fp32_mm": gflop / ms / mm_tflops, "max_abs_err_d2_vs_fp64": 0.0,
                  "check": "(bound)"})
 
-    json.dump({"machine": machine, "rows": rows}, open(path, "w"), indent=1)
+    write_rows(path, machine, rows)
     print(f"KNN on {machine['gpu']}: bank {num_bank} x {dim}, {num_queries} queries, k={k}; "
           f"fp32 mm {mm_tflops:.1f} TFLOP/s")
     print(f"{'config':<22}{'ms':>10}{'TFLOP/s':>10}{'of mm':>8}{'err d2':>10}  check")

@@ -12,13 +12,11 @@ Usage: ``python benchmarks/gpu_scoring.py --out DIR [--quick]``
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import time
 
 import torch
+
+from _gpu_common import begin, write_rows
 
 FOUR = ("msp", "max_logit", "energy", "entropy")
 
@@ -33,19 +31,11 @@ def four_separate_torch(z):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "gpu_scoring.json")
-    machine = {"host": platform.node(), "torch": torch.__version__}
-    rows: list[dict] = []
-    if not torch.cuda.is_available():
-        rows.append({"op": "all", "status": "skipped: no CUDA device"})
-        json.dump({"machine": machine, "rows": rows}, open(path, "w"), indent=1)
-        print("no CUDA device; wrote", path)
+    started = begin("gpu_scoring", __doc__, skip_key="op")
+    if started is None:
         return
+    args, path, machine = started
+    rows: list[dict] = []
 
     import triton
     from triton.testing import do_bench
@@ -53,7 +43,6 @@ def main() -> None:
     from elogitnorm_fast import metrics
     from elogitnorm_fast.scoring import logit_scores
 
-    machine["gpu"] = torch.cuda.get_device_name(0)
     machine["triton"] = triton.__version__
     n_rows = 200_000 if args.quick else 1_000_000
     n_cols = 1000
@@ -130,7 +119,7 @@ def main() -> None:
             "first_call_ms": first * 1e3,
         }
     )
-    json.dump({"machine": machine, "rows": rows}, open(path, "w"), indent=1)
+    write_rows(path, machine, rows)
     for row in rows:
         print(row)
     print("wrote", path)

@@ -1,0 +1,37 @@
+"""Shared start and end of the GPU benchmark scripts (``gpu_knn.py``, ``gpu_scoring.py``).
+
+``begin`` parses ``--out`` / ``--quick``, and where no CUDA device is present writes a JSON that
+says so (one ``status`` row) and returns ``None``, so ``gpu_check.sh`` and ``bench`` still get a
+file to render. ``write_rows`` saves ``{"machine": ..., "rows": [...]}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+
+import torch
+
+
+def begin(name: str, description: str | None = None, skip_key: str = "config"):
+    """``(args, json_path, machine)``, or ``None`` after writing the skip record (no GPU)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{name}.json")
+    machine = {"host": platform.node(), "torch": torch.__version__}
+    if not torch.cuda.is_available():
+        write_rows(path, machine, [{skip_key: "all", "status": "skipped: no CUDA device"}])
+        print("no CUDA device; wrote", path)
+        return None
+    machine["gpu"] = torch.cuda.get_device_name(0)
+    return args, path, machine
+
+
+def write_rows(path: str, machine: dict, rows: list[dict]) -> None:
+    with open(path, "w") as handle:
+        json.dump({"machine": machine, "rows": rows}, handle, indent=1)
