@@ -101,6 +101,33 @@ def test_selection_breaks_ties_by_smaller_index(backend):
     torch.testing.assert_close(top.kth_values(), values[:, -1])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k,block", [(1, 7), (5, 500), (300, 7), (300, 333), (300, 2000)])
+def test_selection_under_many_merges(backend, k, block):
+    # Ascending rows make every column a candidate (the pending slots fill and merge over and
+    # over), descending rows almost none; a tie run straddles the k-th place; blocks narrower
+    # than k skip the one-step first block; widths are not multiples of the 16-column runs.
+    g = torch.Generator().manual_seed(3)
+    cols = 2000
+    ascending = torch.arange(cols).div(3, rounding_mode="floor").float()
+    scores = torch.stack([
+        ascending,
+        ascending.flip(0),
+        torch.randint(0, 40, (cols,), generator=g).float(),
+        torch.randn(cols, generator=g),
+        torch.full((cols,), 2.5),
+    ])
+    top = RunningTopK(scores.shape[0], k, torch.device("cpu"), native=backend == "native")
+    for start in range(0, cols, block):
+        top.update(0, scores.shape[0], scores[:, start:start + block].contiguous(), start)
+    values, indices = top.sorted()
+    for row in range(scores.shape[0]):
+        pairs = sorted((-v, i) for i, v in enumerate(scores[row].tolist()))[:k]
+        assert indices[row].tolist() == [i for _, i in pairs]
+        assert values[row].tolist() == [-v for v, _ in pairs]
+    torch.testing.assert_close(top.kth_values(), values[:, -1])
+
+
 def test_native_and_torch_backends_agree():
     if not native_select_available():
         pytest.skip("_C not built")

@@ -8,8 +8,10 @@ similarity of a row is the smallest kept value.
 Two implementations:
 
 * ``native``: the C++ op ``torch.ops.elogitnorm_fast.knn_select_update`` (CPU, from
-  ``csrc/cpu/knn_select.cpp``): a per-row min-heap with a threshold prefilter, so that after the
-  first chunk selection is one vectorised read of ``S``.
+  ``csrc/cpu/knn_select.cpp``): per row, ``k`` kept pairs plus room for ``max(k, 256)`` pending
+  candidates that beat the k-th kept value; a full row is merged with one ``nth_element``. After
+  the first chunk selection is one vectorised read of ``S``. Memory: ``num_queries x (2k + 256)``
+  pairs (12 bytes each) instead of ``num_queries x k``.
 * ``torch``: ``torch.topk`` of each block merged with the running top-k (any device; the GPU path).
   ``torch.topk`` picks arbitrarily among equal values at the k-th place; with ``exact_ties`` a
   fix-up pass keeps the smallest indices there (needed for neighbour indices, not for the k-th
@@ -22,6 +24,9 @@ import torch
 
 #: Index stored in empty slots; it ranks below every real bank index on ties at ``-inf``.
 EMPTY_INDEX = torch.iinfo(torch.int64).max
+
+#: Room for pending candidates per row in the native selection, beyond ``k`` (at least).
+NATIVE_MIN_SLACK = 256
 
 _native_checked: bool | None = None
 
@@ -54,8 +59,15 @@ class RunningTopK:
         self.k = k
         self.native = native
         self.exact_ties = exact_ties
-        self.values = torch.full((num_queries, k), float("-inf"), device=device)
-        self.indices = torch.full((num_queries, k), EMPTY_INDEX, dtype=torch.int64, device=device)
+        width = k + max(k, NATIVE_MIN_SLACK) if native else k
+        self.values = torch.full((num_queries, width), float("-inf"), device=device)
+        self.indices = torch.full(
+            (num_queries, width), EMPTY_INDEX, dtype=torch.int64, device=device
+        )
+        if native:
+            # per row: candidates waiting after the k kept pairs, and the k-th kept value
+            self.pending = torch.zeros(num_queries, dtype=torch.int64, device=device)
+            self.thresholds = torch.full((num_queries,), float("-inf"), device=device)
 
     def update(self, row_start: int, row_end: int, scores: torch.Tensor, index_offset: int) -> None:
         """Merge the block ``scores`` (rows ``row_start:row_end``, bank columns from
@@ -63,7 +75,10 @@ class RunningTopK:
         values = self.values[row_start:row_end]
         indices = self.indices[row_start:row_end]
         if self.native:
-            torch.ops.elogitnorm_fast.knn_select_update(scores, values, indices, index_offset)
+            torch.ops.elogitnorm_fast.knn_select_update(
+                scores, values, indices, self.pending[row_start:row_end],
+                self.thresholds[row_start:row_end], self.k, index_offset,
+            )
             return
         block_k = min(self.k, scores.shape[1])
         if self.exact_ties:
@@ -85,13 +100,25 @@ class RunningTopK:
         values.copy_(kept_values)
         indices.copy_(torch.gather(merged_indices, 1, position))
 
+    def _candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's kept and pending pairs; unused slots read ``(-inf, EMPTY_INDEX)``."""
+        if not self.native:
+            return self.values, self.indices
+        slots = torch.arange(self.values.shape[1], device=self.values.device)
+        unused = slots[None, :] >= (self.k + self.pending)[:, None]
+        return (self.values.masked_fill(unused, float("-inf")),
+                self.indices.masked_fill(unused, EMPTY_INDEX))
+
     def kth_values(self) -> torch.Tensor:
         """The k-th largest similarity of each row (``-inf`` where fewer than k were seen)."""
-        return self.values.amin(dim=1)
+        values, _ = self._candidates()
+        if values.shape[1] == self.k:
+            return values.amin(dim=1)
+        return torch.topk(values, self.k, dim=1, sorted=False).values.amin(dim=1)
 
     def sorted(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(values, indices)`` best first; equal similarities ordered by smaller bank index."""
-        return sort_candidates(self.values, self.indices, self.k)
+        return sort_candidates(*self._candidates(), self.k)
 
 
 def sort_candidates(
