@@ -1,0 +1,167 @@
+"""Ahead-of-time compilation of the Triton kernels for NVIDIA targets, without a GPU.
+
+The Triton interpreter checks what the kernels compute but not that they compile: a kernel can
+pass every interpreter test and still fail in the compiler on a GPU machine, where time is
+scarce. ``triton.compile`` with an explicit target builds PTX and a cubin on any machine, so the
+test suite compiles every kernel in the configurations the launchers pick for the benchmark
+sizes, and ``ptxas -v`` on the result reports registers and spills (spilled registers go to local
+memory, a common cause of bandwidth-bound kernels running below the floor).
+
+Run ``python tests/triton_aot.py [--arch 90] [--out FILE.json]`` for a table of registers and
+spills per kernel and configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+
+_SCALARS_I32 = {"n_rows", "n_cols", "n_features", "ignore_index"}
+_SCALARS_F32 = {"eps", "inv_tau", "inv_divisor", "inv_temperature"}
+_INDEX_POINTERS = {"target_ptr", "predicted_ptr"}
+_DATA_POINTERS = {"logits_ptr", "grad_ptr", "z_ptr"}  # the logits' dtype; other pointers fp32
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One compilation: a kernel, its constexpr values, warps and the logits' dtype."""
+
+    module: str
+    kernel: str
+    constexprs: tuple[tuple[str, object], ...]
+    num_warps: int
+    dtype: str = "fp32"
+
+    @property
+    def label(self) -> str:
+        values = ", ".join(f"{k}={v}" for k, v in self.constexprs)
+        return f"{self.kernel}[{values}] warps={self.num_warps} {self.dtype}"
+
+
+def _signature(fn, constexprs: dict, dtype: str) -> dict[str, str]:
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in _INDEX_POINTERS:
+            signature[name] = "*i64"
+        elif name in _DATA_POINTERS:
+            signature[name] = f"*{dtype}"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32"
+        elif "stride" in name:
+            signature[name] = "i64"
+        elif name in _SCALARS_I32:
+            signature[name] = "i32"
+        elif name in _SCALARS_F32:
+            signature[name] = "fp32"
+        else:
+            raise ValueError(f"no signature type for argument {name!r} of {fn.__name__}")
+    return signature
+
+
+def loss_configs() -> list[KernelConfig]:
+    """The loss kernels in the configurations ``launch_config`` picks at the protocol's sizes
+    (C = 10, 1000, 10,000, 32768 kept on chip; C = 100,000 streamed), fp32 and bf16 logits."""
+    from elogitnorm_fast.kernels.rows import launch_config
+
+    configs = []
+    for num_cols in (10, 1000, 10_000, 32768, 100_000):
+        cfg = launch_config(num_cols)
+        shape = (("SINGLE", cfg["SINGLE"]), ("ROWS", cfg["ROWS"]), ("BLOCK", cfg["BLOCK"]))
+        for dtype in ("fp32", "bf16"):
+            configs.append(KernelConfig("logitnorm", "_logitnorm_kernel", shape,
+                                        cfg["num_warps"], dtype))
+            configs.append(KernelConfig(
+                "elogitnorm", "_elogitnorm_kernel",
+                (("PER_SAMPLE", True), ("WRITE_GRAD", True), ("WRITE_COEFFICIENTS", True),
+                 *shape), cfg["num_warps"], dtype))
+    return configs
+
+
+def other_configs() -> list[KernelConfig]:
+    """The backward kernels (LogitNorm's gradient, the row rescaling of ELogitNorm's) and the
+    logit-scores kernel."""
+    return [
+        KernelConfig("logitnorm", "_logitnorm_backward_kernel", (("ROWS", 1), ("BLOCK", 2048)),
+                     4, "bf16"),
+        KernelConfig("rows", "_scale_rows_kernel",
+                     (("HAS_FIRST", True), ("HAS_SECOND", True), ("ROWS", 1), ("BLOCK", 2048)), 4),
+        KernelConfig("logit_scores", "_logit_row_stats_kernel",
+                     (("WANT_T", True), ("BLOCK_ROWS", 4), ("BLOCK_COLS", 1024)), 4),
+    ]
+
+
+def compile_config(config: KernelConfig, arch: int):
+    """``triton.compile`` of one configuration for ``sm_<arch>``; returns the compiled kernel."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(f"elogitnorm_fast.kernels.{config.module}"),
+                 config.kernel)
+    constexprs = dict(config.constexprs)
+    source = ASTSource(fn, _signature(fn, constexprs, config.dtype), constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": config.num_warps})
+
+
+def ptxas_usage(ptx: str, arch: int) -> dict[str, int]:
+    """Registers and spill bytes that ``ptxas -v`` reports for ``ptx`` on ``sm_<arch>``."""
+    import os
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(arch).path
+    suffix = "a" if arch == 90 else ""
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ptx")
+        with open(source, "w") as handle:
+            handle.write(ptx)
+        result = subprocess.run(
+            [ptxas, "-v", f"--gpu-name=sm_{arch}{suffix}", source, "-o",
+             os.path.join(folder, "kernel.cubin")],
+            capture_output=True, text=True, check=True,
+        )
+    log = result.stdout + result.stderr
+    registers = re.search(r"Used (\d+) registers", log)
+    stores = re.search(r"(\d+) bytes spill stores", log)
+    loads = re.search(r"(\d+) bytes spill loads", log)
+    return {
+        "registers": int(registers.group(1)) if registers else -1,
+        "spill_store_bytes": int(stores.group(1)) if stores else 0,
+        "spill_load_bytes": int(loads.group(1)) if loads else 0,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90")
+    parser.add_argument("--out", help="write the table as JSON here")
+    args = parser.parse_args(argv)
+    import triton
+
+    rows = []
+    for config in loss_configs() + other_configs():
+        compiled = compile_config(config, args.arch)
+        usage = ptxas_usage(compiled.asm["ptx"], args.arch)
+        rows.append({"kernel": config.label, **usage})
+        print(f"{config.label:<110} regs {usage['registers']:>3}  spill stores "
+              f"{usage['spill_store_bytes']:>6} B  loads {usage['spill_load_bytes']:>6} B",
+              flush=True)
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump({"arch": f"sm_{args.arch}", "triton": triton.__version__, "kernels": rows},
+                      handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
