@@ -6,17 +6,24 @@ LogitNorm (Wei et al., ICML 2022, https://arxiv.org/abs/2205.09310), per row ``z
     loss = logsumexp(a z) - a z_y = log(sum_j exp(a (z_j - max z))) + a (max z - z_y)
     dloss/dz_k = a (p_k - [k = y]) - a (sum_j p_j z_j - z_y) z_k / ((r + 1e-7) r)
 
-with ``p = softmax(a z)`` (design.md section 2.2; the second term is 0 at ``z = 0``). The gradient
-is written for an upstream gradient of 1 per valid row; the backward rescales rows.
+with ``p = softmax(a z)`` (design.md section 2.2; the second term is 0 at ``z = 0``).
 
-Rows with ``C <= BLOCK`` are loaded once and kept on chip; longer rows stream over column blocks
-(pass 1: norm and max; pass 2: the exponential sums; pass 3: the gradient). Offsets are int64,
-arithmetic is fp32 whatever the storage dtype. Imported lazily (needs triton).
+The forward writes the loss and four numbers per row (``a``, the coupling
+``a (G . z) / ((r + 1e-7) r)``, ``log sum_j exp(a (z_j - max z))`` and ``max z``); the backward
+recomputes the gradient from the logits and those, times the row's upstream gradient, in one
+elementwise pass. Logits are read twice and the gradient written once in all (a forward that
+wrote a unit-upstream gradient for the backward to rescale moves twice the bytes and keeps an
+extra N x C tensor alive between the passes).
+
+In the forward, rows with ``C <= BLOCK`` are loaded once and kept on chip; longer rows stream over
+column blocks (pass 1: norm and max; pass 2: the exponential sums). The backward tiles rows and
+columns independently. Offsets are int64, arithmetic is fp32 whatever the storage dtype. Imported
+lazily (needs triton).
 
 Example::
 
-    losses, grad = logitnorm_rows(logits, target, inv_tau=25.0, ignore_index=-100,
-                                  write_grad=True)
+    losses, stats = logitnorm_rows(logits, target, inv_tau=25.0, ignore_index=-100)
+    grad = logitnorm_backward_rows(logits, target, stats, upstream, ignore_index=-100)
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rows import _row_targets, launch_config, launcher
+from .rows import SCALE_BLOCK, _row_targets, launch_config, launcher
 
 
 @triton.jit
@@ -42,13 +49,11 @@ def _logitnorm_kernel(
     logits_stride,
     target_ptr,
     loss_ptr,
-    grad_ptr,
-    grad_stride,
+    stats_ptr,
     n_rows,
     n_cols,
     inv_tau,
     ignore_index,
-    WRITE_GRAD: tl.constexpr,
     SINGLE: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -101,28 +106,51 @@ def _logitnorm_kernel(
     loss = log_sum + scale * (zmax - z_target)
     tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_mask)
 
-    # 4. Gradient for an upstream gradient of 1: G.z = sum_j p_j z_j - z_y (shifted by max z).
-    if WRITE_GRAD:
-        dot = exp_dot / exp_sum - (z_target - zmax)
-        safe_norm = tl.where(norm > 0, norm, 1.0)
-        coupling = tl.where(norm > 0, scale * dot / ((norm + 1e-7) * safe_norm), 0.0)
-        coupling = tl.where(valid, coupling, 0.0)
-        row_scale = tl.where(valid, scale, 0.0)
-        grad_base = grad_ptr + rows[:, None] * grad_stride
-        if SINGLE:
-            grad = _logitnorm_grad_tile(z, cols, target, row_scale, coupling, log_sum, zmax)
-            grad = tl.where(valid[:, None], grad, 0.0)
-            tl.store(grad_base + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask)
-        else:
-            for start in range(0, n_cols, BLOCK):
-                block_cols = start + cols
-                mask = row_mask[:, None] & (block_cols[None, :] < n_cols)
-                zb = tl.load(row_base + block_cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                grad = _logitnorm_grad_tile(zb, block_cols, target, row_scale, coupling,
-                                            log_sum, zmax)
-                grad = tl.where(valid[:, None], grad, 0.0)
-                tl.store(grad_base + block_cols[None, :], grad.to(grad_ptr.dtype.element_ty),
-                         mask=mask)
+    # 4. What the backward needs besides z: G.z = sum_j p_j z_j - z_y (shifted by max z).
+    dot = exp_dot / exp_sum - (z_target - zmax)
+    safe_norm = tl.where(norm > 0, norm, 1.0)
+    coupling = tl.where(norm > 0, scale * dot / ((norm + 1e-7) * safe_norm), 0.0)
+    coupling = tl.where(valid, coupling, 0.0)
+    tl.store(stats_ptr + rows, scale, mask=row_mask)
+    tl.store(stats_ptr + n_rows + rows, coupling, mask=row_mask)
+    tl.store(stats_ptr + 2 * n_rows + rows, log_sum, mask=row_mask)
+    tl.store(stats_ptr + 3 * n_rows + rows, zmax, mask=row_mask)
+
+
+@triton.jit
+def _logitnorm_backward_kernel(
+    logits_ptr,
+    logits_stride,
+    target_ptr,
+    stats_ptr,
+    upstream_ptr,
+    upstream_stride,
+    grad_ptr,
+    n_rows,
+    n_cols,
+    ignore_index,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # A (ROWS x BLOCK) tile of g_n * dloss_n/dz; a 1-D grid: program -> (row block, column block).
+    program = tl.program_id(0).to(tl.int64)
+    column_blocks = tl.cdiv(n_cols, BLOCK)
+    rows = (program // column_blocks) * ROWS + tl.arange(0, ROWS)
+    cols = (program % column_blocks) * BLOCK + tl.arange(0, BLOCK)
+    row_mask = rows < n_rows
+    target, valid, _ = _row_targets(target_ptr, rows, row_mask, n_cols, ignore_index)
+    g = tl.load(upstream_ptr + rows * upstream_stride, mask=row_mask, other=0.0).to(tl.float32)
+    scale = tl.load(stats_ptr + rows, mask=row_mask, other=0.0)
+    coupling = tl.load(stats_ptr + n_rows + rows, mask=row_mask, other=0.0)
+    log_sum = tl.load(stats_ptr + 2 * n_rows + rows, mask=row_mask, other=0.0)
+    zmax = tl.load(stats_ptr + 3 * n_rows + rows, mask=row_mask, other=0.0)
+    mask = row_mask[:, None] & (cols[None, :] < n_cols)
+    z = tl.load(logits_ptr + rows[:, None] * logits_stride + cols[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    grad = _logitnorm_grad_tile(z, cols, target, scale, coupling, log_sum, zmax)
+    grad = tl.where(valid[:, None], g[:, None] * grad, 0.0)
+    tl.store(grad_ptr + rows[:, None] * n_cols + cols[None, :],
+             grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 def logitnorm_rows(
@@ -131,27 +159,52 @@ def logitnorm_rows(
     *,
     inv_tau: float,
     ignore_index: int,
-    write_grad: bool,
     block_cols: int | None = None,
     traced: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row LogitNorm losses (fp32, 0 on ignored rows) and the unit-upstream gradient.
+    """Per-row LogitNorm losses (fp32, 0 on ignored rows) and the (4, N) fp32 row statistics
+    :func:`logitnorm_backward_rows` needs.
 
-    ``logits`` (N, C) must have unit column stride. The gradient has the logits' dtype (an empty
-    tensor when ``write_grad`` is False). ``traced``: see :func:`.rows.launcher`.
+    ``logits`` (N, C) must have unit column stride. ``traced``: see :func:`.rows.launcher`.
     """
     n_rows, n_cols = logits.shape
     losses = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    shape = (n_rows, n_cols) if write_grad else (0, n_cols)
-    grad = torch.empty(shape, dtype=logits.dtype, device=logits.device)
+    stats = torch.empty((4, n_rows), dtype=torch.float32, device=logits.device)
     if n_rows == 0:
-        return losses, grad
+        return losses, stats
     config = launch_config(n_cols, block_cols)
     grid = (triton.cdiv(n_rows, config["ROWS"]),)
     launcher(_logitnorm_kernel, grid, traced)(
-        logits, logits.stride(0), target, losses, grad, grad.stride(0) if write_grad else 0,
-        n_rows, n_cols, inv_tau, ignore_index,
-        WRITE_GRAD=write_grad, SINGLE=config["SINGLE"], ROWS=config["ROWS"],
-        BLOCK=config["BLOCK"], num_warps=config["num_warps"],
+        logits, logits.stride(0), target, losses, stats, n_rows, n_cols, inv_tau, ignore_index,
+        SINGLE=config["SINGLE"], ROWS=config["ROWS"], BLOCK=config["BLOCK"],
+        num_warps=config["num_warps"],
     )
-    return losses, grad
+    return losses, stats
+
+
+def logitnorm_backward_rows(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    stats: torch.Tensor,
+    upstream: torch.Tensor,
+    *,
+    ignore_index: int,
+    traced: bool = True,
+) -> torch.Tensor:
+    """``g_n * dloss_n / dz`` (N, C) in the logits' dtype, ``g = where(valid, upstream, 0)``.
+
+    ``stats`` comes from :func:`logitnorm_rows` on the same ``logits`` and ``target``;
+    ``upstream`` is any strided (N,) tensor, e.g. a stride-0 expansion.
+    """
+    n_rows, n_cols = logits.shape
+    grad = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
+    if n_rows == 0 or n_cols == 0:
+        return grad
+    block = min(triton.next_power_of_2(n_cols), SCALE_BLOCK)
+    rows = min(16, max(1, SCALE_BLOCK // block))
+    grid = (triton.cdiv(n_rows, rows) * triton.cdiv(n_cols, block),)
+    launcher(_logitnorm_backward_kernel, grid, traced)(
+        logits, logits.stride(0), target, stats, upstream, upstream.stride(0), grad,
+        n_rows, n_cols, ignore_index, ROWS=rows, BLOCK=block, num_warps=4,
+    )
+    return grad

@@ -181,7 +181,10 @@ def test_opcheck_triton_ops():
     logits, weight, target = make_case(16, 10, 8, dtype=torch.float32, device="cuda")
     target[::4] = -100
     ops = torch.ops.elogitnorm_fast
-    torch.library.opcheck(ops.triton_logitnorm_rows.default,
-                          (logits, target, 25.0, -100, True, 0))
+    torch.library.opcheck(ops.triton_logitnorm_rows.default, (logits, target, 25.0, -100, 0))
+    _, stats = ops.triton_logitnorm_rows(logits, target, 25.0, -100, 0)
+    upstream = torch.rand(1, device="cuda").expand(16)  # stride 0, as after loss.sum()
+    torch.library.opcheck(ops.triton_logitnorm_grad.default,
+                          (logits, target, stats, upstream, -100))
     torch.library.opcheck(ops.triton_elogitnorm_rows.default,
                           (logits, weight, target, -100, 1e-6, 10, True, True, 0))

@@ -1,9 +1,11 @@
 """The ``triton`` backend: fused Triton kernels for LogitNorm and ELogitNorm (the CUDA default).
 
-One kernel launch per direction and block of rows computes the per-row loss and, when a gradient
-will be needed, the logits gradient for an upstream gradient of 1 (plus, for ELogitNorm, the
-coefficients ``c`` of the weight gradient); the backward only rescales rows by their upstream
-gradient and, for ELogitNorm, runs the two weight-gradient GEMMs. The distance rows of the
+LogitNorm: the forward kernel writes the per-row loss and four statistics per row, the backward
+kernel recomputes the gradient from the logits and those, already times the upstream gradient
+(one launch each way). ELogitNorm: one launch per direction and block of rows computes the loss
+and, when a gradient will be needed, the logits gradient for an upstream gradient of 1 and the
+coefficients ``c`` of the weight gradient; the backward rescales rows by their upstream
+gradient and runs the two weight-gradient GEMMs. The distance rows of the
 predicted classes come from one GEMM (:func:`elogitnorm_fast.geometry.distance_rows`; TF32 follows
 ``torch.backends.cuda.matmul.allow_tf32``, off by default). Never C x C x D, never C x C unless
 N >= C. No host syncs; the caller's logits are never written.
@@ -73,12 +75,21 @@ def _block(block_cols: int) -> int | None:
 EAGER_FAST_PATH = True
 
 
-def _logitnorm_impl(logits, target, inv_tau, ignore_index, write_grad, block_cols,
-                    traced=True):
+def _logitnorm_impl(logits, target, inv_tau, ignore_index, block_cols, traced=True):
     return _kernels("logitnorm").logitnorm_rows(
-        logits, target, inv_tau=inv_tau, ignore_index=ignore_index, write_grad=write_grad,
+        logits, target, inv_tau=inv_tau, ignore_index=ignore_index,
         block_cols=_block(block_cols), traced=traced,
     )
+
+
+def _logitnorm_grad_impl(logits, target, stats, upstream, ignore_index, traced=True):
+    return _kernels("logitnorm").logitnorm_backward_rows(
+        logits, target, stats, upstream, ignore_index=ignore_index, traced=traced,
+    )
+
+
+def _logitnorm_grad_eager(logits, target, stats, upstream, ignore_index):
+    return _logitnorm_grad_impl(logits, target, stats, upstream, ignore_index, traced=False)
 
 
 def _elogitnorm_impl(logits, weight, target, ignore_index, eps, divisor, write_grad,
@@ -105,17 +116,16 @@ def _scale_rows_eager(first, second, upstream, target, ignore_index):
 
 
 def _logitnorm_setup(ctx, inputs, output):
-    _, target, _, ignore_index, _, _ = inputs
-    ctx.save_for_backward(output[1], target)
+    logits, target, _, ignore_index, _ = inputs
+    ctx.save_for_backward(logits, target, output[1])
     ctx.ignore_index = ignore_index
 
 
 def _logitnorm_backward(ctx, grad_losses, *_unused):
-    grad_unit, target = ctx.saved_tensors
-    empty = grad_unit.new_empty((0, grad_unit.shape[1]))
-    scale_rows = _scale_rows_eager if getattr(ctx, "eager", False) else _scale_rows
-    grad_logits, _ = scale_rows(grad_unit, empty, grad_losses.float(), target, ctx.ignore_index)
-    return grad_logits, None, None, None, None, None
+    logits, target, stats = ctx.saved_tensors
+    gradient = _logitnorm_grad_eager if getattr(ctx, "eager", False) else _logitnorm_grad
+    grad_logits = gradient(logits, target, stats, grad_losses.float(), ctx.ignore_index)
+    return grad_logits, None, None, None, None
 
 
 def _elogitnorm_setup(ctx, inputs, output):
@@ -179,11 +189,21 @@ if _HAS_TRITON_OP:
         target: torch.Tensor,
         inv_tau: float,
         ignore_index: int,
-        write_grad: bool,
         block_cols: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row LogitNorm losses (fp32) and the unit-upstream logits gradient."""
-        return _logitnorm_impl(logits, target, inv_tau, ignore_index, write_grad, block_cols)
+        """Per-row LogitNorm losses (fp32) and the (4, N) row statistics of the backward."""
+        return _logitnorm_impl(logits, target, inv_tau, ignore_index, block_cols)
+
+    @triton_op("elogitnorm_fast::triton_logitnorm_grad", mutates_args=())
+    def _logitnorm_grad(
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        stats: torch.Tensor,
+        upstream: torch.Tensor,
+        ignore_index: int,
+    ) -> torch.Tensor:
+        """LogitNorm logits gradient, rows times ``where(target valid, upstream, 0)``."""
+        return _logitnorm_grad_impl(logits, target, stats, upstream, ignore_index)
 
     @triton_op("elogitnorm_fast::triton_elogitnorm_rows", mutates_args=())
     def _elogitnorm_rows(
@@ -278,6 +298,6 @@ def logitnorm_loss(
     rows = _logitnorm_rows if _use_op() else _EagerLogitNorm.apply
     losses, _ = rows(
         _unit_column_stride(logits), target.contiguous(), 1.0 / tau, ignore_index,
-        _needs_grad(logits), block_cols or 0,
+        block_cols or 0,
     )
     return reduce_rows(losses, target != ignore_index, reduction).to(logits.dtype)
