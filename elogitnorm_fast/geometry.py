@@ -31,13 +31,15 @@ class DistanceRows(NamedTuple):
     ``rows`` (R x D) are the weight rows the distances start from and ``row_class`` (R,) their
     class indices; ``distances`` (R x C) holds ``||rows[r] - w_j||`` with the self-distance set to
     1 (the released code adds the identity). ``per_sample`` says whether row ``r`` belongs to
-    sample ``r`` (R = N) or to class ``r`` (R = C).
+    sample ``r`` (R = N) or to class ``r`` (R = C). ``squared_norms`` (C,): ``||w_j||^2`` in the
+    distances' dtype where :func:`distance_rows` computed them, else None.
     """
 
     rows: torch.Tensor
     row_class: torch.Tensor
     distances: torch.Tensor
     per_sample: bool
+    squared_norms: torch.Tensor | None = None
 
     def for_samples(self, predicted: torch.Tensor) -> torch.Tensor:
         """The N x C distance rows of the samples' predicted classes."""
@@ -83,7 +85,7 @@ def distance_rows(
             squared[row_index, column_index] = (difference * difference).sum(dim=1)
     distances = squared.clamp_min_(0.0).sqrt_()
     distances.scatter_(1, row_class[:, None], 1.0)
-    return DistanceRows(rows, row_class, distances, per_sample)
+    return DistanceRows(rows, row_class, distances, per_sample, squared_norms)
 
 
 def weight_gradient(
@@ -100,6 +102,9 @@ def weight_gradient(
     class), this is two GEMMs::
 
         dW = scatter_rows(rowsum(R) * W_rows - R W) + colsum(R) * W - R^T W_rows
+
+    With one row per class (``W_rows = W``) that is one GEMM: ``S = R + R^T``,
+    ``dW = rowsum(S) * W - S W``.
     """
     w = weight.to(coefficients.dtype)
     rows = geometry.rows
@@ -109,6 +114,8 @@ def weight_gradient(
         pooled = torch.zeros(
             w.shape[0], w.shape[0], dtype=coefficients.dtype, device=coefficients.device
         ).index_add_(0, predicted, coefficients)
+        symmetric = pooled + pooled.t()
+        return torch.addmm(symmetric.sum(dim=1)[:, None] * w, symmetric, w, alpha=-1.0)
     row_part = torch.addmm(pooled.sum(dim=1)[:, None] * rows, pooled, w, alpha=-1.0)
     grad = torch.addmm(pooled.sum(dim=0)[:, None] * w, pooled.t(), rows, alpha=-1.0)
     return grad.index_add_(0, geometry.row_class, row_part)

@@ -20,12 +20,20 @@ Rows with ``C <= BLOCK`` are read once; longer rows stream over column blocks (p
 scale; pass 2: the exponential sums; pass 3: gradient and coefficients). int64 offsets, fp32
 arithmetic. Imported lazily (needs triton).
 
+Small C (:func:`fuses_distances`): :func:`elogitnorm_rows_fused` is one launch per block of rows
+that also takes the argmax (first index on ties; a NaN counts as the maximum, as in
+``torch.argmax``) and computes the distance row from ``W`` by the direct difference, so the
+host runs no argmax, GEMM or norms: at CIFAR-10 sizes the forward is host-bound.
+
 Example::
 
     losses, grad, coeff = elogitnorm_rows(logits, target, predicted, distances, weight,
                                           norms, per_sample=True,
                                           eps=1e-6, divisor=10, ignore_index=-100,
                                           write_grad=True, write_coefficients=True)
+    losses, grad, coeff, predicted = elogitnorm_rows_fused(
+        logits, target, weight, eps=1e-6, divisor=10, ignore_index=-100, write_grad=True,
+        write_coefficients=True)
 """
 
 from __future__ import annotations
@@ -86,6 +94,38 @@ def _elogitnorm_tiles(z, raw_distance, cols, mask, value, predicted, target, sca
 
 
 @triton.jit
+def _single_block(z, raw_distance, cols, mask, value, predicted, target, z_target, valid, eps,
+                  inv_divisor, WANT_TILES: tl.constexpr):
+    """Loss (0 on invalid rows) and, when ``WANT_TILES``, the gradient and coefficient tiles of
+    rows held in one column block (steps 2-4 of the module docstring). ``raw_distance`` is the
+    unclamped distance tile (1 on the predicted class and on masked lanes)."""
+    # Scale s = max(sum_j (v - z_j) / Delta_j / divisor, eps), and sum_{j in T} 1 / Delta_j.
+    distance = _clamped(raw_distance, eps)
+    margin_sum = tl.sum(tl.where(mask, (value[:, None] - z) / distance, 0.0), axis=1)
+    below_sum = tl.sum(tl.where(mask & (z < value[:, None]), 1.0 / distance, 0.0), axis=1)
+    raw_scale = margin_sum * inv_divisor
+    scale = _clamped(raw_scale, eps)
+    # sum_j exp((z_j - v) / s) and sum_j exp(...) (z_j - v); the max of z / s is v / s.
+    e = tl.where(mask, tl.exp((z - value[:, None]) / scale[:, None]), 0.0)
+    exp_sum = tl.sum(e, axis=1)
+    exp_dot = tl.sum(e * tl.where(mask, z - value[:, None], 0.0), axis=1)
+    log_sum = tl.log(exp_sum)
+    loss = tl.where(valid, log_sum + (value - z_target) / scale, 0.0)
+    grad = z
+    coefficients = z
+    if WANT_TILES:
+        # ds = -(G . z) / s^2 with G . z = sum_j p_j (z_j - v) - (z_y - v); 0 on an active clamp.
+        dot = exp_dot / exp_sum - (z_target - value)
+        grad_scale = tl.where((raw_scale >= eps) & valid, -dot / (scale * scale), 0.0)
+        grad, coefficients = _elogitnorm_tiles(z, raw_distance, cols, mask, value, predicted,
+                                               target, scale, log_sum, grad_scale * inv_divisor,
+                                               below_sum, eps)
+        grad = tl.where(valid[:, None], grad, 0.0)
+        coefficients = tl.where(valid[:, None], coefficients, 0.0)
+    return loss, grad, coefficients
+
+
+@triton.jit
 def _elogitnorm_kernel(
     logits_ptr,
     logits_stride,
@@ -132,17 +172,25 @@ def _elogitnorm_kernel(
     else:
         distance_base = distance_ptr + predicted[:, None] * distance_stride
 
-    # 2. Scale s = max(sum_j (v - z_j) / Delta_j / divisor, eps), and sum_{j in T} 1 / Delta_j.
+    grad_base = grad_ptr + rows[:, None] * grad_stride
+    coefficient_base = coefficient_ptr + rows[:, None] * coefficient_stride
+
     if SINGLE:
         mask = row_mask[:, None] & (cols[None, :] < n_cols)
         z = tl.load(row_base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         raw_distance = tl.load(distance_base + cols[None, :], mask=mask, other=1.0)
         raw_distance = _refine_distances(raw_distance, cols, mask, predicted, weight_ptr,
                                          weight_stride, weight_col_stride, n_features, norms_ptr)
-        distance = _clamped(raw_distance, eps)
-        margin_sum = tl.sum(tl.where(mask, (value[:, None] - z) / distance, 0.0), axis=1)
-        below_sum = tl.sum(tl.where(mask & (z < value[:, None]), 1.0 / distance, 0.0), axis=1)
+        loss, grad, coefficients = _single_block(
+            z, raw_distance, cols, mask, value, predicted, target, z_target, valid, eps,
+            inv_divisor, WRITE_GRAD or WRITE_COEFFICIENTS)
+        tl.store(loss_ptr + rows, loss, mask=row_mask)
+        if WRITE_GRAD:
+            tl.store(grad_base + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask)
+        if WRITE_COEFFICIENTS:
+            tl.store(coefficient_base + cols[None, :], coefficients, mask=mask)
     else:
+        # 2. Scale s = max(sum_j (v - z_j) / Delta_j / divisor, eps), sum_{j in T} 1 / Delta_j.
         margin_sum = tl.zeros([ROWS], dtype=tl.float32)
         below_sum = tl.zeros([ROWS], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
@@ -155,15 +203,10 @@ def _elogitnorm_kernel(
             db = _clamped(db, eps)
             margin_sum += tl.sum(tl.where(mask, (value[:, None] - zb) / db, 0.0), axis=1)
             below_sum += tl.sum(tl.where(mask & (zb < value[:, None]), 1.0 / db, 0.0), axis=1)
-    raw_scale = margin_sum * inv_divisor
-    scale = _clamped(raw_scale, eps)
+        raw_scale = margin_sum * inv_divisor
+        scale = _clamped(raw_scale, eps)
 
-    # 3. sum_j exp((z_j - v) / s) and sum_j exp(...) (z_j - v); the max of z / s is v / s.
-    if SINGLE:
-        e = tl.where(mask, tl.exp((z - value[:, None]) / scale[:, None]), 0.0)
-        exp_sum = tl.sum(e, axis=1)
-        exp_dot = tl.sum(e * tl.where(mask, z - value[:, None], 0.0), axis=1)
-    else:
+        # 3. sum_j exp((z_j - v) / s) and sum_j exp(...) (z_j - v); the max of z / s is v / s.
         exp_sum = tl.zeros([ROWS], dtype=tl.float32)
         exp_dot = tl.zeros([ROWS], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
@@ -173,29 +216,16 @@ def _elogitnorm_kernel(
             e = tl.where(mask, tl.exp((zb - value[:, None]) / scale[:, None]), 0.0)
             exp_sum += tl.sum(e, axis=1)
             exp_dot += tl.sum(e * tl.where(mask, zb - value[:, None], 0.0), axis=1)
-    log_sum = tl.log(exp_sum)
-    loss = log_sum + (value - z_target) / scale
-    tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_mask)
+        log_sum = tl.log(exp_sum)
+        loss = log_sum + (value - z_target) / scale
+        tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_mask)
 
-    # 4. ds = -(G . z) / s^2 with G . z = sum_j p_j (z_j - v) - (z_y - v); 0 on an active clamp.
-    if WRITE_GRAD or WRITE_COEFFICIENTS:
-        dot = exp_dot / exp_sum - (z_target - value)
-        grad_scale = tl.where((raw_scale >= eps) & valid, -dot / (scale * scale), 0.0)
-        k_scale = grad_scale * inv_divisor
-        grad_base = grad_ptr + rows[:, None] * grad_stride
-        coefficient_base = coefficient_ptr + rows[:, None] * coefficient_stride
-        if SINGLE:
-            grad, coefficients = _elogitnorm_tiles(z, raw_distance, cols, mask, value, predicted,
-                                                   target, scale, log_sum, k_scale, below_sum,
-                                                   eps)
-            if WRITE_GRAD:
-                grad = tl.where(valid[:, None], grad, 0.0)
-                tl.store(grad_base + cols[None, :], grad.to(grad_ptr.dtype.element_ty),
-                         mask=mask)
-            if WRITE_COEFFICIENTS:
-                coefficients = tl.where(valid[:, None], coefficients, 0.0)
-                tl.store(coefficient_base + cols[None, :], coefficients, mask=mask)
-        else:
+        # 4. ds = -(G . z) / s^2 with G . z = sum_j p_j (z_j - v) - (z_y - v); 0 on an active
+        # clamp.
+        if WRITE_GRAD or WRITE_COEFFICIENTS:
+            dot = exp_dot / exp_sum - (z_target - value)
+            grad_scale = tl.where((raw_scale >= eps) & valid, -dot / (scale * scale), 0.0)
+            k_scale = grad_scale * inv_divisor
             for start in range(0, n_cols, BLOCK):
                 block_cols = start + cols
                 mask = row_mask[:, None] & (block_cols[None, :] < n_cols)
@@ -214,6 +244,126 @@ def _elogitnorm_kernel(
                 if WRITE_COEFFICIENTS:
                     coefficients = tl.where(valid[:, None], coefficients, 0.0)
                     tl.store(coefficient_base + block_cols[None, :], coefficients, mask=mask)
+
+
+#: The fused small-C kernel (:func:`elogitnorm_rows_fused`) computes each row's distances from
+#: ``W`` itself, by the direct difference over feature tiles: ``N C D`` multiply-adds on the CUDA
+#: cores and every program reading all of ``W`` (through L2), against ``U C D`` in the GEMM path,
+#: which costs ~10 more launches. It pays where launches dominate: C <= 128 keeps a block of
+#: rows, its distance tile and the (ROWS x BLOCK x FEATURES) difference tile in registers with
+#: FEATURES >= 8 (32-byte loads); C * D <= 2^17 (W <= 512 KiB in fp32) bounds the work per row
+#: (2^17 FMAs, 0.5 G for N = 4096: a few us on an H100, an estimate, not measured).
+FUSED_MAX_CLASSES = 128
+FUSED_MAX_WEIGHT = 1 << 17
+#: Rows per program of the fused kernel and elements of its difference tile.
+FUSED_ROWS = 4
+FUSED_TILE = 4096
+
+
+def fuses_distances(n_cols: int, n_features: int) -> bool:
+    """Whether :func:`elogitnorm_rows_fused` handles C = ``n_cols``, D = ``n_features``."""
+    return n_cols <= FUSED_MAX_CLASSES and n_cols * n_features <= FUSED_MAX_WEIGHT
+
+
+def fused_config(n_cols: int, n_features: int) -> dict[str, int]:
+    """Block sizes of the fused kernel: ``ROWS`` rows x ``BLOCK`` columns per program, feature
+    tiles of ``FEATURES`` (the difference tile has at most ``FUSED_TILE`` elements)."""
+    block = max(16, triton.next_power_of_2(n_cols))
+    features = min(triton.next_power_of_2(max(n_features, 1)),
+                   max(8, FUSED_TILE // (FUSED_ROWS * block)))
+    return {"ROWS": FUSED_ROWS, "BLOCK": block, "FEATURES": features, "num_warps": 4}
+
+
+@triton.jit
+def _first_argmax(z, cols, mask, BLOCK: tl.constexpr):
+    """Index and value of each row's first maximum, like ``torch.argmax``: a NaN counts as the
+    maximum (the first NaN wins, value NaN), and masked lanes never win."""
+    candidates = tl.where(mask, z, float("-inf"))
+    top = tl.max(candidates, axis=1)
+    at_top = mask & (candidates == top[:, None])
+    first_top = tl.min(tl.where(at_top, cols[None, :], BLOCK), axis=1)
+    first_nan = tl.min(tl.where(mask & (z != z), cols[None, :], BLOCK), axis=1)
+    has_nan = first_nan < BLOCK
+    predicted = tl.where(has_nan, first_nan, first_top)
+    value = tl.where(has_nan, float("nan"), top)
+    return predicted, value
+
+
+@triton.jit
+def _direct_distances(weight_ptr, weight_stride, weight_col_stride, n_features, predicted, cols,
+                      row_mask, col_mask, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                      FEATURES: tl.constexpr):
+    """``||w_m - w_j||`` (ROWS x BLOCK) from the difference over feature tiles, fp32: exact up
+    to rounding, so duplicate rows give 0 (no cancellation fix-up as in the GEMM form)."""
+    features = tl.arange(0, FEATURES)
+    row_base = weight_ptr + predicted[:, None] * weight_stride
+    col_base = weight_ptr + cols[:, None].to(tl.int64) * weight_stride
+    squared = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    for start in range(0, n_features, FEATURES):
+        k = start + features
+        k_mask = k < n_features
+        offsets = k[None, :].to(tl.int64) * weight_col_stride
+        a = tl.load(row_base + offsets, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(col_base + offsets, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        diff = a.to(tl.float32)[:, None, :] - b.to(tl.float32)[None, :, :]
+        squared += tl.sum(diff * diff, axis=2)
+    return tl.sqrt(squared)
+
+
+@triton.jit
+def _elogitnorm_fused_kernel(
+    logits_ptr,
+    logits_stride,
+    target_ptr,
+    predicted_ptr,
+    weight_ptr,
+    weight_stride,
+    weight_col_stride,
+    n_features,
+    loss_ptr,
+    grad_ptr,
+    grad_stride,
+    coefficient_ptr,
+    coefficient_stride,
+    n_rows,
+    n_cols,
+    eps,
+    inv_divisor,
+    ignore_index,
+    WRITE_GRAD: tl.constexpr,
+    WRITE_COEFFICIENTS: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    FEATURES: tl.constexpr,
+):
+    # Rows of at most BLOCK columns: argmax, distance row from W, then the one-block math.
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    row_mask = rows < n_rows
+    cols = tl.arange(0, BLOCK)
+    col_mask = cols < n_cols
+    mask = row_mask[:, None] & col_mask[None, :]
+    target, valid, in_range = _row_targets(target_ptr, rows, row_mask, n_cols, ignore_index)
+    z = tl.load(logits_ptr + rows[:, None] * logits_stride + cols[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    predicted, value = _first_argmax(z, cols, mask, BLOCK)
+    predicted = tl.where(row_mask, predicted, 0).to(tl.int64)
+    tl.store(predicted_ptr + rows, predicted, mask=row_mask)
+    z_target = tl.load(logits_ptr + rows * logits_stride + target, mask=in_range,
+                       other=float("nan")).to(tl.float32)
+    raw_distance = _direct_distances(weight_ptr, weight_stride, weight_col_stride, n_features,
+                                     predicted, cols, row_mask, col_mask, ROWS, BLOCK, FEATURES)
+    # Delta_m = 1 (the released code adds the identity); masked lanes 1, as the GEMM path loads.
+    raw_distance = tl.where(mask & (cols[None, :] != predicted[:, None]), raw_distance, 1.0)
+    loss, grad, coefficients = _single_block(
+        z, raw_distance, cols, mask, value, predicted, target, z_target, valid, eps, inv_divisor,
+        WRITE_GRAD or WRITE_COEFFICIENTS)
+    tl.store(loss_ptr + rows, loss, mask=row_mask)
+    if WRITE_GRAD:
+        tl.store(grad_ptr + rows[:, None] * grad_stride + cols[None, :],
+                 grad.to(grad_ptr.dtype.element_ty), mask=mask)
+    if WRITE_COEFFICIENTS:
+        tl.store(coefficient_ptr + rows[:, None] * coefficient_stride + cols[None, :],
+                 coefficients, mask=mask)
 
 
 def elogitnorm_rows(
@@ -262,3 +412,41 @@ def elogitnorm_rows(
         num_warps=config["num_warps"],
     )
     return losses, grad, coefficients
+
+
+def elogitnorm_rows_fused(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    eps: float,
+    divisor: int,
+    ignore_index: int,
+    write_grad: bool,
+    write_coefficients: bool,
+    traced: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`elogitnorm_rows` for small C (:func:`fuses_distances`) in one launch, which also
+    takes the argmax and the distance rows: returns ``(losses, grad, coefficients, predicted)``,
+    ``predicted`` (N,) int64 as ``logits.argmax(1)``. ``weight`` (C, D) may have any strides.
+    """
+    n_rows, n_cols = logits.shape
+    device = logits.device
+    losses = torch.empty(n_rows, dtype=torch.float32, device=device)
+    grad = torch.empty((n_rows if write_grad else 0, n_cols), dtype=logits.dtype, device=device)
+    coefficients = torch.empty((n_rows if write_coefficients else 0, n_cols),
+                               dtype=torch.float32, device=device)
+    predicted = torch.empty(n_rows, dtype=torch.int64, device=device)
+    if n_rows == 0:
+        return losses, grad, coefficients, predicted
+    config = fused_config(n_cols, weight.shape[1])
+    grid = (triton.cdiv(n_rows, config["ROWS"]),)
+    launcher(_elogitnorm_fused_kernel, grid, traced)(
+        logits, logits.stride(0), target, predicted, weight, weight.stride(0), weight.stride(1),
+        weight.shape[1], losses, grad, grad.stride(0), coefficients, coefficients.stride(0),
+        n_rows, n_cols, eps, 1.0 / divisor, ignore_index,
+        WRITE_GRAD=write_grad, WRITE_COEFFICIENTS=write_coefficients,
+        ROWS=config["ROWS"], BLOCK=config["BLOCK"], FEATURES=config["FEATURES"],
+        num_warps=config["num_warps"],
+    )
+    return losses, grad, coefficients, predicted

@@ -18,6 +18,7 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import elogitnorm_fast as ef
 from elogitnorm_fast.reference import elogitnorm_reference, logitnorm_reference
@@ -76,9 +77,17 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
 
         return rows
 
-    @pytest.fixture(params=["single", "streaming"])
+    def _elogitnorm_module():
+        import elogitnorm_fast.kernels.elogitnorm as elogitnorm
+
+        return elogitnorm
+
+    @pytest.fixture(params=["fused", "gemm", "streaming"])
     def block_mode(request, monkeypatch):
-        """Rows on chip in one block, or streamed over column blocks of 4."""
+        """Small C: the fused kernel (argmax and distances inside); rows on chip in one block
+        with GEMM distances; or GEMM distances and rows streamed over column blocks of 4."""
+        if request.param != "fused":
+            monkeypatch.setattr(_elogitnorm_module(), "FUSED_MAX_CLASSES", 0)
         if request.param == "streaming":
             _stream(monkeypatch, 4)
         return request.param
@@ -100,7 +109,7 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         assert ef.resolve_backend("triton", torch.device("cpu")) is triton_backend
 
     @pytest.mark.parametrize("reduction", REDUCTIONS)
-    @pytest.mark.parametrize("c", [1, 3, 10, 257, 1000])
+    @pytest.mark.parametrize("c", [1, 3, 10, 128, 129, 257, 1000])
     @pytest.mark.parametrize("n", [1, 5, 64])
     def test_elogitnorm_matches_reference(n, c, reduction):
         logits, weight, target = make_case(n, c, 6, dtype=torch.float32)
@@ -155,15 +164,119 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         target = torch.tensor([0, 4, 2])
         check_logitnorm("triton", logits, target, "none", rtol=RTOL, atol=ATOL)
 
+    @pytest.mark.parametrize("c", [7, 130])  # fused kernel, GEMM distances
     @pytest.mark.parametrize("reduction", REDUCTIONS)
-    def test_triton_op_path_matches_reference(reduction, monkeypatch):
+    def test_triton_op_path_matches_reference(reduction, c, monkeypatch):
         """The torch.library.triton_op path (what torch.compile traces), run eagerly."""
         monkeypatch.setattr(triton_backend, "EAGER_FAST_PATH", False)
-        logits, weight, target = make_case(9, 7, 5, "some_ignored", dtype=torch.float32)
+        logits, weight, target = make_case(9, c, 5, "some_ignored", dtype=torch.float32)
         check_elogitnorm("triton", logits, weight, target, reduction, rtol=RTOL, atol=ATOL)
         rows = ef.elogitnorm_loss(logits, weight, target, reduction="none", backend="triton")
         assert "triton_elogitnorm_rows" in type(rows.grad_fn).__name__
         check_logitnorm("triton", logits, target, reduction, rtol=RTOL, atol=ATOL)
+
+    class _HostWork(TorchDispatchMode):
+        """Counts the torch ops dispatched and the Triton launches (ops the interpreter itself
+        dispatches while it runs a kernel are not counted)."""
+
+        def __init__(self, monkeypatch):
+            super().__init__()
+            self.ops, self.launches, self._in_kernel = [], [], False
+            for module in (_rows_module(), _elogitnorm_module()):
+                monkeypatch.setattr(module, "launcher", self._launcher(module.launcher))
+
+        def _launcher(self, launch):
+            def counted(kernel, grid, traced):
+                run = launch(kernel, grid, traced)
+
+                def call(*args, **kwargs):
+                    self.launches.append(kernel.__name__)
+                    self._in_kernel = True
+                    try:
+                        return run(*args, **kwargs)
+                    finally:
+                        self._in_kernel = False
+
+                return call
+
+            return counted
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not self._in_kernel:
+                self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+        def take(self):
+            counts = (list(self.ops), list(self.launches))
+            self.ops.clear()
+            self.launches.clear()
+            return counts
+
+    #: Host work of the fused small-C path at the CIFAR-10 size (N=128, C=10, D=512), eager,
+    #: mean: forward = 4 output allocations + the mean (ne, 2 sums, a cast, div) and 1 launch
+    #: (was 24 ops: argmax, the distance GEMM and norms, ...); backward = the mean's autograd
+    #: (3), 2 allocations, the per-class weight gradient (arange + 8), 2 leaf-gradient detaches
+    #: and 1 launch (was 23 ops: 3 zero gradients of unused outputs, two GEMMs).
+    FUSED_FORWARD_OPS = 9
+    FUSED_BACKWARD_OPS = 16
+
+    def test_small_c_host_work_does_not_grow(monkeypatch):
+        logits, weight, target = make_case(128, 10, 512, dtype=torch.float32)
+        options = {"reduction": "mean", "ignore_index": -100, "eps": 1e-6, "divisor": 10}
+        work = _HostWork(monkeypatch)
+        with work:
+            loss = triton_backend.elogitnorm_loss(logits, weight, target, **options)
+            forward_ops, forward_launches = work.take()
+            loss.backward()
+            backward_ops, backward_launches = work.take()
+        assert forward_launches == ["_elogitnorm_fused_kernel"]
+        assert len(forward_ops) <= FUSED_FORWARD_OPS, forward_ops
+        assert backward_launches == ["_scale_rows_kernel"]
+        assert len(backward_ops) <= FUSED_BACKWARD_OPS, backward_ops
+
+    #: (C, D, fused?) around the thresholds C <= 128 and C * D <= 2^17.
+    THRESHOLD_CASES = [(1, 4, True), (3, 4, True), (10, 512, True), (100, 512, True),
+                       (128, 1024, True), (129, 4, False), (64, 2048, True), (64, 2049, False)]
+
+    @pytest.mark.parametrize("c,d,fused", THRESHOLD_CASES)
+    def test_fused_threshold_and_parity(c, d, fused, monkeypatch):
+        assert _elogitnorm_module().fuses_distances(c, d) == fused
+        logits, weight, target = make_case(6, c, d, dtype=torch.float32)
+        target[::4] = -100
+        work = _HostWork(monkeypatch)
+        with work:
+            ef.elogitnorm_loss(logits.detach(), weight.detach(), target, backend="triton")
+        expected = "_elogitnorm_fused_kernel" if fused else "_elogitnorm_kernel"
+        assert work.launches == [expected]
+        check_elogitnorm("triton", logits, weight, target, "mean", rtol=RTOL, atol=ATOL)
+
+    def test_fused_argmax_and_predicted_match_torch():
+        """First index on ties, NaN counts as the maximum, +-inf; ``predicted`` as argmax."""
+        nan, inf = float("nan"), float("inf")
+        logits = torch.tensor([[1.0, nan, 5.0, nan], [-inf, -inf, -inf, -inf],
+                               [2.0, inf, inf, 1.0], [3.0, 3.0, 3.0, 3.0],
+                               [0.0, 2.0, -1.0, 2.0], [-inf, 1.0, -inf, 0.5]])
+        logits = torch.cat([logits, torch.randint(-1, 2, (7, 4)).float()])
+        weight = torch.randn(4, 3)
+        target = torch.tensor([0, 1, 2, 3, 1, -100, 0, 1, 2, 3, 0, 1, 2])
+        losses, grad, coefficients, predicted = _elogitnorm_module().elogitnorm_rows_fused(
+            logits, target, weight, eps=1e-6, divisor=4, ignore_index=-100, write_grad=True,
+            write_coefficients=True, traced=False)
+        assert predicted.dtype == torch.int64
+        assert torch.equal(predicted, logits.argmax(dim=1))
+        assert torch.isnan(losses[0]) and losses[5] == 0
+        assert torch.isfinite(losses[[3, 4, *range(6, 13)]]).all()
+        assert grad.shape == coefficients.shape == logits.shape
+
+    def test_fused_duplicate_weight_rows_are_exact():
+        """Distance 0 from the difference form (clamped at eps, no gradient through it), where
+        the GEMM form would leave ~1e-3 |w| (large D, large norms)."""
+        logits, weight, target = make_case(16, 5, 512, "duplicate_weights", dtype=torch.float32)
+        with torch.no_grad():
+            weight.mul_(30.0)
+            weight[3] = weight[1]
+        for reduction in REDUCTIONS:
+            check_elogitnorm("triton", logits, weight, target, reduction, rtol=RTOL, atol=ATOL)
 
     def test_paper_divisor_matches_reference():
         logits, weight, target = make_case(16, 7, 5, dtype=torch.float32)

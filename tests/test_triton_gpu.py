@@ -186,5 +186,9 @@ def test_opcheck_triton_ops():
     upstream = torch.rand(1, device="cuda").expand(16)  # stride 0, as after loss.sum()
     torch.library.opcheck(ops.triton_logitnorm_grad.default,
                           (logits, target, stats, upstream, -100))
+    # C = 10: the fused small-C kernel (argmax and distances inside); C = 200: GEMM distances.
     torch.library.opcheck(ops.triton_elogitnorm_rows.default,
                           (logits, weight, target, -100, 1e-6, 10, True, True, 0))
+    logits, weight, target = make_case(16, 200, 8, dtype=torch.float32, device="cuda")
+    torch.library.opcheck(ops.triton_elogitnorm_rows.default,
+                          (logits, weight, target, -100, 1e-6, 200, True, True, 0))

@@ -66,7 +66,8 @@ def _signature(fn, constexprs: dict, dtype: str) -> dict[str, str]:
 
 def loss_configs() -> list[KernelConfig]:
     """The loss kernels in the configurations ``launch_config`` picks at the protocol's sizes
-    (C = 10, 1000, 10,000, 32768 kept on chip; C = 100,000 streamed), fp32 and bf16 logits."""
+    (C = 10, 1000, 10,000, 32768 kept on chip; C = 100,000 streamed), and ELogitNorm's fused
+    small-C kernel (``fused_config``), fp32 and bf16 logits."""
     from elogitnorm_fast.kernels.rows import launch_config
 
     configs = []
@@ -80,6 +81,17 @@ def loss_configs() -> list[KernelConfig]:
                 "elogitnorm", "_elogitnorm_kernel",
                 (("PER_SAMPLE", True), ("WRITE_GRAD", True), ("WRITE_COEFFICIENTS", True),
                  *shape), cfg["num_warps"], dtype))
+    # The fused small-C kernel (argmax and distances inside) at C = 10 and 100, D = 512.
+    from elogitnorm_fast.kernels.elogitnorm import fused_config
+
+    for num_cols in (10, 100):
+        cfg = fused_config(num_cols, 512)
+        for dtype in ("fp32", "bf16"):
+            configs.append(KernelConfig(
+                "elogitnorm", "_elogitnorm_fused_kernel",
+                (("WRITE_GRAD", True), ("WRITE_COEFFICIENTS", True), ("ROWS", cfg["ROWS"]),
+                 ("BLOCK", cfg["BLOCK"]), ("FEATURES", cfg["FEATURES"])),
+                cfg["num_warps"], dtype))
     return configs
 
 

@@ -5,7 +5,10 @@ kernel recomputes the gradient from the logits and those, already times the upst
 (one launch each way). ELogitNorm: one launch per direction and block of rows computes the loss
 and, when a gradient will be needed, the logits gradient for an upstream gradient of 1 and the
 coefficients ``c`` of the weight gradient; the backward rescales rows by their upstream
-gradient and runs the two weight-gradient GEMMs. The distance rows of the
+gradient and runs the weight-gradient GEMMs. For small C
+(:func:`elogitnorm_fast.kernels.elogitnorm.fuses_distances`: C <= 128, C * D <= 2^17) that
+launch also takes the argmax and computes each row's distances from ``W`` directly, so the
+forward is one launch plus the output allocations. Otherwise the distance rows of the
 predicted classes come from one GEMM (:func:`elogitnorm_fast.geometry.distance_rows`; TF32 follows
 ``torch.backends.cuda.matmul.allow_tf32``, off by default). Never C x C x D, never C x C unless
 N >= C. No host syncs; the caller's logits are never written.
@@ -94,11 +97,17 @@ def _logitnorm_grad_eager(logits, target, stats, upstream, ignore_index):
 
 def _elogitnorm_impl(logits, weight, target, ignore_index, eps, divisor, write_grad,
                      write_coefficients, block_cols, traced=True):
+    kernels = _kernels("elogitnorm")
+    if block_cols <= 0 and kernels.fuses_distances(logits.shape[1], weight.shape[1]):
+        # Small C: argmax, distance rows, loss and gradient tiles in one launch.
+        return kernels.elogitnorm_rows_fused(
+            logits, target, weight, eps=eps, divisor=divisor, ignore_index=ignore_index,
+            write_grad=write_grad, write_coefficients=write_coefficients, traced=traced,
+        )
     predicted = logits.argmax(dim=1)  # first index on ties, like torch.max
     geometry = distance_rows(weight, predicted, torch.float32)
-    squared_norms = weight.float().square().sum(dim=1)
-    losses, grad, coefficients = _kernels("elogitnorm").elogitnorm_rows(
-        logits, target, predicted, geometry.distances, weight, squared_norms,
+    losses, grad, coefficients = kernels.elogitnorm_rows(
+        logits, target, predicted, geometry.distances, weight, geometry.squared_norms,
         per_sample=geometry.per_sample, eps=eps, divisor=divisor, ignore_index=ignore_index,
         write_grad=write_grad, write_coefficients=write_coefficients,
         block_cols=_block(block_cols), traced=traced,
@@ -136,6 +145,8 @@ def _elogitnorm_setup(ctx, inputs, output):
 
 
 def _elogitnorm_backward(ctx, grad_losses, *_unused):
+    if grad_losses is None:  # the eager Function does not materialise unused output gradients
+        return (None,) * 9
     weight, target, grad_unit, coefficient_unit, predicted = ctx.saved_tensors
     # Everything the forward wrote is linear in the row's upstream gradient.
     scale_rows = _scale_rows_eager if getattr(ctx, "eager", False) else _scale_rows
@@ -173,6 +184,7 @@ class _EagerELogitNorm(torch.autograd.Function):
     def forward(ctx, *inputs):
         output = _elogitnorm_impl(*inputs, traced=False)
         ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # no zero gradients for the three auxiliary outputs
         ctx.eager = True
         _elogitnorm_setup(ctx, inputs, output)
         return output
@@ -268,8 +280,8 @@ def elogitnorm_loss(
 ) -> torch.Tensor:
     """ELogitNorm (inputs already validated); ``divisor`` is the number, C or C - 1.
 
-    ``block_cols`` (a power of two) forces the kernel's column block (tests use it to exercise
-    the streaming path at small C); None picks it from C.
+    ``block_cols`` (a power of two) forces the kernel's column block and the GEMM-distance path
+    (tests use it to exercise the streaming path at small C); None picks both from C and D.
     """
     if logits.dtype == torch.float64 or weight.dtype == torch.float64:
         return torch_backend.elogitnorm_loss(logits, weight, target, reduction=reduction,
