@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rows import SCALE_BLOCK, _row_targets, launch_config, launcher
+from .rows import _row_targets, _upstream_tile, launch_config, launcher, tile_grid
 
 
 @triton.jit
@@ -132,19 +132,14 @@ def _logitnorm_backward_kernel(
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # A (ROWS x BLOCK) tile of g_n * dloss_n/dz; a 1-D grid: program -> (row block, column block).
-    program = tl.program_id(0).to(tl.int64)
-    column_blocks = tl.cdiv(n_cols, BLOCK)
-    rows = (program // column_blocks) * ROWS + tl.arange(0, ROWS)
-    cols = (program % column_blocks) * BLOCK + tl.arange(0, BLOCK)
+    # A (ROWS x BLOCK) tile of g_n * dloss_n/dz (rows.tile_grid).
+    rows, cols, mask, target, valid, g = _upstream_tile(
+        target_ptr, upstream_ptr, upstream_stride, n_rows, n_cols, ignore_index, ROWS, BLOCK)
     row_mask = rows < n_rows
-    target, valid, _ = _row_targets(target_ptr, rows, row_mask, n_cols, ignore_index)
-    g = tl.load(upstream_ptr + rows * upstream_stride, mask=row_mask, other=0.0).to(tl.float32)
     scale = tl.load(stats_ptr + rows, mask=row_mask, other=0.0)
     coupling = tl.load(stats_ptr + n_rows + rows, mask=row_mask, other=0.0)
     log_sum = tl.load(stats_ptr + 2 * n_rows + rows, mask=row_mask, other=0.0)
     zmax = tl.load(stats_ptr + 3 * n_rows + rows, mask=row_mask, other=0.0)
-    mask = row_mask[:, None] & (cols[None, :] < n_cols)
     z = tl.load(logits_ptr + rows[:, None] * logits_stride + cols[None, :], mask=mask,
                 other=0.0).to(tl.float32)
     grad = _logitnorm_grad_tile(z, cols, target, scale, coupling, log_sum, zmax)
@@ -200,9 +195,7 @@ def logitnorm_backward_rows(
     grad = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
     if n_rows == 0 or n_cols == 0:
         return grad
-    block = min(triton.next_power_of_2(n_cols), SCALE_BLOCK)
-    rows = min(16, max(1, SCALE_BLOCK // block))
-    grid = (triton.cdiv(n_rows, rows) * triton.cdiv(n_cols, block),)
+    rows, block, grid = tile_grid(n_rows, n_cols)
     launcher(_logitnorm_backward_kernel, grid, traced)(
         logits, logits.stride(0), target, stats, upstream, upstream.stride(0), grad,
         n_rows, n_cols, ignore_index, ROWS=rows, BLOCK=block, num_warps=4,

@@ -61,6 +61,31 @@ def _row_targets(target_ptr, rows, row_mask, n_cols, ignore_index):
     return target, valid, in_range
 
 
+def tile_grid(n_rows: int, n_cols: int) -> tuple[int, int, tuple[int]]:
+    """``(ROWS, BLOCK, grid)`` of the elementwise backward kernels: tiles of at most
+    ``SCALE_BLOCK`` elements on a 1-D grid (axes 1 and 2 stop at 65535 blocks)."""
+    block = min(triton.next_power_of_2(n_cols), SCALE_BLOCK)
+    rows = min(16, max(1, SCALE_BLOCK // block))
+    return rows, block, (triton.cdiv(n_rows, rows) * triton.cdiv(n_cols, block),)
+
+
+@triton.jit
+def _upstream_tile(target_ptr, upstream_ptr, upstream_stride, n_rows, n_cols, ignore_index,
+                   ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's (ROWS x BLOCK) tile of a :func:`tile_grid` launch: rows, columns, the tile
+    mask, targets, the valid-row mask and ``g = where(valid, upstream, 0)`` in fp32."""
+    program = tl.program_id(0).to(tl.int64)
+    column_blocks = tl.cdiv(n_cols, BLOCK)
+    rows = (program // column_blocks) * ROWS + tl.arange(0, ROWS)
+    cols = (program % column_blocks) * BLOCK + tl.arange(0, BLOCK)
+    row_mask = rows < n_rows
+    target, valid, _ = _row_targets(target_ptr, rows, row_mask, n_cols, ignore_index)
+    g = tl.load(upstream_ptr + rows * upstream_stride, mask=row_mask, other=0.0)
+    g = tl.where(valid, g.to(tl.float32), 0.0)
+    mask = row_mask[:, None] & (cols[None, :] < n_cols)
+    return rows, cols, mask, target, valid, g
+
+
 @triton.jit
 def _scale_rows_kernel(
     first_ptr,
@@ -79,16 +104,8 @@ def _scale_rows_kernel(
     BLOCK: tl.constexpr,
 ):
     # Tile (ROWS x BLOCK) of two contiguous N x C tensors, each scaled by the row's g.
-    # A 1-D grid (axes 1 and 2 stop at 65535 blocks): program -> (row block, column block).
-    program = tl.program_id(0).to(tl.int64)
-    column_blocks = tl.cdiv(n_cols, BLOCK)
-    rows = (program // column_blocks) * ROWS + tl.arange(0, ROWS)
-    cols = (program % column_blocks) * BLOCK + tl.arange(0, BLOCK)
-    row_mask = rows < n_rows
-    target, valid, _ = _row_targets(target_ptr, rows, row_mask, n_cols, ignore_index)
-    g = tl.load(upstream_ptr + rows * upstream_stride, mask=row_mask, other=0.0)
-    g = tl.where(valid, g.to(tl.float32), 0.0)
-    mask = row_mask[:, None] & (cols[None, :] < n_cols)
+    rows, cols, mask, _, _, g = _upstream_tile(target_ptr, upstream_ptr, upstream_stride, n_rows,
+                                               n_cols, ignore_index, ROWS, BLOCK)
     offsets = rows[:, None] * n_cols + cols[None, :]
     if HAS_FIRST:
         x = tl.load(first_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -122,9 +139,7 @@ def scale_rows(
     has_first, has_second = first.shape[0] > 0, second.shape[0] > 0
     if n_rows == 0 or n_cols == 0 or not (has_first or has_second):
         return first_out, second_out
-    block = min(triton.next_power_of_2(n_cols), SCALE_BLOCK)
-    rows = min(16, max(1, SCALE_BLOCK // block))
-    grid = (triton.cdiv(n_rows, rows) * triton.cdiv(n_cols, block),)
+    rows, block, grid = tile_grid(n_rows, n_cols)
     launcher(_scale_rows_kernel, grid, traced)(
         first, first_out, second, second_out, upstream, upstream.stride(0), target,
         n_rows, n_cols, ignore_index,

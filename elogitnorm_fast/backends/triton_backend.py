@@ -131,6 +131,8 @@ def _logitnorm_setup(ctx, inputs, output):
 
 
 def _logitnorm_backward(ctx, grad_losses, *_unused):
+    if grad_losses is None:  # the eager Function does not materialise unused output gradients
+        return None, None, None, None, None
     logits, target, stats = ctx.saved_tensors
     gradient = _logitnorm_grad_eager if getattr(ctx, "eager", False) else _logitnorm_grad
     grad_logits = gradient(logits, target, stats, grad_losses.float(), ctx.ignore_index)
@@ -172,6 +174,7 @@ class _EagerLogitNorm(torch.autograd.Function):
     def forward(ctx, *inputs):
         output = _logitnorm_impl(*inputs, traced=False)
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # no zero gradient for the statistics output
         ctx.eager = True
         _logitnorm_setup(ctx, inputs, output)
         return output
