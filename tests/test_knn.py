@@ -241,3 +241,24 @@ def test_gpu_tf32_flag_restored_and_fp16_bank():
     assert torch.backends.cuda.matmul.allow_tf32 == before
     expected = -oracle_sorted(queries, bank).values[:, 19]
     assert (scores.double() - expected).abs().max().item() < 5e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_query_batches_bounded_by_the_selection_budget(backend, monkeypatch):
+    # A budget of a few queries' state forces many batches; results must not change.
+    import elogitnorm_fast.knn.scorer as scorer_module
+
+    bank, queries = make_data(900, 53, 16, seed=11)
+    scorer = KNNScorer(k=7, squared=True, backend=backend, bank_chunk=200).fit(bank)
+    whole_scores = scorer.score(queries)
+    whole_neighbours = scorer.kneighbors(queries)
+    monkeypatch.setattr(scorer_module, "SELECTION_STATE_BYTES", 5 * (7 + 256) * 12)
+    if backend == "native":
+        assert len(scorer._query_batches(queries, 7)) == 11  # ceil(53 / 5)
+    # BLAS may round a 5-row product differently from a 53-row one: equal up to fp32 rounding
+    torch.testing.assert_close(scorer.score(queries), whole_scores, rtol=1e-6, atol=1e-6)
+    distances, indices = scorer.kneighbors(queries)
+    torch.testing.assert_close(distances, whole_neighbours[0], rtol=1e-6, atol=1e-6)
+    assert torch.equal(indices, whole_neighbours[1])
+    expected = -oracle_sorted(queries, bank).values[:, 6]
+    torch.testing.assert_close(whole_scores.double(), expected, rtol=1e-5, atol=2e-6)

@@ -76,9 +76,17 @@ class DistributedKNNScorer(KNNScorer):
 
     def _global_top(self, features, k: int, exact_ties: bool):
         queries, origin = self._prepare_queries(features)
+        # every rank sees the same queries, k and settings, hence the same batches
+        found = [self._global_top_batch(batch, k, exact_ties)
+                 for batch in self._query_batches(queries, k)]
+        values = torch.cat([v for v, _ in found])
+        indices = torch.cat([i for _, i in found])
+        return queries, origin, values, indices
+
+    def _global_top_batch(self, queries: torch.Tensor, k: int, exact_ties: bool):
         local_k = min(k, self._bank().num_rows)
-        local = self._search(queries, local_k, exact_ties)
-        values, indices = local.values, local.indices + self.offset
+        values, indices = self._search(queries, local_k, exact_ties).sorted()
+        indices = indices + self.offset
         if local_k < k:  # pad so every rank contributes k candidates
             pad = k - local_k
             rows = values.shape[0]
@@ -94,7 +102,7 @@ class DistributedKNNScorer(KNNScorer):
         merged_values, merged_indices = sort_candidates(
             torch.cat(all_values, 1), torch.cat(all_indices, 1), k
         )
-        return queries, origin, merged_values.to(queries.device), merged_indices
+        return merged_values.to(queries.device), merged_indices
 
     def score(self, features: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Collective: minus the distance to the k-th nearest row of the whole sharded bank."""

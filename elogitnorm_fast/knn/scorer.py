@@ -23,9 +23,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .bank import Bank, BankInput, as_array_like, check_finite, prepare_rows
-from .selection import RunningTopK, native_select_available
+from .selection import NATIVE_MIN_SLACK, RunningTopK, native_select_available
 
 _BACKENDS = ("auto", "native", "torch")
+#: Memory for the native selection's running top-k; more queries than fit are searched in
+#: batches (e.g. ~90,000 queries at k = 50, ~10,000 at k = 1000).
+SELECTION_STATE_BYTES = 256 * 2**20
 _BANK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -49,8 +52,10 @@ class KNNScorer:
             carry ~1e-3 relative error). Off by default; the global torch flag is restored after
             each call.
         query_chunk, bank_chunk: block sizes; memory is ``query_chunk x bank_chunk`` floats plus
-            the ``queries x k`` running top-k, never ``queries x bank``. Defaults tuned per device.
-        backend: ``"native"`` (C++ heap selection, CPU, needs ``elogitnorm_fast._C``),
+            the running top-k (``queries x k`` pairs; with the native selection at most
+            :data:`SELECTION_STATE_BYTES`, more queries are searched in batches, each streaming
+            the bank once), never ``queries x bank``. Defaults tuned per device.
+        backend: ``"native"`` (C++ selection, CPU, needs ``elogitnorm_fast._C``),
             ``"torch"`` (``torch.topk`` per block, any device) or ``"auto"``.
         in_memory: keep the prepared bank in memory (default). ``False`` with a ``.npy`` path
             keeps it on disk and streams it in chunks for every ``score`` call.
@@ -127,8 +132,11 @@ class KNNScorer:
         """Minus the (squared, if ``squared``) distance of each row of ``features`` (M, D) to its
         k-th nearest bank row; float32, shape (M,), on the device ``features`` came from."""
         queries, origin = self._prepare_queries(features)
-        top = self._search(queries, self.k, exact_ties=False)
-        squared_distance = self._squared_distance(queries, top.kth_values())
+        kth = [
+            self._search(batch, self.k, exact_ties=False).kth_values()
+            for batch in self._query_batches(queries, self.k)
+        ]
+        squared_distance = self._squared_distance(queries, torch.cat(kth))
         return self._finish(squared_distance, origin).neg()
 
     def kneighbors(
@@ -140,7 +148,9 @@ class KNNScorer:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self._bank().num_rows:
             raise ValueError(f"k must be in [1, {self._bank().num_rows}], got {k!r}")
         queries, origin = self._prepare_queries(features)
-        values, indices = self._search(queries, k).sorted()
+        found = [self._search(batch, k).sorted() for batch in self._query_batches(queries, k)]
+        values = torch.cat([v for v, _ in found])
+        indices = torch.cat([i for _, i in found])
         squared_distance = self._squared_distance(queries, values)
         return self._finish(squared_distance, origin), indices.to(origin)
 
@@ -190,6 +200,16 @@ class KNNScorer:
         if self.backend == "torch" or bank.device.type != "cpu":
             return False
         return native_select_available()
+
+    def _query_batches(self, queries: torch.Tensor, k: int) -> list[torch.Tensor]:
+        """Queries in batches whose running top-k state fits :data:`SELECTION_STATE_BYTES` (the
+        native selection keeps 2k + 256 pairs of 12 bytes per query); each batch streams the
+        bank once. At least one batch, possibly empty."""
+        if not self._use_native():
+            return [queries]
+        per_query = (k + max(k, NATIVE_MIN_SLACK)) * 12
+        rows = max(1, SELECTION_STATE_BYTES // per_query)
+        return list(queries.split(rows)) or [queries]
 
     def _chunk_sizes(self, num_queries: int) -> tuple[int, int]:
         on_cpu = self._bank().device.type == "cpu"
