@@ -49,6 +49,10 @@ def make_data(num_bank, num_queries, dim, seed=0):
         (50, 3001, 257, 64, 100, 1000),
         (200, 999, 33, 7, 1000, 97),  # bank chunks smaller than k
         (2048, 2500, 19, 24, 8, 777),
+        # default chunks: native tiles of 256 queries x 1024 bank rows with remainders, and
+        # k above one bank tile
+        (30, 2600, 600, 40, None, None),
+        (1500, 3000, 40, 16, None, None),
     ],
 )
 @pytest.mark.parametrize("squared", [True, False])

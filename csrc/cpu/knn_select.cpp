@@ -1,65 +1,20 @@
-// Streaming exact top-k selection for the KNN scorer (CPU).
-//
-// The scorer computes a block of similarities S = Q B^T (rows: queries, columns: bank rows of
-// one chunk) with a BLAS GEMM and hands it here. Each query row owns `capacity` slots of
-// (similarity, bank index) pairs: slots [0, k) hold k kept pairs (unordered) whose worst value
-// is the row's threshold, slots [k, k + pending) hold candidates that beat the threshold since
-// the last merge. A whole run of 16 columns is skipped when its maximum does not beat the
-// threshold (one vectorised read of S once the row is warm); candidates of a run are appended
-// branch-free. When the slots fill up, one nth_element over them keeps the k best and raises
-// the threshold. Merging in bulk costs O(1) per candidate, about 5x less than keeping a heap
-// (measured at k = 200), and pending candidates carry over between blocks. The caller finishes
-// with a top-k over each row's first k + pending slots (selection.py).
-//
-// Order: a pair is better when its similarity is larger, or equal with a smaller bank index.
-// Blocks must arrive in increasing bank-index order, so a new column that equals the threshold
-// never beats a kept pair and is skipped.
+// Streaming exact top-k selection for the KNN scorer (CPU): one block of similarities S (rows:
+// queries, columns: bank rows of one chunk, computed by the caller) merged into every query's
+// running top-k. The state and its update are in knn_slots.h; knn_search.cpp fuses the GEMM.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <functional>
-#include <limits>
 #include <vector>
+
+#include "knn_slots.h"
 
 namespace {
 
-constexpr int64_t kRun = 16;
-
-// Write the k best of (values[j], index j) to out_*, in their order: every value above `kth`
-// (the k-th best value) and the leftmost values equal to it. Indices come from `indices`, or
-// are `index_offset + j` when it is null. Inputs are in increasing bank-index order, so the
-// leftmost ties are the smallest indices: the ones to keep. Works in place (out_* == inputs).
-inline void keep_best(const float* values, const int64_t* indices, int64_t n, int64_t k,
-                      float kth, int64_t index_offset, float* out_values, int64_t* out_indices) {
-  int64_t above = 0;
-  for (int64_t j = 0; j < n; ++j) above += static_cast<int64_t>(values[j] > kth);
-  int64_t ties_left = k - above;  // >= 1: the k-th value itself
-  int64_t kept = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const float v = values[j];
-    const int64_t index = indices == nullptr ? index_offset + j : indices[j];
-    const bool tie = v == kth;
-    const bool keep = v > kth || (tie && ties_left > 0);
-    ties_left -= static_cast<int64_t>(tie && keep);
-    out_values[kept] = v;
-    out_indices[kept] = index;
-    kept += static_cast<int64_t>(keep);
-  }
-}
-
-// Keep the k best of slots [0, n) in [0, k), in their order (slots are always in increasing
-// bank-index order: appends arrive in that order and keep_best is stable); returns the new
-// threshold, the k-th best value.
-inline float merge_slots(float* values, int64_t* indices, int64_t n, int64_t k, float* scratch) {
-  std::copy(values, values + n, scratch);
-  std::nth_element(scratch, scratch + (k - 1), scratch + n, std::greater<float>());
-  const float kth = scratch[k - 1];
-  keep_best(values, indices, n, k, kth, 0, values, indices);
-  return kth;
-}
+using elogitnorm_fast::knn::check_state;
+using elogitnorm_fast::knn::select_row;
 
 void knn_select_update_cpu(const at::Tensor& scores, at::Tensor& values, at::Tensor& indices,
                            at::Tensor& pending, at::Tensor& thresholds, int64_t k,
@@ -69,26 +24,10 @@ void knn_select_update_cpu(const at::Tensor& scores, at::Tensor& values, at::Ten
               "-D ", scores.scalar_type());
   TORCH_CHECK(scores.stride(1) == 1 || scores.size(1) <= 1,
               "knn_select_update: scores rows must be contiguous, got strides ", scores.strides());
-  TORCH_CHECK(values.dim() == 2 && values.scalar_type() == at::kFloat && values.is_contiguous(),
-              "knn_select_update: values must be a contiguous 2-D float32 tensor");
-  TORCH_CHECK(indices.scalar_type() == at::kLong && indices.is_contiguous() &&
-                  indices.sizes() == values.sizes(),
-              "knn_select_update: indices must be a contiguous int64 tensor shaped like values ",
-              values.sizes(), ", got ", indices.sizes());
   const int64_t rows = scores.size(0);
   const int64_t cols = scores.size(1);
   const int64_t capacity = values.size(1);
-  TORCH_CHECK(values.size(0) == rows, "knn_select_update: scores has ", rows,
-              " rows but values has ", values.size(0));
-  TORCH_CHECK(k >= 1 && capacity >= k + kRun, "knn_select_update: values needs at least k + ",
-              kRun, " columns (k = ", k, "), got ", capacity);
-  TORCH_CHECK(pending.scalar_type() == at::kLong && pending.is_contiguous() &&
-                  pending.dim() == 1 && pending.size(0) == rows,
-              "knn_select_update: pending must be a contiguous int64 vector of length ", rows);
-  TORCH_CHECK(thresholds.scalar_type() == at::kFloat && thresholds.is_contiguous() &&
-                  thresholds.dim() == 1 && thresholds.size(0) == rows,
-              "knn_select_update: thresholds must be a contiguous float32 vector of length ",
-              rows);
+  check_state("knn_select_update", values, indices, pending, thresholds, rows, k);
   if (rows == 0 || cols == 0) return;
   const float* s_ptr = scores.data_ptr<float>();
   const int64_t s_stride = scores.stride(0);
@@ -97,60 +36,11 @@ void knn_select_update_cpu(const at::Tensor& scores, at::Tensor& values, at::Ten
   int64_t* pending_ptr = pending.data_ptr<int64_t>();
   float* threshold_ptr = thresholds.data_ptr<float>();
 
-  // A row's first block of at least k columns is selected in one step.
-  const bool cold_start = cols >= k;
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(static_cast<size_t>(std::max(capacity, cols)));
     for (int64_t r = begin; r < end; ++r) {
-      const float* row = s_ptr + r * s_stride;
-      float* rv = v_ptr + r * capacity;
-      int64_t* ri = i_ptr + r * capacity;
-      float threshold = threshold_ptr[r];
-      int64_t n = k + pending_ptr[r];  // slots in use
-      int64_t c = 0;
-      if (cold_start && threshold == -std::numeric_limits<float>::infinity() && n == k) {
-        // The row's first block holds at least k columns: its k best become the kept pairs
-        // (one nth_element instead of a merge every `capacity - k` columns).
-        std::copy(row, row + cols, scratch.data());
-        std::nth_element(scratch.data(), scratch.data() + (k - 1), scratch.data() + cols,
-                         std::greater<float>());
-        threshold = scratch[k - 1];
-        keep_best(row, nullptr, cols, k, threshold, index_offset, rv, ri);
-        c = cols;
-      }
-      for (; c + kRun <= cols; c += kRun) {
-        float run_max = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : run_max)
-        for (int64_t j = 0; j < kRun; ++j) {
-          run_max = row[c + j] > run_max ? row[c + j] : run_max;
-        }
-        if (!(run_max > threshold)) continue;
-        if (n + kRun > capacity) {
-          threshold = merge_slots(rv, ri, n, k, scratch.data());
-          n = k;
-        }
-        // branch-free append: every column is written, only those above the threshold count
-        for (int64_t j = 0; j < kRun; ++j) {
-          const float v = row[c + j];
-          rv[n] = v;
-          ri[n] = index_offset + c + j;
-          n += static_cast<int64_t>(v > threshold);
-        }
-      }
-      for (; c < cols; ++c) {
-        const float v = row[c];
-        if (!(v > threshold)) continue;
-        if (n == capacity) {
-          threshold = merge_slots(rv, ri, n, k, scratch.data());
-          n = k;
-          if (!(v > threshold)) continue;
-        }
-        rv[n] = v;
-        ri[n] = index_offset + c;
-        ++n;
-      }
-      pending_ptr[r] = n - k;
-      threshold_ptr[r] = threshold;
+      select_row(s_ptr + r * s_stride, cols, index_offset, k, capacity, v_ptr + r * capacity,
+                 i_ptr + r * capacity, pending_ptr[r], threshold_ptr[r], scratch.data());
     }
   });
 }

@@ -54,8 +54,10 @@ class KNNScorer:
         query_chunk, bank_chunk: block sizes; memory is ``query_chunk x bank_chunk`` floats plus
             the running top-k (``queries x k`` pairs; with the native selection at most
             :data:`SELECTION_STATE_BYTES`, more queries are searched in batches, each streaming
-            the bank once), never ``queries x bank``. Defaults tuned per device.
-        backend: ``"native"`` (C++ selection, CPU, needs ``elogitnorm_fast._C``),
+            the bank once), never ``queries x bank``. The native backend takes ``bank_chunk``
+            rows per call and tiles them itself (1 MiB of similarities per thread), so
+            ``query_chunk`` only applies to the torch backend. Defaults tuned per device.
+        backend: ``"native"`` (C++ GEMM tiles + selection, CPU, needs ``elogitnorm_fast._C``),
             ``"torch"`` (``torch.topk`` per block, any device) or ``"auto"``.
         in_memory: keep the prepared bank in memory (default). ``False`` with a ``.npy`` path
             keeps it on disk and streams it in chunks for every ``score`` call.
@@ -212,9 +214,15 @@ class KNNScorer:
         return list(queries.split(rows)) or [queries]
 
     def _chunk_sizes(self, num_queries: int) -> tuple[int, int]:
-        on_cpu = self._bank().device.type == "cpu"
+        bank = self._bank()
+        on_cpu = bank.device.type == "cpu"
         query_chunk = self.query_chunk or (4096 if on_cpu else 16384)
-        bank_chunk = self.bank_chunk or (2048 if on_cpu else 32768)
+        if self.bank_chunk:
+            bank_chunk = self.bank_chunk
+        elif self._use_native():  # about 32 MiB of bank rows per call of the fused op
+            bank_chunk = max(1024, 2**25 // (4 * bank.dim))
+        else:
+            bank_chunk = 2048 if on_cpu else 32768
         return max(1, min(query_chunk, num_queries)), bank_chunk
 
     def _search(self, queries: torch.Tensor, k: int, exact_ties: bool = True) -> RunningTopK:
@@ -228,13 +236,22 @@ class KNNScorer:
         query_chunk, bank_chunk = self._chunk_sizes(num_queries)
         compute_dtype = self.bank_dtype if bank.device.type == "cuda" else torch.float32
         queries = queries.to(compute_dtype)
-        buffer = torch.empty((query_chunk, bank_chunk), dtype=compute_dtype, device=bank.device)
+        buffer = None
+        if not top.native:
+            buffer = torch.empty((query_chunk, bank_chunk), dtype=compute_dtype,
+                                 device=bank.device)
         work = num_queries * bank.num_rows * bank.dim
         show = self.progress if self.progress is not None else work >= 2**40
         chunks = bank.chunks(bank_chunk)
         total = -(-bank.num_rows // bank_chunk)
         with _tf32(bank.device, self.allow_tf32):
             for chunk in tqdm(chunks, total=total, desc="KNN search", disable=not show):
+                if top.native:  # GEMM tiles and selection fused in C++
+                    bias = None
+                    if chunk.half_sq_norms is not None:
+                        bias = chunk.half_sq_norms.neg().float().contiguous()
+                    top.search(queries, chunk.rows.float(), bias, chunk.offset)
+                    continue
                 rows_t = chunk.rows.to(compute_dtype).t()
                 bias = None
                 if chunk.half_sq_norms is not None:

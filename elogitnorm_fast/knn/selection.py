@@ -7,11 +7,13 @@ similarity of a row is the smallest kept value.
 
 Two implementations:
 
-* ``native``: the C++ op ``torch.ops.elogitnorm_fast.knn_select_update`` (CPU, from
-  ``csrc/cpu/knn_select.cpp``): per row, ``k`` kept pairs plus room for ``max(k, 256)`` pending
-  candidates that beat the k-th kept value; a full row is merged with one ``nth_element``. After
-  the first chunk selection is one vectorised read of ``S``. Memory: ``num_queries x (2k + 256)``
-  pairs (12 bytes each) instead of ``num_queries x k``.
+* ``native``: C++ ops (CPU, ``csrc/cpu/knn_slots.h``): per row, ``k`` kept pairs plus room for
+  ``max(k, 256)`` pending candidates that beat the k-th kept value; a full row is merged with
+  one ``nth_element``. After the first chunk selection is one vectorised read of ``S``.
+  ``knn_search_update`` computes ``S`` itself, tile by tile, and selects each tile while it is
+  in cache (:meth:`RunningTopK.search`); ``knn_select_update`` takes a block ``S`` computed by
+  the caller (:meth:`RunningTopK.update`). Memory: ``num_queries x (2k + 256)`` pairs (12 bytes
+  each) instead of ``num_queries x k``.
 * ``torch``: ``torch.topk`` of each block merged with the running top-k (any device; the GPU path).
   ``torch.topk`` picks arbitrarily among equal values at the k-th place; with ``exact_ties`` a
   fix-up pass keeps the smallest indices there (needed for neighbour indices, not for the k-th
@@ -40,7 +42,9 @@ def native_select_available() -> bool:
         except (ImportError, OSError):  # not built, or built against another torch
             pass
         try:
-            _native_checked = hasattr(torch.ops.elogitnorm_fast, "knn_select_update")
+            ops = torch.ops.elogitnorm_fast
+            _native_checked = hasattr(ops, "knn_select_update") and hasattr(
+                ops, "knn_search_update")
         except (AttributeError, RuntimeError):
             _native_checked = False
     return _native_checked
@@ -99,6 +103,18 @@ class RunningTopK:
         kept_values, position = torch.topk(merged_values, self.k, dim=1, sorted=False)
         values.copy_(kept_values)
         indices.copy_(torch.gather(merged_indices, 1, position))
+
+    def search(
+        self, queries: torch.Tensor, bank_rows: torch.Tensor, bias: torch.Tensor | None,
+        index_offset: int,
+    ) -> None:
+        """Native only: merge the similarities ``queries @ bank_rows.T (+ bias)`` (fp32, CPU; the
+        bank rows numbered from ``index_offset``) into every query's running top-k, computing
+        and selecting them tile by tile."""
+        torch.ops.elogitnorm_fast.knn_search_update(
+            queries, bank_rows, bias, self.values, self.indices, self.pending, self.thresholds,
+            self.k, index_offset,
+        )
 
     def _candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every row's kept and pending pairs; unused slots read ``(-inf, EMPTY_INDEX)``."""
