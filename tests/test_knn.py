@@ -266,3 +266,19 @@ def test_query_batches_bounded_by_the_selection_budget(backend, monkeypatch):
     assert torch.equal(indices, whole_neighbours[1])
     expected = -oracle_sorted(queries, bank).values[:, 6]
     torch.testing.assert_close(whole_scores.double(), expected, rtol=1e-5, atol=2e-6)
+
+
+def test_native_search_does_not_depend_on_the_thread_count():
+    if not native_select_available():
+        pytest.skip("_C not built")
+    bank, queries = make_data(3000, 700, 32, seed=12)
+    scorer = KNNScorer(k=60, backend="native").fit(bank)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = scorer.score(queries), scorer.kneighbors(queries)[1]
+        torch.set_num_threads(2)
+        two = scorer.score(queries), scorer.kneighbors(queries)[1]
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
