@@ -46,6 +46,16 @@ class DistanceRows(NamedTuple):
         return self.distances if self.per_sample else self.distances.index_select(0, predicted)
 
 
+def predicted_rows(weight: torch.Tensor, predicted: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The weight rows the distance rows start from, and whether there is one per sample.
+
+    ``N < C``: ``weight[predicted]`` (N x D, one op), ``per_sample`` True; else ``weight``
+    itself (one row per class, no op).
+    """
+    per_sample = predicted.shape[0] < weight.shape[0]
+    return (weight.index_select(0, predicted) if per_sample else weight), per_sample
+
+
 #: Entries whose squared distance is below this fraction of ``|a|^2 + |b|^2`` lose most of their
 #: digits to cancellation in ``|a|^2 + |b|^2 - 2 a.b``; :func:`distance_rows` recomputes them.
 CANCELLATION_RATIO = 1e-2
@@ -62,10 +72,8 @@ def distance_rows(
     them (``nonzero``) synchronises with the device, so callers enable it on the CPU only.
     """
     w = weight.to(dtype)
-    num_classes = w.shape[0]
-    per_sample = predicted.shape[0] < num_classes
-    row_class = predicted if per_sample else torch.arange(num_classes, device=w.device)
-    rows = w.index_select(0, row_class) if per_sample else w
+    rows, per_sample = predicted_rows(w, predicted)
+    row_class = predicted if per_sample else torch.arange(w.shape[0], device=w.device)
     squared_norms = (w * w).sum(dim=1)
     # ||a||^2 + ||b||^2 - 2 a.b in one addmm: beta * (|a|^2 + |b|^2) - 2 * rows @ w^T.
     squared = torch.addmm(
@@ -104,7 +112,8 @@ def weight_gradient(
         dW = scatter_rows(rowsum(R) * W_rows - R W) + colsum(R) * W - R^T W_rows
 
     With one row per class (``W_rows = W``) that is one GEMM: ``S = R + R^T``,
-    ``dW = rowsum(S) * W - S W``.
+    ``dW = rowsum(S) * W - S W``; ``geometry.row_class`` is then not read (the samples' rows
+    are pooled by ``predicted``), and ``geometry.distances`` never is.
     """
     w = weight.to(coefficients.dtype)
     rows = geometry.rows
@@ -115,7 +124,8 @@ def weight_gradient(
             w.shape[0], w.shape[0], dtype=coefficients.dtype, device=coefficients.device
         ).index_add_(0, predicted, coefficients)
         symmetric = pooled + pooled.t()
-        return torch.addmm(symmetric.sum(dim=1)[:, None] * w, symmetric, w, alpha=-1.0)
-    row_part = torch.addmm(pooled.sum(dim=1)[:, None] * rows, pooled, w, alpha=-1.0)
-    grad = torch.addmm(pooled.sum(dim=0)[:, None] * w, pooled.t(), rows, alpha=-1.0)
+        return torch.addmm(symmetric.sum(dim=1, keepdim=True) * w, symmetric, w, alpha=-1.0)
+    row_part = torch.addmm(pooled.sum(dim=1, keepdim=True) * rows, pooled, w, alpha=-1.0)
+    transposed = pooled.t()
+    grad = torch.addmm(transposed.sum(dim=1, keepdim=True) * w, transposed, rows, alpha=-1.0)
     return grad.index_add_(0, geometry.row_class, row_part)

@@ -20,6 +20,12 @@ Rows with ``C <= BLOCK`` are read once; longer rows stream over column blocks (p
 scale; pass 2: the exponential sums; pass 3: gradient and coefficients). int64 offsets, fp32
 arithmetic. Imported lazily (needs triton).
 
+GEMM path (:func:`elogitnorm_rows`): the host runs only the argmax, one GEMM of raw inner
+products ``w_m . w_j`` (one row per sample for N < C, one per class otherwise) and the squared
+norms; the kernel forms ``|w_m|^2 + |w_j|^2 - 2 w_m . w_j``, clamps it at 0, takes the root,
+sets ``Delta_m = 1`` and recomputes cancelled entries exactly (:func:`_distance_tile`), in every
+pass that needs the distances.
+
 Small C (:func:`fuses_distances`): :func:`elogitnorm_rows_fused` is one launch per block of rows
 that also takes the argmax (first index on ties; a NaN counts as the maximum, as in
 ``torch.argmax``) and computes the distance row from ``W`` by the direct difference, so the
@@ -27,7 +33,9 @@ host runs no argmax, GEMM or norms: at CIFAR-10 sizes the forward is host-bound.
 
 Example::
 
-    losses, grad, coeff = elogitnorm_rows(logits, target, predicted, distances, weight,
+    inner = weight.index_select(0, predicted) @ weight.t()
+    norms = torch.linalg.vecdot(weight, weight)
+    losses, grad, coeff = elogitnorm_rows(logits, target, predicted, inner, weight,
                                           norms, per_sample=True,
                                           eps=1e-6, divisor=10, ignore_index=-100,
                                           write_grad=True, write_coefficients=True)
@@ -52,28 +60,36 @@ def _clamped(raw, eps):
 
 
 @triton.jit
-def _refine_distances(raw_distance, cols, mask, predicted, weight_ptr, weight_stride,
-                      weight_col_stride, n_features, norms_ptr):
-    """Exact ``||w_m - w_j||`` where the GEMM form ``|a|^2 + |b|^2 - 2 a.b`` cancels.
+def _distance_tile(inner_base, cols, col_mask, mask, predicted, row_squared, norms_ptr,
+                   weight_ptr, weight_stride, weight_col_stride, n_features):
+    """Raw distances ``||w_m - w_j||`` of one column block from the inner products ``w_m . w_j``
+    (``inner_base`` points at each row's inner-product row), 1 on the predicted class and on
+    masked lanes (the released code adds the identity).
 
-    In fp32 that form has an absolute error near ``eps_32 * (|a|^2 + |b|^2)``, so (near-)duplicate
-    weight rows get distances of ~1e-3 instead of ~0. Entries below 10 % of the norms are
-    recomputed from the difference; tiles without one (the normal case) skip the loop.
+    ``|a|^2 + |b|^2 - 2 a.b`` (``row_squared`` = ``|w_m|^2``, ``norms_ptr`` the squared norms),
+    clamped at 0 (NaN kept). In fp32 that form has an absolute error near
+    ``eps_32 * (|a|^2 + |b|^2)``, so (near-)duplicate weight rows would get distances of ~1e-3
+    instead of ~0: entries whose squared value is below
+    :data:`elogitnorm_fast.geometry.CANCELLATION_RATIO` of ``|a|^2 + |b|^2`` are recomputed
+    from the difference; tiles without one (the normal case) skip the loop.
     """
-    row_norm = tl.load(norms_ptr + predicted)
-    col_norm = tl.load(norms_ptr + cols[None, :], mask=mask, other=0.0)
-    suspect = mask & (cols[None, :] != predicted[:, None])
-    suspect = suspect & (raw_distance * raw_distance < 1e-2 * (row_norm[:, None] + col_norm))
+    inner = tl.load(inner_base + cols[None, :], mask=mask, other=0.0)
+    col_squared = tl.load(norms_ptr + cols, mask=col_mask, other=0.0)
+    norm_sum = row_squared[:, None] + col_squared[None, :]
+    squared = norm_sum - 2.0 * inner
+    lanes = mask & (cols[None, :] != predicted[:, None])
+    suspect = lanes & (squared < 1e-2 * norm_sum)
+    distance = tl.where(lanes, tl.sqrt(tl.where(squared < 0.0, 0.0, squared)), 1.0)
     if tl.max(suspect.to(tl.int32)) > 0:
-        squared = tl.zeros(raw_distance.shape, dtype=tl.float32)
+        exact = tl.zeros(squared.shape, dtype=tl.float32)
         for k in range(0, n_features):
             a = tl.load(weight_ptr + predicted * weight_stride + k * weight_col_stride)
             b = tl.load(weight_ptr + cols[None, :] * weight_stride + k * weight_col_stride,
                         mask=suspect, other=0.0)
             diff = a.to(tl.float32)[:, None] - b.to(tl.float32)
-            squared += diff * diff
-        raw_distance = tl.where(suspect, tl.sqrt(squared), raw_distance)
-    return raw_distance
+            exact += diff * diff
+        distance = tl.where(suspect, tl.sqrt(exact), distance)
+    return distance
 
 
 @triton.jit
@@ -131,8 +147,8 @@ def _elogitnorm_kernel(
     logits_stride,
     target_ptr,
     predicted_ptr,
-    distance_ptr,
-    distance_stride,
+    inner_ptr,
+    inner_stride,
     weight_ptr,
     weight_stride,
     weight_col_stride,
@@ -166,21 +182,23 @@ def _elogitnorm_kernel(
     z_target = tl.load(logits_ptr + rows * logits_stride + target, mask=in_range,
                        other=float("nan")).to(tl.float32)
     row_base = logits_ptr + rows[:, None] * logits_stride
-    # Distance row: the sample's own (N < C) or its predicted class's (N >= C).
+    # Inner-product row w_m . w_j: the sample's own (N < C) or its predicted class's (N >= C).
     if PER_SAMPLE:
-        distance_base = distance_ptr + rows[:, None] * distance_stride
+        inner_base = inner_ptr + rows[:, None] * inner_stride
     else:
-        distance_base = distance_ptr + predicted[:, None] * distance_stride
+        inner_base = inner_ptr + predicted[:, None] * inner_stride
+    row_squared = tl.load(norms_ptr + predicted)
 
     grad_base = grad_ptr + rows[:, None] * grad_stride
     coefficient_base = coefficient_ptr + rows[:, None] * coefficient_stride
 
     if SINGLE:
-        mask = row_mask[:, None] & (cols[None, :] < n_cols)
+        col_mask = cols < n_cols
+        mask = row_mask[:, None] & col_mask[None, :]
         z = tl.load(row_base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        raw_distance = tl.load(distance_base + cols[None, :], mask=mask, other=1.0)
-        raw_distance = _refine_distances(raw_distance, cols, mask, predicted, weight_ptr,
-                                         weight_stride, weight_col_stride, n_features, norms_ptr)
+        raw_distance = _distance_tile(inner_base, cols, col_mask, mask, predicted, row_squared,
+                                      norms_ptr, weight_ptr, weight_stride, weight_col_stride,
+                                      n_features)
         loss, grad, coefficients = _single_block(
             z, raw_distance, cols, mask, value, predicted, target, z_target, valid, eps,
             inv_divisor, WRITE_GRAD or WRITE_COEFFICIENTS)
@@ -195,11 +213,12 @@ def _elogitnorm_kernel(
         below_sum = tl.zeros([ROWS], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
             block_cols = start + cols
-            mask = row_mask[:, None] & (block_cols[None, :] < n_cols)
+            col_mask = block_cols < n_cols
+            mask = row_mask[:, None] & col_mask[None, :]
             zb = tl.load(row_base + block_cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            db = tl.load(distance_base + block_cols[None, :], mask=mask, other=1.0)
-            db = _refine_distances(db, block_cols, mask, predicted, weight_ptr, weight_stride,
-                                   weight_col_stride, n_features, norms_ptr)
+            db = _distance_tile(inner_base, block_cols, col_mask, mask, predicted, row_squared,
+                                norms_ptr, weight_ptr, weight_stride, weight_col_stride,
+                                n_features)
             db = _clamped(db, eps)
             margin_sum += tl.sum(tl.where(mask, (value[:, None] - zb) / db, 0.0), axis=1)
             below_sum += tl.sum(tl.where(mask & (zb < value[:, None]), 1.0 / db, 0.0), axis=1)
@@ -228,12 +247,13 @@ def _elogitnorm_kernel(
             k_scale = grad_scale * inv_divisor
             for start in range(0, n_cols, BLOCK):
                 block_cols = start + cols
-                mask = row_mask[:, None] & (block_cols[None, :] < n_cols)
+                col_mask = block_cols < n_cols
+                mask = row_mask[:, None] & col_mask[None, :]
                 zb = tl.load(row_base + block_cols[None, :], mask=mask, other=0.0)
                 zb = zb.to(tl.float32)
-                db = tl.load(distance_base + block_cols[None, :], mask=mask, other=1.0)
-                db = _refine_distances(db, block_cols, mask, predicted, weight_ptr,
-                                       weight_stride, weight_col_stride, n_features, norms_ptr)
+                db = _distance_tile(inner_base, block_cols, col_mask, mask, predicted,
+                                    row_squared, norms_ptr, weight_ptr, weight_stride,
+                                    weight_col_stride, n_features)
                 grad, coefficients = _elogitnorm_tiles(zb, db, block_cols, mask, value,
                                                        predicted, target, scale, log_sum,
                                                        k_scale, below_sum, eps)
@@ -352,7 +372,7 @@ def _elogitnorm_fused_kernel(
                        other=float("nan")).to(tl.float32)
     raw_distance = _direct_distances(weight_ptr, weight_stride, weight_col_stride, n_features,
                                      predicted, cols, row_mask, col_mask, ROWS, BLOCK, FEATURES)
-    # Delta_m = 1 (the released code adds the identity); masked lanes 1, as the GEMM path loads.
+    # Delta_m = 1 (the released code adds the identity); masked lanes 1, as in _distance_tile.
     raw_distance = tl.where(mask & (cols[None, :] != predicted[:, None]), raw_distance, 1.0)
     loss, grad, coefficients = _single_block(
         z, raw_distance, cols, mask, value, predicted, target, z_target, valid, eps, inv_divisor,
@@ -370,7 +390,7 @@ def elogitnorm_rows(
     logits: torch.Tensor,
     target: torch.Tensor,
     predicted: torch.Tensor,
-    distances: torch.Tensor,
+    inner: torch.Tensor,
     weight: torch.Tensor,
     squared_norms: torch.Tensor,
     *,
@@ -385,11 +405,12 @@ def elogitnorm_rows(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row ELogitNorm losses (fp32), unit-upstream logits gradient and coefficients ``c``.
 
-    ``distances`` (fp32, unit column stride) holds one row per sample (``per_sample``) or one
-    per class, with 1 on the predicted class, from the GEMM form; entries where that form
-    cancels are recomputed from ``weight`` (C, D) and its fp32 ``squared_norms`` (C,). The
-    gradient has the logits' dtype, the coefficients are fp32; each is an empty tensor when not
-    requested. ``traced``: see
+    ``inner`` (fp32, unit column stride) holds the raw inner products ``w_m . w_j`` of one GEMM:
+    one row per sample (``per_sample``, row ``n`` for ``m = predicted[n]``) or one per class
+    (row ``m``). The kernel turns them into distances with the fp32 ``squared_norms`` (C,) of
+    ``weight`` (C, D), recomputing from ``weight`` the entries where that form cancels, and sets
+    the predicted class's own distance to 1. The gradient has the logits' dtype, the
+    coefficients are fp32; each is an empty tensor when not requested. ``traced``: see
     :func:`elogitnorm_fast.kernels.rows.launcher`.
     """
     n_rows, n_cols = logits.shape
@@ -403,7 +424,7 @@ def elogitnorm_rows(
     config = launch_config(n_cols, block_cols)
     grid = (triton.cdiv(n_rows, config["ROWS"]),)
     launcher(_elogitnorm_kernel, grid, traced)(
-        logits, logits.stride(0), target, predicted, distances, distances.stride(0),
+        logits, logits.stride(0), target, predicted, inner, inner.stride(0),
         weight, weight.stride(0), weight.stride(1), weight.shape[1], squared_norms,
         losses, grad, grad.stride(0), coefficients, coefficients.stride(0),
         n_rows, n_cols, eps, 1.0 / divisor, ignore_index,

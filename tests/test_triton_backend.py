@@ -212,27 +212,61 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
             self.launches.clear()
             return counts
 
-    #: Host work of the fused small-C path at the CIFAR-10 size (N=128, C=10, D=512), eager,
-    #: mean: forward = 4 output allocations + the mean (ne, 2 sums, a cast, div) and 1 launch
-    #: (was 24 ops: argmax, the distance GEMM and norms, ...); backward = the mean's autograd
-    #: (3), 2 allocations, the per-class weight gradient (arange + 8), 2 leaf-gradient detaches
-    #: and 1 launch (was 23 ops: 3 zero gradients of unused outputs, two GEMMs).
-    FUSED_FORWARD_OPS = 9
-    FUSED_BACKWARD_OPS = 16
-
-    def test_small_c_host_work_does_not_grow(monkeypatch):
-        logits, weight, target = make_case(128, 10, 512, dtype=torch.float32)
-        options = {"reduction": "mean", "ignore_index": -100, "eps": 1e-6, "divisor": 10}
+    def _training_step_host_work(monkeypatch, n, c, d):
+        """Ops and launches of one eager ELogitNorm forward and backward (mean, both inputs
+        requiring gradients): ``(forward_ops, forward_launches, backward_ops,
+        backward_launches)``."""
+        logits, weight, target = make_case(n, c, d, dtype=torch.float32)
+        options = {"reduction": "mean", "ignore_index": -100, "eps": 1e-6, "divisor": c}
         work = _HostWork(monkeypatch)
         with work:
             loss = triton_backend.elogitnorm_loss(logits, weight, target, **options)
             forward_ops, forward_launches = work.take()
             loss.backward()
             backward_ops, backward_launches = work.take()
+        return forward_ops, forward_launches, backward_ops, backward_launches
+
+    #: Host work of the fused small-C path at the CIFAR-10 size (N=128, C=10, D=512), eager,
+    #: mean: forward = 4 output allocations + the mean (ne, 2 sums, a cast, div) and 1 launch
+    #: (was 24 ops: argmax, the distance GEMM and norms, ...); backward = the mean's autograd
+    #: (3), 2 allocations, the per-class weight gradient (zeros, index_add_, t, add, sum, mul,
+    #: addmm), 2 leaf-gradient detaches and 1 launch (was 23 ops: 3 zero gradients of unused
+    #: outputs, two GEMMs; then 16 with an arange and an unsqueeze).
+    FUSED_FORWARD_OPS = 9
+    FUSED_BACKWARD_OPS = 14
+
+    def test_small_c_host_work_does_not_grow(monkeypatch):
+        forward_ops, forward_launches, backward_ops, backward_launches = (
+            _training_step_host_work(monkeypatch, 128, 10, 512))
         assert forward_launches == ["_elogitnorm_fused_kernel"]
         assert len(forward_ops) <= FUSED_FORWARD_OPS, forward_ops
         assert backward_launches == ["_scale_rows_kernel"]
         assert len(backward_ops) <= FUSED_BACKWARD_OPS, backward_ops
+
+    #: Host work of the GEMM path (eager, mean), N=256, C=1000 (one distance row per sample) and
+    #: N=300, C=200 (one per class), D=64. Forward: argmax, index_select of the rows (N < C
+    #: only), t + mm (raw inner products), mul + sum (squared norms), 3 output allocations, the
+    #: mean (5) and 1 launch: 14 / 13 (was 22: norms gathered and broadcast, addmm, clamp,
+    #: sqrt and scatter of the self-distance on the host). Backward: the mean's autograd (3), 2
+    #: allocations, the weight gradient from the forward's saved rows (per sample: 2 sums, 2
+    #: muls, t, 2 addmm, index_add_; per class: 7 as above), 2 detaches and 1 launch: 15 / 14
+    #: (was 18 / 16: the rows gathered again, an arange, 2 unsqueezes).
+    GEMM_FORWARD_OPS = 14
+    GEMM_BACKWARD_OPS = 15
+
+    @pytest.mark.parametrize("n,c", [(256, 1000), (300, 200)])
+    def test_gemm_path_host_work_does_not_grow(n, c, monkeypatch):
+        forward_ops, forward_launches, backward_ops, backward_launches = (
+            _training_step_host_work(monkeypatch, n, c, 64))
+        assert forward_launches == ["_elogitnorm_kernel"]
+        assert len(forward_ops) <= GEMM_FORWARD_OPS, forward_ops
+        # The distances are formed in the kernel: one GEMM, no host-side clamp, root or scatter.
+        assert forward_ops.count("aten.mm.default") == 1, forward_ops
+        assert not any(name in op for op in forward_ops
+                       for name in ("addmm", "clamp", "sqrt", "scatter")), forward_ops
+        assert backward_launches == ["_scale_rows_kernel"]
+        assert len(backward_ops) <= GEMM_BACKWARD_OPS, backward_ops
+        assert "aten.index_select.default" not in backward_ops, backward_ops  # rows were saved
 
     #: (C, D, fused?) around the thresholds C <= 128 and C * D <= 2^17.
     THRESHOLD_CASES = [(1, 4, True), (3, 4, True), (10, 512, True), (100, 512, True),
@@ -277,6 +311,43 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
             weight[3] = weight[1]
         for reduction in REDUCTIONS:
             check_elogitnorm("triton", logits, weight, target, reduction, rtol=RTOL, atol=ATOL)
+
+    @pytest.mark.parametrize("mode", ["gemm", "streaming"])
+    @pytest.mark.parametrize("n", [12, 41])  # C = 40: one row per sample; one row per class
+    def test_gemm_duplicate_weight_rows_are_exact(n, mode, monkeypatch):
+        """GEMM path: ``|a|^2 + |b|^2 - 2 a.b`` from the raw inner products cancels for
+        (near-)duplicate weight rows (~1e-3 |w|^2 in fp32 at large norms); the kernel recomputes
+        those entries from ``W``, so a duplicate's distance is 0 (clamped at eps, no gradient
+        through it) and a near duplicate's is its true small value, in both layouts."""
+        monkeypatch.setattr(_elogitnorm_module(), "FUSED_MAX_CLASSES", 0)
+        if mode == "streaming":
+            _stream(monkeypatch, 16)
+        c, d = 40, 64
+        logits, weight, target = make_case(n, c, d, "duplicate_weights", dtype=torch.float32)
+        with torch.no_grad():
+            weight.mul_(30.0)
+            weight[7] = weight[3]
+            for rows, cls in ((slice(0, 3), 3), (slice(3, 6), 7), (slice(6, 9), 5),
+                              (slice(9, 12), 11)):
+                logits[rows, cls] += 10.0  # these rows predict the duplicated classes
+        target[1] = -100
+        for reduction in REDUCTIONS:
+            check_elogitnorm("triton", logits, weight, target, reduction, rtol=RTOL, atol=ATOL)
+        # A near duplicate (0.008 apart, where the GEMM form is off by ~0.1): its distance
+        # drives the loss and the logits gradient. (The weight gradient's own GEMM form,
+        # c (w_m - w_j) as c w_m - c w_j, loses digits there in every fp32 backend.)
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(5)
+            weight[11] = weight[5] + 1e-3 * torch.randn(d, generator=generator)
+        loss = ef.elogitnorm_loss(logits, weight.detach(), target, reduction="none",
+                                  backend="triton")
+        (grad,) = torch.autograd.grad(loss.sum(), logits)
+        ref_z = logits.detach().double().requires_grad_(True)
+        expected = elogitnorm_reference(ref_z, weight.detach().double(), target,
+                                        reduction="none")
+        (ref_grad,) = torch.autograd.grad(expected.sum(), ref_z)
+        torch.testing.assert_close(loss.double(), expected, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=RTOL, atol=ATOL)
 
     def test_paper_divisor_matches_reference():
         logits, weight, target = make_case(16, 7, 5, dtype=torch.float32)

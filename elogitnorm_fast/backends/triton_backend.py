@@ -8,10 +8,13 @@ coefficients ``c`` of the weight gradient; the backward rescales rows by their u
 gradient and runs the weight-gradient GEMMs. For small C
 (:func:`elogitnorm_fast.kernels.elogitnorm.fuses_distances`: C <= 128, C * D <= 2^17) that
 launch also takes the argmax and computes each row's distances from ``W`` directly, so the
-forward is one launch plus the output allocations. Otherwise the distance rows of the
-predicted classes come from one GEMM (:func:`elogitnorm_fast.geometry.distance_rows`; TF32 follows
-``torch.backends.cuda.matmul.allow_tf32``, off by default). Never C x C x D, never C x C unless
-N >= C. No host syncs; the caller's logits are never written.
+forward is one launch plus the output allocations. Otherwise the host runs the argmax, the
+squared norms of ``W`` and one GEMM of raw inner products ``w_m . w_j`` for the predicted
+classes (rows as in :func:`elogitnorm_fast.geometry.predicted_rows`; TF32 follows
+``torch.backends.cuda.matmul.allow_tf32``, off by default), and the kernel turns them into
+distances (norms, clamp, root, self-distance 1, exact recomputation of cancelled entries). The
+eager path keeps the gathered rows ``W[predicted]`` for the weight gradient. Never C x C x D,
+never C x C unless N >= C. No host syncs; the caller's logits are never written.
 
 The ops are ``torch.library.triton_op`` s with ``register_autograd``, so
 ``torch.compile(fullgraph=True)`` traces through them. Triton is imported only inside the ops.
@@ -32,7 +35,7 @@ import os
 
 import torch
 
-from ..geometry import DistanceRows, distance_rows, weight_gradient
+from ..geometry import DistanceRows, predicted_rows, weight_gradient
 from ..reduction import reduce_rows
 from . import torch_backend
 
@@ -95,24 +98,33 @@ def _logitnorm_grad_eager(logits, target, stats, upstream, ignore_index):
     return _logitnorm_grad_impl(logits, target, stats, upstream, ignore_index, traced=False)
 
 
-def _elogitnorm_impl(logits, weight, target, ignore_index, eps, divisor, write_grad,
-                     write_coefficients, block_cols, traced=True):
+def _elogitnorm_forward(logits, weight, target, ignore_index, eps, divisor, write_grad,
+                        write_coefficients, block_cols, traced=True):
+    """The op's four outputs, and the fp32 rows ``W[predicted]`` where the GEMM path gathered
+    them (one per sample, N < C; else None): the weight gradient's GEMMs need them again."""
     kernels = _kernels("elogitnorm")
     if block_cols <= 0 and kernels.fuses_distances(logits.shape[1], weight.shape[1]):
         # Small C: argmax, distance rows, loss and gradient tiles in one launch.
         return kernels.elogitnorm_rows_fused(
             logits, target, weight, eps=eps, divisor=divisor, ignore_index=ignore_index,
             write_grad=write_grad, write_coefficients=write_coefficients, traced=traced,
-        )
+        ), None
     predicted = logits.argmax(dim=1)  # first index on ties, like torch.max
-    geometry = distance_rows(weight, predicted, torch.float32)
+    w = weight.to(torch.float32)
+    rows, per_sample = predicted_rows(w, predicted)
+    # Raw inner products only (R x C, fp32 accumulation); the kernel forms the distances.
+    inner = torch.mm(rows, w.t())
+    squared_norms = torch.linalg.vecdot(w, w)  # mul + sum: the precision of (w * w).sum(1)
     losses, grad, coefficients = kernels.elogitnorm_rows(
-        logits, target, predicted, geometry.distances, weight, geometry.squared_norms,
-        per_sample=geometry.per_sample, eps=eps, divisor=divisor, ignore_index=ignore_index,
-        write_grad=write_grad, write_coefficients=write_coefficients,
-        block_cols=_block(block_cols), traced=traced,
+        logits, target, predicted, inner, w, squared_norms, per_sample=per_sample, eps=eps,
+        divisor=divisor, ignore_index=ignore_index, write_grad=write_grad,
+        write_coefficients=write_coefficients, block_cols=_block(block_cols), traced=traced,
     )
-    return losses, grad, coefficients, predicted
+    return (losses, grad, coefficients, predicted), (rows if per_sample else None)
+
+
+def _elogitnorm_impl(*inputs, traced=True):
+    return _elogitnorm_forward(*inputs, traced=traced)[0]
 
 
 def _scale_rows_impl(first, second, upstream, target, ignore_index, traced=True):
@@ -139,17 +151,19 @@ def _logitnorm_backward(ctx, grad_losses, *_unused):
     return grad_logits, None, None, None, None
 
 
-def _elogitnorm_setup(ctx, inputs, output):
+def _elogitnorm_setup(ctx, inputs, output, rows=None):
+    """Saves what the backward reads; ``rows``: the forward's ``W[predicted]`` (eager path
+    only, the op's outputs do not include it), else the backward gathers them again."""
     _, weight, target, ignore_index, *_ = inputs
     _, grad_unit, coefficient_unit, predicted = output
-    ctx.save_for_backward(weight, target, grad_unit, coefficient_unit, predicted)
+    ctx.save_for_backward(weight, target, grad_unit, coefficient_unit, predicted, rows)
     ctx.ignore_index = ignore_index
 
 
 def _elogitnorm_backward(ctx, grad_losses, *_unused):
     if grad_losses is None:  # the eager Function does not materialise unused output gradients
         return (None,) * 9
-    weight, target, grad_unit, coefficient_unit, predicted = ctx.saved_tensors
+    weight, target, grad_unit, coefficient_unit, predicted, rows = ctx.saved_tensors
     # Everything the forward wrote is linear in the row's upstream gradient.
     scale_rows = _scale_rows_eager if getattr(ctx, "eager", False) else _scale_rows
     grad_logits, coefficients = scale_rows(grad_unit, coefficient_unit, grad_losses.float(),
@@ -157,13 +171,12 @@ def _elogitnorm_backward(ctx, grad_losses, *_unused):
     grad_weight = None
     if ctx.needs_input_grad[1]:
         w = weight.to(torch.float32)
-        num_classes = w.shape[0]
-        per_sample = predicted.shape[0] < num_classes
-        if per_sample:
-            geometry = DistanceRows(w.index_select(0, predicted), predicted, w, True)
-        else:
-            classes = torch.arange(num_classes, device=w.device)
-            geometry = DistanceRows(w, classes, w, False)
+        per_sample = predicted.shape[0] < w.shape[0]
+        if rows is None:
+            rows, per_sample = predicted_rows(w, predicted)
+        # weight_gradient reads the rows, their classes (one row per sample: the predicted
+        # ones; one per class: unused) and the layout, not the distances.
+        geometry = DistanceRows(rows, predicted, None, per_sample)
         grad_weight = weight_gradient(w, geometry, predicted, coefficients).to(weight.dtype)
     return (grad_logits if ctx.needs_input_grad[0] else None, grad_weight,
             None, None, None, None, None, None, None)
@@ -185,11 +198,11 @@ class _EagerLogitNorm(torch.autograd.Function):
 class _EagerELogitNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
-        output = _elogitnorm_impl(*inputs, traced=False)
+        output, rows = _elogitnorm_forward(*inputs, traced=False)
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)  # no zero gradients for the three auxiliary outputs
         ctx.eager = True
-        _elogitnorm_setup(ctx, inputs, output)
+        _elogitnorm_setup(ctx, inputs, output, rows)
         return output
 
     backward = staticmethod(_elogitnorm_backward)
