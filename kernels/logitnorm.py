@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rows import _row_targets, _upstream_tile, launch_config, launcher, tile_grid
+from .rows import _program_rows, _upstream_tile, launch_config, launcher, tile_grid
 
 
 @triton.jit
@@ -59,10 +59,8 @@ def _logitnorm_kernel(
     BLOCK: tl.constexpr,
 ):
     # 1. This program's rows; int64 offsets so N * C may exceed 2^31.
-    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
-    row_mask = rows < n_rows
-    cols = tl.arange(0, BLOCK)
-    target, valid, in_range = _row_targets(target_ptr, rows, row_mask, n_cols, ignore_index)
+    rows, row_mask, cols, target, valid, in_range = _program_rows(
+        target_ptr, n_rows, n_cols, ignore_index, ROWS, BLOCK)
     row_base = logits_ptr + rows[:, None] * logits_stride
     # z_y by a gather; an out-of-range target gives NaN (no device assert).
     z_target = tl.load(logits_ptr + rows * logits_stride + target, mask=in_range,

@@ -61,6 +61,19 @@ def _row_targets(target_ptr, rows, row_mask, n_cols, ignore_index):
     return target, valid, in_range
 
 
+@triton.jit
+def _program_rows(target_ptr, n_rows, n_cols, ignore_index, ROWS: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """This program's block of ROWS rows (int64, so N * C may exceed 2^31) of a row kernel,
+    the first BLOCK column indices, and the rows' targets with their masks
+    (:func:`_row_targets`)."""
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    row_mask = rows < n_rows
+    cols = tl.arange(0, BLOCK)
+    target, valid, in_range = _row_targets(target_ptr, rows, row_mask, n_cols, ignore_index)
+    return rows, row_mask, cols, target, valid, in_range
+
+
 def tile_grid(n_rows: int, n_cols: int) -> tuple[int, int, tuple[int]]:
     """``(ROWS, BLOCK, grid)`` of the elementwise backward kernels: tiles of at most
     ``SCALE_BLOCK`` elements on a 1-D grid (axes 1 and 2 stop at 65535 blocks)."""
