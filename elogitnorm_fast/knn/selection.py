@@ -54,7 +54,8 @@ class RunningTopK:
     """The ``k`` best similarities and their bank indices for ``num_queries`` rows.
 
     Usage: ``top = RunningTopK(n, k, device, native=True); top.update(0, n, S, offset)`` for each
-    block, then ``top.kth_values()`` or ``top.sorted()``.
+    block, then ``top.kth_values()`` or ``top.sorted()``. Read results only through those two:
+    ``values`` / ``indices`` are working state (the native slots hold pending and stale pairs).
     """
 
     def __init__(
