@@ -131,7 +131,10 @@ def ptxas_usage(ptx: str, arch: int) -> dict[str, int]:
 
     from triton.backends.nvidia.compiler import get_ptxas
 
-    ptxas = get_ptxas(arch).path
+    try:
+        ptxas = get_ptxas(arch).path
+    except TypeError:  # triton releases before 3.4 take no architecture
+        ptxas = get_ptxas().path
     suffix = "a" if arch == 90 else ""
     with tempfile.TemporaryDirectory() as folder:
         source = os.path.join(folder, "kernel.ptx")
