@@ -133,7 +133,7 @@ def ptxas_usage(ptx: str, arch: int) -> dict[str, int]:
 
     try:
         ptxas = get_ptxas(arch).path
-    except TypeError:  # triton releases before 3.4 take no architecture
+    except TypeError:  # older triton releases take no architecture argument
         ptxas = get_ptxas().path
     suffix = "a" if arch == 90 else ""
     with tempfile.TemporaryDirectory() as folder:
