@@ -96,6 +96,15 @@ def distance_rows(
     return DistanceRows(rows, row_class, distances, per_sample, squared_norms)
 
 
+def unclamped_scale(
+    z: torch.Tensor, top: torch.Tensor, raw_distances: torch.Tensor, eps: float, divisor: float
+) -> torch.Tensor:
+    """ELogitNorm's scale before its clamp: ``sum_j (v - z_j) / max(Delta_j, eps) / divisor``
+    per row, with ``top`` the rows' maxima ``v`` and ``raw_distances`` their distance rows
+    (N x C, self-distance 1)."""
+    return ((top[:, None] - z) / raw_distances.clamp_min(eps)).sum(dim=1) / divisor
+
+
 def weight_gradient(
     weight: torch.Tensor,
     geometry: DistanceRows,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..geometry import accumulation_dtype, distance_rows, weight_gradient
+from ..geometry import accumulation_dtype, distance_rows, unclamped_scale, weight_gradient
 from ..reduction import reduce_rows, row_gradient_weights
 
 NAME = "torch"
@@ -34,9 +34,7 @@ class _ELogitNorm(torch.autograd.Function):
         # CPU: recompute near-coincident weight rows exactly (the check is a sync elsewhere).
         geometry = distance_rows(weight, predicted, dtype, refine=weight.device.type == "cpu")
         raw_distances = geometry.for_samples(predicted)
-        distances = raw_distances.clamp_min(eps)
-        margins = values[:, None] - z
-        raw_scale = (margins / distances).sum(dim=1) / divisor
+        raw_scale = unclamped_scale(z, values, raw_distances, eps, divisor)
         scale = raw_scale.clamp_min(eps)
         scaled = z / scale[:, None]
         log_norm = torch.logsumexp(scaled, dim=1)

@@ -11,15 +11,19 @@ For logits ``z`` (N x C) and head weight ``W`` (C x D), per row (design.md secti
 calibrated confidence (e.g. ``msp(logits / s[:, None])``).
 
 Only the distance rows of the classes a chunk of rows predicts are computed, from ``W`` on the
-fly as ``sqrt(max(||w_m||^2 + ||w_j||^2 - 2 w_m . w_j, 0))`` in float32 (float64 when the logits
-or ``W`` are float64): memory ``O(rows_per_chunk * C + C * D)``, never ``C x C``.
+fly, with the same geometry as the ``torch`` loss backend
+(:func:`elogitnorm_fast.geometry.distance_rows`; on the CPU near-coincident weight rows are
+recomputed exactly), in float32 (float64 when the logits or ``W`` are float64): memory
+``O(rows_per_chunk * C + C * D)``, never ``C x C`` unless a chunk has at least C rows.
 """
 
 from __future__ import annotations
 
 import torch
 
-from elogitnorm_fast.reference import DEFAULT_EPS, divisor_value
+from ..geometry import accumulation_dtype, distance_rows, unclamped_scale
+from ..reference import DEFAULT_EPS, divisor_value
+from ..validation import check_logits, check_weight
 
 __all__ = ["elogitnorm_scale"]
 
@@ -39,37 +43,19 @@ def elogitnorm_scale(
 
     Example: ``s = elogitnorm_scale(logits, model.fc.weight); conf = msp(logits / s[:, None])``.
     """
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be 2-D (N, C), got shape {tuple(logits.shape)}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (C, D), got shape {tuple(weight.shape)}")
+    check_logits(logits)
+    check_weight(weight, logits)
     n_rows, n_cols = logits.shape
-    if weight.shape[0] != n_cols:
-        raise ValueError(
-            f"weight must have one row per class: logits have C = {n_cols}, weight has "
-            f"{weight.shape[0]} rows"
-        )
-    if logits.device != weight.device:
-        raise ValueError(
-            f"logits and weight must be on one device, got {logits.device} and {weight.device}"
-        )
     div = divisor_value(n_cols, divisor)
-    acc = torch.float64 if torch.float64 in (logits.dtype, weight.dtype) else torch.float32
+    acc = accumulation_dtype(logits, weight)
     out = torch.empty(n_rows, dtype=acc, device=logits.device)
-    if n_rows == 0:
-        return out
-    w = weight.detach().to(acc)
-    sq_norms = (w * w).sum(dim=1)
     if chunk_rows is None:
         chunk_rows = max(1, _CHUNK_ELEMENTS // n_cols)
+    refine = logits.device.type == "cpu"  # finding the entries to refine syncs elsewhere
     for start in range(0, n_rows, chunk_rows):
         z = logits[start : start + chunk_rows].detach().to(acc)
         top, predicted = z.max(dim=1)
-        classes, row_of = torch.unique(predicted, return_inverse=True)
-        w_u = w[classes]
-        squared = sq_norms[classes, None] + sq_norms[None, :] - 2.0 * (w_u @ w.T)
-        dist = squared.clamp_min_(0.0).sqrt_().clamp_min_(eps)
-        dist[torch.arange(classes.numel(), device=dist.device), classes] = 1.0
-        margins = (top[:, None] - z) / dist[row_of]
-        out[start : start + chunk_rows] = (margins.sum(dim=1) / div).clamp_min_(eps)
+        distances = distance_rows(weight.detach(), predicted, acc, refine=refine)
+        scale = unclamped_scale(z, top, distances.for_samples(predicted), eps, div)
+        out[start : start + chunk_rows] = scale.clamp_min_(eps)
     return out
