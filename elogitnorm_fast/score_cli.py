@@ -32,7 +32,7 @@ ALL_SCORERS = LOGIT_SCORERS + FEATURE_SCORERS
 
 
 def load_array(path: str, name: str) -> torch.Tensor:
-    """A 2-D float tensor from ``.npy`` (memory-mapped) or ``.pt``; clear errors otherwise."""
+    """A 2-D float tensor read from ``.npy`` or ``.pt`` into memory; clear errors otherwise."""
     if not os.path.exists(path):
         raise SystemExit(f"error: {name}: file not found: {path}")
     if path.endswith(".npy"):
@@ -115,10 +115,16 @@ def compute_scores(args: argparse.Namespace) -> dict[str, dict[str, torch.Tensor
     if head is not None and features and head[0].shape[1] != next(iter(dims.values())):
         raise SystemExit(f"error: --head weight is {tuple(head[0].shape)} but the features have "
                          f"{next(iter(dims.values()))} columns")
-    bank_dim = None
+    # A .npy bank stays on disk (memory-mapped, streamed by the KNN scorer); a .pt bank is read
+    # once. ReAct's percentile needs the whole bank in memory either way.
+    bank: str | torch.Tensor | None = None
     if args.bank:
-        bank_dim = np.load(args.bank, mmap_mode="r").shape[1] if args.bank.endswith(".npy") \
-            else load_array(args.bank, "--bank").shape[1]
+        if args.bank.endswith(".npy") and os.path.exists(args.bank):
+            bank = args.bank
+            bank_dim = np.load(args.bank, mmap_mode="r").shape[1]
+        else:
+            bank = load_array(args.bank, "--bank")
+            bank_dim = bank.shape[1]
         if bank_dim != next(iter(dims.values())):
             raise SystemExit(f"error: --bank has {bank_dim} columns but the inputs have "
                              f"{next(iter(dims.values()))}")
@@ -129,9 +135,10 @@ def compute_scores(args: argparse.Namespace) -> dict[str, dict[str, torch.Tensor
     shapers = {"react": ReAct(90.0), "ash": ASH(90.0, "s"), "scale": SCALE(85.0)}
     knn = None
     if "knn" in scorers:
-        knn = KNNScorer(k=args.k, device=device).fit(args.bank)
+        knn = KNNScorer(k=args.k, device=device).fit(bank)
     if "react" in scorers:  # the clip percentile is taken over the whole bank, in memory
-        shapers["react"].fit(load_array(args.bank, "--bank").to(device))
+        in_memory = bank if isinstance(bank, torch.Tensor) else load_array(bank, "--bank")
+        shapers["react"].fit(in_memory.to(device))
     for name, tensor in data.items():
         x = tensor.to(device)
         if logit_names:

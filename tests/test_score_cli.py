@@ -59,14 +59,43 @@ def test_scores_and_report_match_direct_computation(files):
 
 
 def test_npy_format_writes_one_file_per_split_and_scorer(files):
-    folder, *_ = files
+    folder, _, _, ood, head = files
     out = folder / "npy"
     main(["score", "--id", str(folder / "id.npy"), "--ood", str(folder / "ood.pt"),
           "--head", str(folder / "head.pt"), "--scorers", "gen,max_logit", "--format", "npy",
           "--out", str(out)])
     assert sorted(p.name for p in out.glob("*.npy")) == [
         "id_gen.npy", "id_max_logit.npy", "ood_gen.npy", "ood_max_logit.npy"]
-    assert np.load(out / "ood_gen.npy").shape == (30,)
+    ood_logits = torch.from_numpy(ood) @ head["weight"].T + head["bias"]
+    torch.testing.assert_close(torch.from_numpy(np.load(out / "ood_max_logit.npy")),
+                               ood_logits.max(dim=1).values, rtol=1e-5, atol=1e-5)
+    # GEN (Liu et al. 2023, gamma = 0.1, M = all classes here): -sum_j p_j^g (1 - p_j)^g
+    p = ood_logits.double().softmax(dim=1)
+    gen = -(p.pow(0.1) * (1 - p).pow(0.1)).sum(dim=1)
+    # fp32 (1 - p) cancels for p near 1: ~1e-4 absolute here; test_logit_scores checks precision
+    torch.testing.assert_close(torch.from_numpy(np.load(out / "ood_gen.npy")).double(), gen,
+                               rtol=1e-3, atol=2e-4)
+
+
+def test_pt_bank_scores_like_the_npy_bank(files):
+    folder, bank, id_test, *_ = files
+    torch.save(torch.from_numpy(bank), folder / "bank.pt")
+    written = {}
+    for suffix in ("npy", "pt"):
+        out = folder / f"bank_{suffix}"
+        assert main(["score", "--id", str(folder / "id.npy"), "--ood", str(folder / "ood.pt"),
+                     "--bank",
+                     str(folder / f"bank.{suffix}"), "--scorers", "knn,react", "--head",
+                     str(folder / "head.pt"), "--k", "5", "--format", "npy",
+                     "--out", str(out)]) == 0
+        written[suffix] = {name: np.load(out / f"id_{name}.npy") for name in ("knn", "react")}
+    q = torch.nn.functional.normalize(torch.from_numpy(id_test).double(), dim=1)
+    b = torch.nn.functional.normalize(torch.from_numpy(bank).double(), dim=1)
+    expected = -torch.cdist(q, b).sort(dim=1).values[:, 4]
+    for suffix in ("npy", "pt"):
+        torch.testing.assert_close(torch.from_numpy(written[suffix]["knn"]).double(), expected,
+                                   rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(written["npy"]["react"], written["pt"]["react"])
 
 
 @pytest.mark.parametrize(
