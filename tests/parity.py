@@ -99,3 +99,39 @@ def check_logitnorm(backend, logits, target, reduction, *, rtol, atol, tau=0.04)
     _close("grad_logits", grad_logits.double(), ref_grad, rtol, atol)
     assert grad_logits.dtype == logits.dtype
     return loss, grad_logits
+
+
+def check_bf16_error(backend, kind, n, c, d, device="cpu"):
+    """bf16 logits with an fp32 weight: the loss and every gradient of ``backend`` against the
+    float64 reference on the same (bf16-rounded) inputs, at most twice the error of plain
+    PyTorch (the reference formula evaluated in bf16). ``kind``: "elogitnorm" or "logitnorm"."""
+    logits, weight, target = make_case(n, c, d, dtype=torch.float32, device=device)
+    low = logits.detach().bfloat16().requires_grad_(True)
+    weight = weight.detach().requires_grad_(True)
+    exact_z = low.detach().double().requires_grad_(True)
+    exact_w = weight.detach().double().requires_grad_(True)
+    plain_z = low.detach().clone().requires_grad_(True)
+    plain_w = weight.detach().bfloat16().requires_grad_(True)
+    if kind == "elogitnorm":
+        ours = ef.elogitnorm_loss(low, weight, target, reduction="none", backend=backend)
+        exact = elogitnorm_reference(exact_z, exact_w, target, reduction="none")
+        plain = elogitnorm_reference(plain_z, plain_w, target, reduction="none")
+        inputs = ((low, weight), (exact_z, exact_w), (plain_z, plain_w))
+    else:
+        ours = ef.logitnorm_loss(low, target, reduction="none", backend=backend)
+        exact = logitnorm_reference(exact_z, target, reduction="none")
+        plain = logitnorm_reference(plain_z, target, reduction="none")
+        inputs = ((low,), (exact_z,), (plain_z,))
+    assert ours.dtype == torch.bfloat16
+
+    def error(value, truth):
+        return ((value.double() - truth).norm() / truth.norm()).item()
+
+    grad = torch.rand(ours.shape, dtype=torch.float64, device=device) + 0.5
+    ours_grads = torch.autograd.grad(ours, inputs[0], grad.bfloat16())
+    exact_grads = torch.autograd.grad(exact, inputs[1], grad)
+    plain_grads = torch.autograd.grad(plain, inputs[2], grad.bfloat16())
+    assert [g.dtype for g in ours_grads] == [t.dtype for t in inputs[0]]
+    for value, truth, baseline in zip((ours, *ours_grads), (exact, *exact_grads),
+                                      (plain, *plain_grads), strict=True):
+        assert error(value, truth) <= 2 * error(baseline, truth) + 1e-4

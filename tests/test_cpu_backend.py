@@ -13,9 +13,16 @@ import torch
 
 import elogitnorm_fast as ef
 from elogitnorm_fast.backends import _extension_ops
-from elogitnorm_fast.reference import elogitnorm_reference, logitnorm_reference
+from elogitnorm_fast.reference import elogitnorm_reference
 
-from parity import KINDS, REDUCTIONS, check_elogitnorm, check_logitnorm, make_case
+from parity import (
+    KINDS,
+    REDUCTIONS,
+    check_bf16_error,
+    check_elogitnorm,
+    check_logitnorm,
+    make_case,
+)
 
 F64 = {"rtol": 1e-9, "atol": 1e-10}
 F32 = {"rtol": 2e-4, "atol": 2e-6}
@@ -95,36 +102,7 @@ def test_bf16_logits_error_at_most_twice_plain_pytorch(backend_device, kind):
     """bf16 logits, fp32 weight: loss and gradients against fp64 on the same (bf16-rounded)
     inputs, at most 2x the error of the reference formula evaluated in bf16 by plain PyTorch."""
     backend, device = backend_device
-    logits, weight, target = make_case(64, 50, 16, dtype=torch.float32, device=device)
-    low = logits.detach().bfloat16().requires_grad_(True)
-    weight = weight.detach().requires_grad_(True)
-    exact_z = low.detach().double().requires_grad_(True)
-    exact_w = weight.detach().double().requires_grad_(True)
-    plain_z = low.detach().clone().requires_grad_(True)
-    plain_w = weight.detach().bfloat16().requires_grad_(True)
-    if kind == "elogitnorm":
-        ours = ef.elogitnorm_loss(low, weight, target, reduction="none", backend=backend)
-        exact = elogitnorm_reference(exact_z, exact_w, target, reduction="none")
-        plain = elogitnorm_reference(plain_z, plain_w, target, reduction="none")
-        inputs = ((low, weight), (exact_z, exact_w), (plain_z, plain_w))
-    else:
-        ours = ef.logitnorm_loss(low, target, reduction="none", backend=backend)
-        exact = logitnorm_reference(exact_z, target, reduction="none")
-        plain = logitnorm_reference(plain_z, target, reduction="none")
-        inputs = ((low,), (exact_z,), (plain_z,))
-    assert ours.dtype == torch.bfloat16
-
-    def error(value, truth):
-        return ((value.double() - truth).norm() / truth.norm()).item()
-
-    upstream = torch.rand(ours.shape, dtype=torch.float64, device=device) + 0.5
-    ours_grads = torch.autograd.grad(ours, inputs[0], upstream.bfloat16())
-    exact_grads = torch.autograd.grad(exact, inputs[1], upstream)
-    plain_grads = torch.autograd.grad(plain, inputs[2], upstream.bfloat16())
-    assert [g.dtype for g in ours_grads] == [t.dtype for t in inputs[0]]
-    for value, truth, baseline in zip((ours, *ours_grads), (exact, *exact_grads),
-                                      (plain, *plain_grads), strict=True):
-        assert error(value, truth) <= 2 * error(baseline, truth) + 1e-4
+    check_bf16_error(backend, kind, 64, 50, 16, device)
 
 
 def test_elogitnorm_fp16_logits(backend_device):
