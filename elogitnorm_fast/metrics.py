@@ -301,11 +301,11 @@ def ood_report(
     rate = _check_rate(tpr, "tpr")
     pos, neg = _check_pair(id_scores, ood_scores)
     tps, fps = _binary_curve(pos, neg)
+    out_tps, out_fps = _binary_curve(-neg, -pos)  # OOD positive: AUPR-Out, OpenOOD's FPR
     if convention == "classical":
         fpr = _fpr_from_curve(tps, fps, rate)
     else:
-        fpr = fpr_at_tpr(pos, neg, rate, convention="openood")
-    out_tps, out_fps = _binary_curve(-neg, -pos)
+        fpr = _fpr_from_curve(*_drop_collinear(out_tps, out_fps), rate)
     return {
         "auroc": _auroc_from_curve(tps, fps),
         "aupr_in": _aupr_from_curve(tps, fps),
