@@ -31,15 +31,13 @@ class DistanceRows(NamedTuple):
     ``rows`` (R x D) are the weight rows the distances start from and ``row_class`` (R,) their
     class indices; ``distances`` (R x C) holds ``||rows[r] - w_j||`` with the self-distance set to
     1 (the released code adds the identity). ``per_sample`` says whether row ``r`` belongs to
-    sample ``r`` (R = N) or to class ``r`` (R = C). ``squared_norms`` (C,): ``||w_j||^2`` in the
-    distances' dtype where :func:`distance_rows` computed them, else None.
+    sample ``r`` (R = N) or to class ``r`` (R = C).
     """
 
     rows: torch.Tensor
     row_class: torch.Tensor
     distances: torch.Tensor
     per_sample: bool
-    squared_norms: torch.Tensor | None = None
 
     def for_samples(self, predicted: torch.Tensor) -> torch.Tensor:
         """The N x C distance rows of the samples' predicted classes."""
@@ -93,7 +91,7 @@ def distance_rows(
             squared[row_index, column_index] = (difference * difference).sum(dim=1)
     distances = squared.clamp_min_(0.0).sqrt_()
     distances.scatter_(1, row_class[:, None], 1.0)
-    return DistanceRows(rows, row_class, distances, per_sample, squared_norms)
+    return DistanceRows(rows, row_class, distances, per_sample)
 
 
 def unclamped_scale(
@@ -107,7 +105,8 @@ def unclamped_scale(
 
 def weight_gradient(
     weight: torch.Tensor,
-    geometry: DistanceRows,
+    rows: torch.Tensor,
+    per_sample: bool,
     predicted: torch.Tensor,
     coefficients: torch.Tensor,
 ) -> torch.Tensor:
@@ -120,13 +119,12 @@ def weight_gradient(
 
         dW = scatter_rows(rowsum(R) * W_rows - R W) + colsum(R) * W - R^T W_rows
 
-    With one row per class (``W_rows = W``) that is one GEMM: ``S = R + R^T``,
-    ``dW = rowsum(S) * W - S W``; ``geometry.row_class`` is then not read (the samples' rows
-    are pooled by ``predicted``), and ``geometry.distances`` never is.
+    ``rows`` and ``per_sample`` as in :class:`DistanceRows` (one row per sample: ``W[predicted]``;
+    one per class: ``W`` itself, and then it is one GEMM: ``S = R + R^T``,
+    ``dW = rowsum(S) * W - S W``).
     """
     w = weight.to(coefficients.dtype)
-    rows = geometry.rows
-    if geometry.per_sample:
+    if per_sample:
         pooled = coefficients
     else:
         pooled = torch.zeros(
@@ -137,4 +135,4 @@ def weight_gradient(
     row_part = torch.addmm(pooled.sum(dim=1, keepdim=True) * rows, pooled, w, alpha=-1.0)
     transposed = pooled.t()
     grad = torch.addmm(transposed.sum(dim=1, keepdim=True) * w, transposed, rows, alpha=-1.0)
-    return grad.index_add_(0, geometry.row_class, row_part)
+    return grad.index_add_(0, predicted, row_part)

@@ -8,10 +8,10 @@ closed-form backward (design.md section 2.1) that reaches both the logits and th
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..geometry import accumulation_dtype, distance_rows, unclamped_scale, weight_gradient
 from ..reduction import reduce_rows, row_gradient_weights
+from ..reference import logitnorm_reference
 
 NAME = "torch"
 
@@ -45,7 +45,8 @@ class _ELogitNorm(torch.autograd.Function):
         ctx.save_for_backward(
             z, weight, target_safe, valid, predicted, raw_scale, log_norm, raw_distances
         )
-        ctx.geometry = geometry
+        # the weight gradient needs the rows, not the distances (C x C when N >= C)
+        ctx.rows, ctx.per_sample = geometry.rows, geometry.per_sample
         ctx.options = (reduction, eps, divisor)
         ctx.logits_dtype = logits.dtype
         return reduce_rows(row_losses, valid, reduction).to(logits.dtype)
@@ -79,7 +80,8 @@ class _ELogitNorm(torch.autograd.Function):
             coefficients = torch.where(
                 raw_distances >= eps, coefficients, torch.zeros_like(coefficients)
             )
-            grad_weight = weight_gradient(weight, ctx.geometry, predicted, coefficients)
+            grad_weight = weight_gradient(weight, ctx.rows, ctx.per_sample, predicted,
+                                          coefficients)
             grad_weight = grad_weight.to(weight.dtype)
         return grad_logits.to(ctx.logits_dtype), grad_weight, None, None, None, None, None
 
@@ -106,10 +108,9 @@ def logitnorm_loss(
     reduction: str,
     ignore_index: int,
 ) -> torch.Tensor:
-    """LogitNorm with fp32 (or fp64) accumulation; autograd gives the closed-form gradient."""
+    """LogitNorm with fp32 (or fp64) accumulation: the reference formula (one row-wise norm,
+    no all-pairs term to avoid) on widened logits; autograd gives the closed-form gradient."""
     z = logits.to(accumulation_dtype(logits))
-    norms = torch.linalg.vector_norm(z, dim=1, keepdim=True) + 1e-7
-    loss = F.cross_entropy(
-        z / (norms * tau), target, reduction=reduction, ignore_index=ignore_index
-    )
+    loss = logitnorm_reference(z, target, tau=tau, reduction=reduction,
+                               ignore_index=ignore_index)
     return loss.to(logits.dtype)

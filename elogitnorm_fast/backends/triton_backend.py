@@ -35,7 +35,7 @@ import os
 
 import torch
 
-from ..geometry import DistanceRows, predicted_rows, weight_gradient
+from ..geometry import predicted_rows, weight_gradient
 from ..reduction import reduce_rows
 from . import torch_backend
 
@@ -171,13 +171,12 @@ def _elogitnorm_backward(ctx, grad_losses, *_unused):
     grad_weight = None
     if ctx.needs_input_grad[1]:
         w = weight.to(torch.float32)
-        per_sample = predicted.shape[0] < w.shape[0]
-        if rows is None:
+        if rows is None:  # the op path, or one row per class (the rows are W itself)
             rows, per_sample = predicted_rows(w, predicted)
-        # weight_gradient reads the rows, their classes (one row per sample: the predicted
-        # ones; one per class: unused) and the layout, not the distances.
-        geometry = DistanceRows(rows, predicted, None, per_sample)
-        grad_weight = weight_gradient(w, geometry, predicted, coefficients).to(weight.dtype)
+        else:  # the eager path saved W[predicted]
+            per_sample = True
+        grad_weight = weight_gradient(w, rows, per_sample, predicted, coefficients)
+        grad_weight = grad_weight.to(weight.dtype)
     return (grad_logits if ctx.needs_input_grad[0] else None, grad_weight,
             None, None, None, None, None, None, None)
 
