@@ -82,9 +82,7 @@ def logitnorm_loss(
         loss = logitnorm_loss(model(x), y, tau=0.04)
     """
     check_logits(logits)
-    check_options(reduction)
-    if not tau > 0:
-        raise ValueError(f"tau must be > 0, got {tau!r}")
+    check_options(reduction, tau=tau)
     module = resolve_backend(backend, logits.device)
     check_target(target, logits, ignore_index,
                  values=not getattr(module, "CHECKS_TARGET_VALUES", False))
@@ -147,9 +145,7 @@ class LogitNormLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        check_options(reduction)
-        if not tau > 0:
-            raise ValueError(f"tau must be > 0, got {tau!r}")
+        check_options(reduction, tau=tau)
         self.tau, self.reduction, self.ignore_index, self.backend = (
             tau, reduction, ignore_index, backend
         )

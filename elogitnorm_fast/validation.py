@@ -77,8 +77,10 @@ def check_target(
         )
 
 
-def check_options(reduction: str, eps: float | None = None) -> None:
+def check_options(reduction: str, eps: float | None = None, tau: float | None = None) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if eps is not None and not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps!r}")
+    if tau is not None and not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau!r}")

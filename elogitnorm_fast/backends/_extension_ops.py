@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from ..extension import has_ops, load_error
 from ..geometry import accumulation_dtype
 
 _NAMESPACE = "elogitnorm_fast"
@@ -29,11 +30,10 @@ _OPS = ("elogitnorm_forward", "elogitnorm_backward", "logitnorm_forward", "logit
 
 
 def _load() -> str | None:
-    try:
-        from .. import _C  # noqa: F401  (loading the library registers the ops)
-    except ImportError as error:
-        return f"the compiled extension elogitnorm_fast._C is not built ({error})"
-    missing = [name for name in _OPS if not hasattr(getattr(torch.ops, _NAMESPACE), name)]
+    error = load_error()
+    if error is not None:
+        return error
+    missing = [name for name in _OPS if not has_ops(name)]
     if missing:
         return f"elogitnorm_fast._C lacks the ops {missing}; rebuild it (pip install -e .)"
     return None

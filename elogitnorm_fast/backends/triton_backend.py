@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 
 import torch
 
+from ..extension import triton_interpreting
 from ..geometry import predicted_rows, weight_gradient
 from ..reduction import reduce_rows
 from . import torch_backend
@@ -46,10 +46,6 @@ _HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def unavailable_reason(device: torch.device | None) -> str | None:
     """Why the kernels cannot run on ``device`` (None where they can; any device if None)."""
     if not _HAS_TRITON:
@@ -57,12 +53,12 @@ def unavailable_reason(device: torch.device | None) -> str | None:
     if not _HAS_TRITON_OP:
         return f"torch >= 2.6 is needed for torch.library.triton_op, got torch {torch.__version__}"
     if device is None:
-        if torch.cuda.is_available() or _interpreting():
+        if torch.cuda.is_available() or triton_interpreting():
             return None
         return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)"
     if device.type == "cuda":
         return None if torch.cuda.is_available() else "torch cannot reach a CUDA device"
-    if device.type == "cpu" and _interpreting():
+    if device.type == "cpu" and triton_interpreting():
         return None
     return f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got device {device}"
 

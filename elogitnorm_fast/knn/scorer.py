@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .bank import Bank, BankInput, as_array_like, check_finite, prepare_rows
-from .selection import NATIVE_MIN_SLACK, RunningTopK, native_select_available
+from .selection import RunningTopK, native_select_available, slot_width
 
 _BACKENDS = ("auto", "native", "torch")
 #: Memory for the native selection's running top-k; more queries than fit are searched in
@@ -209,7 +209,7 @@ class KNNScorer:
         bank once. At least one batch, possibly empty."""
         if not self._use_native():
             return [queries]
-        per_query = (k + max(k, NATIVE_MIN_SLACK)) * 12
+        per_query = slot_width(k) * 12
         rows = max(1, SELECTION_STATE_BYTES // per_query)
         return list(queries.split(rows)) or [queries]
 

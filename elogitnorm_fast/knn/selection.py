@@ -24,30 +24,22 @@ from __future__ import annotations
 
 import torch
 
+from ..extension import has_ops
+
 #: Index stored in empty slots; it ranks below every real bank index on ties at ``-inf``.
 EMPTY_INDEX = torch.iinfo(torch.int64).max
 
 #: Room for pending candidates per row in the native selection, beyond ``k`` (at least).
 NATIVE_MIN_SLACK = 256
 
-_native_checked: bool | None = None
-
-
 def native_select_available() -> bool:
-    """Whether the compiled CPU selection op is registered (``elogitnorm_fast._C`` built)."""
-    global _native_checked
-    if _native_checked is None:
-        try:
-            import elogitnorm_fast._C  # noqa: F401  (loading registers the ops)
-        except (ImportError, OSError):  # not built, or built against another torch
-            pass
-        try:
-            ops = torch.ops.elogitnorm_fast
-            _native_checked = hasattr(ops, "knn_select_update") and hasattr(
-                ops, "knn_search_update")
-        except (AttributeError, RuntimeError):
-            _native_checked = False
-    return _native_checked
+    """Whether the compiled CPU selection ops are registered (``elogitnorm_fast._C`` built)."""
+    return has_ops("knn_select_update", "knn_search_update")
+
+
+def slot_width(k: int) -> int:
+    """Pairs kept per query by the native selection: ``k`` kept plus the pending slots."""
+    return k + max(k, NATIVE_MIN_SLACK)
 
 
 class RunningTopK:
@@ -64,7 +56,7 @@ class RunningTopK:
         self.k = k
         self.native = native
         self.exact_ties = exact_ties
-        width = k + max(k, NATIVE_MIN_SLACK) if native else k
+        width = slot_width(k) if native else k
         self.values = torch.full((num_queries, width), float("-inf"), device=device)
         self.indices = torch.full(
             (num_queries, width), EMPTY_INDEX, dtype=torch.int64, device=device

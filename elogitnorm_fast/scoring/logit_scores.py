@@ -36,10 +36,12 @@ Example::
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Iterable, Sequence
 
 import torch
+
+from ..extension import load_error, triton_interpreting
+from ..geometry import accumulation_dtype
 
 __all__ = [
     "SCORE_NAMES",
@@ -69,16 +71,10 @@ _CHUNK_ELEMENTS = 1 << 22
 # --------------------------------------------------------------------------------------------
 
 
-def _load_extension() -> None:
-    try:
-        import elogitnorm_fast._C  # noqa: F401  (loading registers the ops)
-    except ImportError:
-        pass
-
-
 def cpu_op_available() -> bool:
     """True when the compiled extension is loaded and registered the CPU ``logit_scores`` op."""
-    _load_extension()
+    if load_error() is not None:
+        return False
     try:
         available = torch._C._dispatch_has_kernel_for_dispatch_key(
             "elogitnorm_fast::logit_scores", "CPU"
@@ -104,7 +100,7 @@ def _register_fake() -> None:
     def _logit_scores_fake(logits, msp, max_logit, energy, entropy, gen, temperature, gamma, top_m):
         torch._check(logits.dim() == 2, lambda: "logits must be 2-D")
         count = int(msp) + int(max_logit) + int(energy) + int(entropy) + int(gen)
-        return logits.new_empty((count, logits.shape[0]), dtype=_out_dtype(logits.dtype))
+        return logits.new_empty((count, logits.shape[0]), dtype=accumulation_dtype(logits))
 
 
 @functools.lru_cache(maxsize=1)
@@ -115,10 +111,6 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def resolve_backend(logits: torch.Tensor, backend: str = "auto") -> str:
@@ -142,7 +134,7 @@ def resolve_backend(logits: torch.Tensor, backend: str = "auto") -> str:
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs triton installed; use backend='torch'")
-        if not logits.is_cuda and not (logits.device.type == "cpu" and _interpreting()):
+        if not logits.is_cuda and not (logits.device.type == "cpu" and triton_interpreting()):
             raise ValueError(
                 f"backend='triton' needs CUDA logits (or CPU logits with TRITON_INTERPRET=1 set "
                 f"before triton was imported), got device {logits.device}"
@@ -178,10 +170,6 @@ def _check_logits(logits: torch.Tensor) -> None:
         raise ValueError(f"logits must be a floating dtype, got {logits.dtype}")
 
 
-def _out_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # --------------------------------------------------------------------------------------------
 # GEN from logits and the per-row log-normaliser
 # --------------------------------------------------------------------------------------------
@@ -208,11 +196,10 @@ def _gen_from_top(
     return -terms.sum(dim=1)
 
 
-def _others_sum(z: torch.Tensor) -> torch.Tensor:
-    """``sum_{k != argmax} exp(z_k - max)`` per row (first index is the argmax on ties)."""
-    top, where = z.max(dim=1, keepdim=True)
-    e = torch.exp(z - top)
-    return e.scatter(1, where, torch.zeros_like(top)).sum(dim=1)
+def _others_sum(shifted_exp: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """``sum_{k != argmax} exp(z_k - max)`` per row from ``exp(z - max)`` and the argmax
+    column ``where`` (n x 1; the first index on ties, as ``max`` gives it)."""
+    return shifted_exp.scatter(1, where, 0.0).sum(dim=1)
 
 
 def _gen_chunked(
@@ -224,9 +211,11 @@ def _gen_chunked(
     out = torch.empty(n_rows, dtype=acc, device=logits.device)
     for start in range(0, n_rows, rows):
         z = logits[start : start + rows].to(acc)
-        top = z if m == n_cols else torch.topk(z, m, dim=1, sorted=False).values
+        top, where = z.max(dim=1, keepdim=True)
+        others = _others_sum(torch.exp(z - top), where)
+        selected = z if m == n_cols else torch.topk(z, m, dim=1, sorted=False).values
         out[start : start + rows] = _gen_from_top(
-            top, log_norm[start : start + rows], _others_sum(z), gamma
+            selected, log_norm[start : start + rows], others, gamma
         )
     return out
 
@@ -238,7 +227,7 @@ def _gen_chunked(
 
 def _torch_scores(logits, names, temperature, gamma, top_m) -> dict[str, torch.Tensor]:
     n_rows, n_cols = logits.shape
-    acc = _out_dtype(logits.dtype)
+    acc = accumulation_dtype(logits)
     want = set(names)
     out = {name: torch.empty(n_rows, dtype=acc, device=logits.device) for name in names}
     m_eff = min(top_m, n_cols)
@@ -246,7 +235,7 @@ def _torch_scores(logits, names, temperature, gamma, top_m) -> dict[str, torch.T
     for start in range(0, n_rows, rows):
         sl = slice(start, start + rows)
         z = logits[sl].to(acc)
-        top = z.max(dim=1).values
+        top, where = z.max(dim=1)
         shifted = z - top[:, None]
         e = torch.exp(shifted)
         total = e.sum(dim=1)
@@ -268,7 +257,7 @@ def _torch_scores(logits, names, temperature, gamma, top_m) -> dict[str, torch.T
             out["entropy"][sl] = weighted / total - log_total
         if "gen" in want:
             sel = z if m_eff == n_cols else torch.topk(z, m_eff, dim=1, sorted=False).values
-            others = e.scatter(1, z.argmax(dim=1, keepdim=True), 0.0).sum(dim=1)
+            others = _others_sum(e, where[:, None])
             out["gen"][sl] = _gen_from_top(sel, top + log_total, others, gamma)
     return out
 
@@ -287,7 +276,7 @@ def _triton_scores(logits, names, temperature, gamma, top_m) -> dict[str, torch.
 
     stats = logit_row_stats(logits, float(temperature))  # (4, N): m, S, A, S_T
     top, total, weighted, total_t = stats[0], stats[1], stats[2], stats[3]
-    acc = _out_dtype(logits.dtype)
+    acc = accumulation_dtype(logits)
     top, total, weighted, total_t = (t.to(acc) for t in (top, total, weighted, total_t))
     log_total = torch.log(total)
     out: dict[str, torch.Tensor] = {}
@@ -339,7 +328,7 @@ def logit_scores(
     chosen = resolve_backend(logits, backend)
     with torch.no_grad():
         if logits.shape[0] == 0:
-            acc = _out_dtype(logits.dtype)
+            acc = accumulation_dtype(logits)
             return {n: torch.empty(0, dtype=acc, device=logits.device) for n in names}
         if chosen == "cpu":
             return _cpu_scores(logits, names, temperature, gamma, top_m)
