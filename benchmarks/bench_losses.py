@@ -113,6 +113,38 @@ def _inputs(n, c, d, seed=0):
     return logits, weight, target
 
 
+#: Above this many C x C x D elements the float64 all-pairs reference is too slow to check
+#: against; the float64 ``torch`` backend (itself checked against it in the test suite) is used.
+CHECK_REFERENCE_MAX_PAIRS = 200 * 200 * 512
+
+
+def _check_elogitnorm(loss_fn, logits, weight, target):
+    """The timed implementation's loss and gradients equal float64 math before timing."""
+    z = logits.detach().double().requires_grad_(True)
+    w = weight.detach().double().requires_grad_(True)
+    c, d = weight.shape
+    if c * c * d <= CHECK_REFERENCE_MAX_PAIRS:
+        expected = elogitnorm_reference(z, w, target)
+    else:
+        expected = torch_backend.elogitnorm_loss(z, w, target, reduction="mean",
+                                                 ignore_index=-100, eps=1e-6, divisor=c)
+    loss = loss_fn()
+    for got, want in zip(torch.autograd.grad(loss, (logits, weight)),
+                         torch.autograd.grad(expected, (z, w)), strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-4, atol=1e-6)
+
+
+def _check_logitnorm(loss_fn, logits, target):
+    z = logits.detach().double().requires_grad_(True)
+    expected = logitnorm_reference(z, target)
+    loss = loss_fn()
+    (got,) = torch.autograd.grad(loss, (logits,))
+    (want,) = torch.autograd.grad(expected, (z,))
+    torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-4, atol=1e-6)
+
+
 def _run(benchmark, step, slow):
     step()  # warm-up (and compilation) outside the timing
     if slow:
@@ -148,6 +180,8 @@ def test_elogitnorm(benchmark, size_name, impl, mode):
 
         def loss_fn():
             return fn(logits, weight, target)
+
+        _check_elogitnorm(loss_fn, logits, weight, target)
 
     def step():
         loss = loss_fn()
@@ -197,6 +231,9 @@ def test_logitnorm(benchmark, size_name, impl, mode):
 
         def loss_fn():
             return compiled(logits, target)
+
+    if impl != "cross_entropy":
+        _check_logitnorm(loss_fn, logits, target)
 
     def step():
         loss = loss_fn()

@@ -135,3 +135,21 @@ def check_bf16_error(backend, kind, n, c, d, device="cpu"):
     for value, truth, baseline in zip((ours, *ours_grads), (exact, *exact_grads),
                                       (plain, *plain_grads), strict=True):
         assert error(value, truth) <= 2 * error(baseline, truth) + 1e-4
+
+
+def knn_oracle_sorted(queries, bank, normalize=True):
+    """KNN oracle: squared distances of every query to every bank row in float64 (rows
+    L2-normalised first unless ``normalize`` is False), sorted per row, and the neighbour
+    indices (stable sort: equal distances keep the smaller index first)."""
+    q = torch.as_tensor(queries).double()
+    b = torch.as_tensor(bank).double()
+    if normalize:
+        q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        b = b / b.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    d2 = (q.unsqueeze(1) - b.unsqueeze(0)).pow(2).sum(-1)
+    return torch.sort(d2, dim=1, stable=True)
+
+
+def knn_oracle_kth(queries, bank, k):
+    """Euclidean distance of each query to its k-th nearest bank row, normalised rows, float64."""
+    return knn_oracle_sorted(queries, bank).values[:, k - 1].sqrt()

@@ -9,6 +9,8 @@ import torch
 from elogitnorm_fast.knn import KNNScorer
 from elogitnorm_fast.knn.selection import RunningTopK, native_select_available
 
+from parity import knn_oracle_sorted
+
 BACKENDS = [
     pytest.param(
         "native",
@@ -16,18 +18,6 @@ BACKENDS = [
     ),
     "torch",
 ]
-
-
-def oracle_sorted(queries, bank, normalize=True):
-    """Squared distances of every query to every bank row, float64, sorted per row, and the
-    neighbour indices (stable sort: equal distances keep the smaller index first)."""
-    q = queries.double()
-    b = bank.double()
-    if normalize:
-        q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        b = b / b.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    d2 = (q.unsqueeze(1) - b.unsqueeze(0)).pow(2).sum(-1)
-    return torch.sort(d2, dim=1, stable=True)
 
 
 def make_data(num_bank, num_queries, dim, seed=0):
@@ -64,7 +54,7 @@ def test_score_matches_float64_bruteforce(
         k=k, squared=squared, backend=backend, query_chunk=query_chunk, bank_chunk=bank_chunk
     ).fit(bank)
     scores = scorer.score(queries)
-    d2 = oracle_sorted(queries, bank).values[:, k - 1]
+    d2 = knn_oracle_sorted(queries, bank).values[:, k - 1]
     expected = -(d2 if squared else d2.sqrt())
     assert scores.shape == (num_queries,) and scores.dtype == torch.float32
     # fp32 GEMM: |error of d^2| ~ 1e-6; sqrt amplifies it near 0 (queries equal to bank rows)
@@ -77,7 +67,7 @@ def test_kneighbors_match_bruteforce_order(backend):
     bank, queries = make_data(1500, 70, 32, seed=1)
     scorer = KNNScorer(k=40, squared=True, backend=backend, query_chunk=32, bank_chunk=256)
     distances, indices = scorer.fit(bank).kneighbors(queries)
-    oracle = oracle_sorted(queries, bank)
+    oracle = knn_oracle_sorted(queries, bank)
     torch.testing.assert_close(distances.double(), oracle.values[:, :40], rtol=1e-5, atol=2e-6)
     # exact duplicates (bank rows 3 and 7) may swap by fp32 rounding; compare as sets per rank
     # window elsewhere: random data has no other near-ties
@@ -144,7 +134,7 @@ def test_native_and_torch_backends_agree():
 def test_unnormalized_distances():
     bank, queries = make_data(800, 40, 16, seed=4)
     scorer = KNNScorer(k=9, normalize=False, squared=True, bank_chunk=128).fit(bank)
-    expected = -oracle_sorted(queries, bank, normalize=False).values[:, 8]
+    expected = -knn_oracle_sorted(queries, bank, normalize=False).values[:, 8]
     torch.testing.assert_close(scorer.score(queries).double(), expected, rtol=1e-5, atol=1e-3)
 
 
@@ -153,7 +143,7 @@ def test_zero_rows_stay_exact():
     bank[11] = 0.0
     queries[6] = 0.0
     scorer = KNNScorer(k=3, squared=True, bank_chunk=64).fit(bank)
-    expected = -oracle_sorted(queries, bank).values[:, 2]
+    expected = -knn_oracle_sorted(queries, bank).values[:, 2]
     torch.testing.assert_close(scorer.score(queries).double(), expected, rtol=1e-5, atol=2e-6)
 
 
@@ -173,7 +163,7 @@ def test_float64_inputs_and_fit_returns_self():
     bank, queries = make_data(500, 10, 12, seed=7)
     scorer = KNNScorer(k=4)
     assert scorer.fit(bank.double()) is scorer
-    expected = -oracle_sorted(queries, bank).values[:, 3].sqrt()
+    expected = -knn_oracle_sorted(queries, bank).values[:, 3].sqrt()
     torch.testing.assert_close(scorer.score(queries.double()).double(), expected, atol=2e-3,
                                rtol=1e-5)
 
@@ -182,7 +172,7 @@ def test_float64_inputs_and_fit_returns_self():
 def test_low_precision_bank_within_documented_error(dtype, atol):
     bank, queries = make_data(700, 30, 64, seed=8)
     scores = KNNScorer(k=10, squared=True, bank_dtype=dtype).fit(bank).score(queries)
-    expected = -oracle_sorted(queries, bank).values[:, 9]
+    expected = -knn_oracle_sorted(queries, bank).values[:, 9]
     err = (scores.double() - expected).abs().max().item()
     assert err < atol
 
@@ -231,7 +221,7 @@ def test_gpu_path_matches_bruteforce(k):
     scorer = KNNScorer(k=k, squared=True, device="cuda", bank_chunk=1024, query_chunk=128)
     scores = scorer.fit(bank).score(queries.cuda())
     assert scores.device.type == "cuda"
-    expected = -oracle_sorted(queries, bank).values[:, k - 1]
+    expected = -knn_oracle_sorted(queries, bank).values[:, k - 1]
     torch.testing.assert_close(scores.cpu().double(), expected, rtol=1e-5, atol=5e-6)
 
 
@@ -243,7 +233,7 @@ def test_gpu_tf32_flag_restored_and_fp16_bank():
                        allow_tf32=not before)
     scores = scorer.fit(bank).score(queries)
     assert torch.backends.cuda.matmul.allow_tf32 == before
-    expected = -oracle_sorted(queries, bank).values[:, 19]
+    expected = -knn_oracle_sorted(queries, bank).values[:, 19]
     assert (scores.double() - expected).abs().max().item() < 5e-3
 
 
@@ -264,7 +254,7 @@ def test_query_batches_bounded_by_the_selection_budget(backend, monkeypatch):
     distances, indices = scorer.kneighbors(queries)
     torch.testing.assert_close(distances, whole_neighbours[0], rtol=1e-6, atol=1e-6)
     assert torch.equal(indices, whole_neighbours[1])
-    expected = -oracle_sorted(queries, bank).values[:, 6]
+    expected = -knn_oracle_sorted(queries, bank).values[:, 6]
     torch.testing.assert_close(whole_scores.double(), expected, rtol=1e-5, atol=2e-6)
 
 

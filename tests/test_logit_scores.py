@@ -81,6 +81,7 @@ def test_one_pass_equals_separate_functions(backend):
     }
     for name in ALL:
         torch.testing.assert_close(together[name], separate[name])
+        _close(separate[name], formula(logits, name), torch.float32, name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -215,10 +216,9 @@ def test_cpu_op_compiles_fullgraph():
 @_CPU_SKIP
 def test_cpu_op_large_rows_parallel():
     logits = torch.randn(5000, 257)
-    a = logit_scores(logits, ALL, backend="cpu")
-    b = logit_scores(logits, ALL, backend="torch")
+    out = logit_scores(logits, ALL, backend="cpu")
     for name in ALL:
-        torch.testing.assert_close(a[name], b[name], rtol=2e-5, atol=2e-5)
+        _close(out[name], formula(logits, name), torch.float32, name)
 
 
 @pytest.mark.gpu

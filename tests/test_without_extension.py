@@ -36,8 +36,13 @@ SCRIPT = textwrap.dedent(
                                elogitnorm_reference(logits, weight, target))
     scores = scoring.logit_scores(logits.float(), ("msp", "energy"))
     torch.testing.assert_close(scores["energy"], torch.logsumexp(logits.float(), dim=1))
-    knn = scoring.KNNScorer(k=2).fit(torch.randn(20, 3))
-    assert knn.score(torch.randn(4, 3)).shape == (4,)
+    torch.testing.assert_close(scores["msp"], logits.float().softmax(dim=1).amax(dim=1))
+    bank, queries = torch.randn(20, 3), torch.randn(4, 3)
+    knn = scoring.KNNScorer(k=2).fit(bank)
+    normalize = torch.nn.functional.normalize
+    kth = torch.cdist(normalize(queries.double(), dim=1), normalize(bank.double(), dim=1))
+    torch.testing.assert_close(knn.score(queries).double(), -kth.sort(dim=1).values[:, 1],
+                               rtol=1e-5, atol=1e-4)
     assert "elogitnorm_fast._C" not in sys.modules
     print("ok")
     """
