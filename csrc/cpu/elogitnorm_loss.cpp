@@ -11,8 +11,9 @@
 //   5. the reduction, summed in row order (the same result for any thread count).
 // Backward rescales the unit gradient by the upstream gradient g_n and builds
 //   P[u, j] = -sum_{n predicted u} g_n r_n (v_n - z_nj) / Delta_uj^3   (0 where Delta is clamped)
-// from which dW = scatter_u(rowsum(P) W_u - P W) + colsum(P) W - P^T W_u takes two GEMMs.
-// Nothing of size C x C x D or (for N < C) C x C is built.
+// from which dW = scatter_u(rowsum(P) W_u - P W) + colsum(P) W - P^T W_u takes two GEMMs, or,
+// when C <= 2U, one C x C x D GEMM with the C x C scatter of P (never more than twice the
+// U x C rows). Nothing of size C x C x D is built.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -61,6 +62,22 @@ void predict_rows(const scalar_t* logits, const int64_t* target, int64_t rows, i
   });
 }
 
+// ||w_j||^2 of every row of w (classes x dim).
+template <typename acc_t>
+std::vector<acc_t> squared_norms(const acc_t* w, int64_t classes, int64_t dim) {
+  std::vector<acc_t> norms(classes);
+  at::parallel_for(0, classes, row_grain(dim), [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const acc_t* b = w + j * dim;
+      acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t k = 0; k < dim; ++k) sum += b[k] * b[k];
+      norms[j] = sum;
+    }
+  });
+  return norms;
+}
+
 // Step 3, small problems: distances by direct differences.
 template <typename acc_t>
 void distances_direct(const acc_t* w, int64_t classes, int64_t dim, const int64_t* row_class,
@@ -93,17 +110,7 @@ void distances_gemm(const at::Tensor& w_tensor, const at::Tensor& row_class_tens
   const int64_t count = row_class_tensor.size(0);
   const acc_t* w = w_tensor.data_ptr<acc_t>();
   const int64_t* row_class = row_class_tensor.data_ptr<int64_t>();
-  std::vector<acc_t> norms(classes);
-  at::parallel_for(0, classes, std::max<int64_t>(1, (int64_t{1} << 14) / dim),
-                   [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      const acc_t* b = w + j * dim;
-      acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t k = 0; k < dim; ++k) sum += b[k] * b[k];
-      norms[j] = sum;
-    }
-  });
+  const std::vector<acc_t> norms = squared_norms(w, classes, dim);
   at::Tensor rows = at::empty({count, dim}, w_tensor.options());
   acc_t* rows_ptr = rows.data_ptr<acc_t>();
   for (int64_t u = 0; u < count; ++u) {
@@ -283,20 +290,9 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& logits, const at::Tensor&
   });
 
   // Step 5.
-  int64_t valid = 0;
-  for (int64_t n = 0; n < rows; ++n) valid += slot[n] >= 0;
-  at::Tensor valid_count = at::full({}, static_cast<double>(valid), acc_options);
-  at::Tensor loss;
-  if (reduction == Reduction::None) {
-    loss = at::empty({rows}, logits.options());
-    scalar_t* out = loss.data_ptr<scalar_t>();
-    for (int64_t n = 0; n < rows; ++n) out[n] = static_cast<scalar_t>(row_loss[n]);
-  } else {
-    double total = 0;
-    for (int64_t n = 0; n < rows; ++n) total += row_loss[n];
-    if (reduction == Reduction::Mean) total /= static_cast<double>(valid);  // 0 / 0 = NaN
-    loss = at::full({}, total, logits.options());
-  }
+  auto [loss, valid_count] = reduce_losses<scalar_t>(
+      row_loss, [&](int64_t n) { return slot[n] >= 0; }, reduction, logits.options(),
+      acc_options);
   if (!need_weight_grad) {
     row_class = at::empty({0}, long_options);
     distances = at::empty({0, classes}, acc_options);
@@ -336,29 +332,6 @@ elogitnorm_forward_cpu(const at::Tensor& logits_in, const at::Tensor& weight,
     }
   });
   return {out[0], out[1], out[2], out[3], out[4], out[5], out[6]};
-}
-
-// Backward, logits part: grad = g_n * unit gradient, in the logits' dtype.
-template <typename scalar_t, typename acc_t>
-at::Tensor logits_gradient(const at::Tensor& logits, const at::Tensor& grad_unit,
-                           const int64_t* slot, const UpstreamGradient<acc_t>& g) {
-  const int64_t rows = logits.size(0);
-  const int64_t classes = logits.size(1);
-  TORCH_CHECK(grad_unit.sizes() == logits.sizes() && grad_unit.is_contiguous(), kBackward,
-              ": grad_unit must be a contiguous (N, C) tensor, got ", grad_unit.sizes());
-  at::Tensor out = at::empty({rows, classes}, logits.options());
-  const acc_t* unit = grad_unit.const_data_ptr<acc_t>();
-  scalar_t* dst = out.data_ptr<scalar_t>();
-  at::parallel_for(0, rows, row_grain(classes), [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const acc_t gn = slot[n] < 0 ? acc_t(0) : g(n);
-      const acc_t* src = unit + n * classes;
-      scalar_t* row = dst + n * classes;
-#pragma omp simd
-      for (int64_t j = 0; j < classes; ++j) row[j] = static_cast<scalar_t>(gn * src[j]);
-    }
-  });
-  return out;
 }
 
 // dW from P (U x C): every pair (u, j) adds P[u, j] (w_u - w_j) to row u's class and subtracts
@@ -401,17 +374,7 @@ at::Tensor assemble_weight_gradient(at::Tensor& pooled, const at::Tensor& w,
     }
     return out_type == grad.scalar_type() ? grad : grad.to(out_type);
   }
-  std::vector<acc_t> norms(classes);
-  at::parallel_for(0, classes, std::max<int64_t>(1, (int64_t{1} << 14) / dim),
-                   [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      const acc_t* b = w_ptr + j * dim;
-      acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t k = 0; k < dim; ++k) sum += b[k] * b[k];
-      norms[j] = sum;
-    }
-  });
+  const std::vector<acc_t> norms = squared_norms(w_ptr, classes, dim);
   struct ClosePair {
     int64_t u, j;
     acc_t coefficient;
@@ -563,7 +526,11 @@ std::tuple<at::Tensor, at::Tensor> elogitnorm_backward_cpu(
       const auto g = upstream_gradient<acc_t>(grad_acc, valid_count, reduction, logits.size(0),
                                               kBackward);
       if (need_logits_grad) {
-        grad_logits = logits_gradient<scalar_t, acc_t>(logits, grad_unit, slot, g);
+        TORCH_CHECK(grad_unit.sizes() == logits.sizes(), kBackward,
+                    ": grad_unit must be shaped like the logits ", logits.sizes(), ", got ",
+                    grad_unit.sizes());
+        grad_logits = scale_unit_gradient<scalar_t, acc_t>(
+            grad_unit, g, [&](int64_t n) { return slot[n] >= 0; }, logits.options(), kBackward);
       }
       if (need_weight_grad) {
         grad_weight = weight_gradient<scalar_t, acc_t>(logits, weight, scale_grad, slot,

@@ -60,10 +60,6 @@ static inline __attribute__((always_inline)) float exp_nonpositive(float x) {
   return x < cutoff ? 0.0f : result;
 }
 
-struct Sums {
-  double m, s, a, st;
-};
-
 // Max, S, A and S_T of one float row. Compiled for AVX2+FMA and a baseline, picked at load time.
 __attribute__((target_clones("avx2,fma", "default"))) void float_row_sums(
     const float* x, int64_t n, float inv_t, bool want_t, float* out) {

@@ -94,20 +94,9 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& logits, const at::Tensor&
       row_loss[n] = logitnorm_row<acc_t>(z, classes, y, static_cast<acc_t>(tau), grad);
     }
   });
-  int64_t valid = 0;
-  for (int64_t n = 0; n < rows; ++n) valid += y_all[n] != ignore_index;
-  at::Tensor valid_count = at::full({}, static_cast<double>(valid), acc_options);
-  at::Tensor loss;
-  if (reduction == Reduction::None) {
-    loss = at::empty({rows}, logits.options());
-    scalar_t* out = loss.data_ptr<scalar_t>();
-    for (int64_t n = 0; n < rows; ++n) out[n] = static_cast<scalar_t>(row_loss[n]);
-  } else {
-    double total = 0;
-    for (int64_t n = 0; n < rows; ++n) total += row_loss[n];
-    if (reduction == Reduction::Mean) total /= static_cast<double>(valid);  // 0 / 0 = NaN
-    loss = at::full({}, total, logits.options());
-  }
+  auto [loss, valid_count] = reduce_losses<scalar_t>(
+      row_loss, [&](int64_t n) { return y_all[n] != ignore_index; }, reduction,
+      logits.options(), acc_options);
   return {loss, grad_unit, valid_count};
 }
 
@@ -135,27 +124,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logitnorm_forward_cpu(
   return {out[0], out[1], out[2]};
 }
 
-// out[n, :] = g_n * grad_unit[n, :] in the logits' dtype (0 on ignored rows).
-template <typename scalar_t, typename acc_t>
-void rescale_rows(const at::Tensor& grad_acc, const at::Tensor& valid_count, Reduction reduction,
-                  const int64_t* y_all, int64_t ignore_index, const at::Tensor& grad_unit,
-                  at::Tensor& out) {
-  const int64_t rows = out.size(0);
-  const int64_t classes = out.size(1);
-  const auto g = upstream_gradient<acc_t>(grad_acc, valid_count, reduction, rows, kBackward);
-  const acc_t* unit = grad_unit.const_data_ptr<acc_t>();
-  scalar_t* dst = out.data_ptr<scalar_t>();
-  at::parallel_for(0, rows, row_grain(classes), [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const acc_t gn = y_all[n] == ignore_index ? acc_t(0) : g(n);
-      const acc_t* src = unit + n * classes;
-      scalar_t* row = dst + n * classes;
-#pragma omp simd
-      for (int64_t j = 0; j < classes; ++j) row[j] = static_cast<scalar_t>(gn * src[j]);
-    }
-  });
-}
-
 at::Tensor logitnorm_backward_cpu(const at::Tensor& grad_output, const at::Tensor& logits,
                                   const at::Tensor& target_in, const at::Tensor& grad_unit,
                                   const at::Tensor& valid_count, c10::string_view reduction_name,
@@ -171,14 +139,17 @@ at::Tensor logitnorm_backward_cpu(const at::Tensor& grad_output, const at::Tenso
   const int64_t* y_all = target.const_data_ptr<int64_t>();
   const at::ScalarType acc_type = grad_unit.scalar_type();
   const at::Tensor grad_acc = grad_output.to(acc_type);
-  at::Tensor out = at::empty({rows, classes}, logits.options());
+  at::Tensor out;
+  const auto valid = [&](int64_t n) { return y_all[n] != ignore_index; };
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), kBackward, [&] {
     if (acc_type == at::kDouble) {
-      rescale_rows<scalar_t, double>(grad_acc, valid_count, reduction, y_all, ignore_index,
-                                     grad_unit, out);
+      const auto g = upstream_gradient<double>(grad_acc, valid_count, reduction, rows, kBackward);
+      out = scale_unit_gradient<scalar_t, double>(grad_unit, g, valid, logits.options(),
+                                                  kBackward);
     } else {
-      rescale_rows<scalar_t, float>(grad_acc, valid_count, reduction, y_all, ignore_index,
-                                    grad_unit, out);
+      const auto g = upstream_gradient<float>(grad_acc, valid_count, reduction, rows, kBackward);
+      out = scale_unit_gradient<scalar_t, float>(grad_unit, g, valid, logits.options(),
+                                                 kBackward);
     }
   });
   return out;

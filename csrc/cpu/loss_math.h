@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -14,6 +15,8 @@
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 namespace elogitnorm_fast::cpu {
 
@@ -119,6 +122,55 @@ inline UpstreamGradient<acc_t> upstream_gradient(const at::Tensor& grad_acc,
 // one thread instead of paying the fork / join.
 inline int64_t row_grain(int64_t columns) {
   return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(columns, 1));
+}
+
+// The last forward step of both losses: the per-row losses reduced (summed in row order: the
+// same result for any thread count; mean over the valid rows, 0 / 0 = NaN as F.cross_entropy)
+// and the valid-row count the backward's mean needs. `valid(n)` says whether row n counts.
+template <typename scalar_t, typename Valid>
+inline std::pair<at::Tensor, at::Tensor> reduce_losses(const std::vector<double>& row_loss,
+                                                       Valid valid, Reduction reduction,
+                                                       const at::TensorOptions& loss_options,
+                                                       const at::TensorOptions& acc_options) {
+  const int64_t rows = static_cast<int64_t>(row_loss.size());
+  int64_t count = 0;
+  for (int64_t n = 0; n < rows; ++n) count += valid(n);
+  at::Tensor valid_count = at::full({}, static_cast<double>(count), acc_options);
+  if (reduction == Reduction::None) {
+    at::Tensor loss = at::empty({rows}, loss_options);
+    scalar_t* out = loss.data_ptr<scalar_t>();
+    for (int64_t n = 0; n < rows; ++n) out[n] = static_cast<scalar_t>(row_loss[n]);
+    return {loss, valid_count};
+  }
+  double total = 0;
+  for (int64_t n = 0; n < rows; ++n) total += row_loss[n];
+  if (reduction == Reduction::Mean) total /= static_cast<double>(count);
+  return {at::full({}, total, loss_options), valid_count};
+}
+
+// The logits part of both backwards: row n of the unit-upstream gradient times g_n (0 where
+// `valid(n)` is false), in the dtype of `options`.
+template <typename scalar_t, typename acc_t, typename Valid>
+inline at::Tensor scale_unit_gradient(const at::Tensor& grad_unit,
+                                      const UpstreamGradient<acc_t>& g, Valid valid,
+                                      const at::TensorOptions& options, const char* op) {
+  TORCH_CHECK(grad_unit.dim() == 2 && grad_unit.is_contiguous(), op,
+              ": grad_unit must be a contiguous (N, C) tensor, got ", grad_unit.sizes());
+  const int64_t rows = grad_unit.size(0);
+  const int64_t classes = grad_unit.size(1);
+  at::Tensor out = at::empty({rows, classes}, options);
+  const acc_t* unit = grad_unit.const_data_ptr<acc_t>();
+  scalar_t* dst = out.data_ptr<scalar_t>();
+  at::parallel_for(0, rows, row_grain(classes), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const acc_t gn = valid(n) ? g(n) : acc_t(0);
+      const acc_t* src = unit + n * classes;
+      scalar_t* row = dst + n * classes;
+#pragma omp simd
+      for (int64_t j = 0; j < classes; ++j) row[j] = static_cast<scalar_t>(gn * src[j]);
+    }
+  });
+  return out;
 }
 
 // Accumulation dtype: fp64 when any input is fp64, else fp32.

@@ -285,9 +285,10 @@ cudaError_t launch_rows(const void* logits, const int64_t* target, const int64_t
 cudaError_t elogitnorm_predict(const void* logits, ScalarKind kind, const int64_t* target,
                                int64_t rows, int64_t classes, int64_t ignore_index,
                                int64_t* sample_slot, int64_t* row_class, cudaStream_t stream) {
-  const int64_t warps = rows > classes ? rows : classes;
-  if (warps == 0) return cudaSuccess;
-  const auto blocks = static_cast<unsigned int>(ceil_div(warps, kBlock / kWarp));
+  // One warp per row; with rows >= classes (one distance row per class) those warps also
+  // write row_class[c] = c for every class.
+  if (rows == 0) return cudaSuccess;
+  const auto blocks = static_cast<unsigned int>(ceil_div(rows, kBlock / kWarp));
   switch (kind) {
     case ScalarKind::Float32:
       predict_kernel<<<blocks, kBlock, 0, stream>>>(static_cast<const float*>(logits), target,
