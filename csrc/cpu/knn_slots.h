@@ -1,6 +1,5 @@
 // Per-row state of the exact streaming top-k used by the KNN scorer (CPU), and the update of
-// one row by a block of similarities. Shared by knn_select.cpp (selection of a given block) and
-// knn_search.cpp (GEMM tiles selected while cache-hot).
+// one row by a block of similarities (knn_search.cpp computes the blocks tile by tile).
 //
 // Each query row owns `capacity` slots of (similarity, bank index) pairs: slots [0, k) hold k
 // kept pairs (unordered) whose worst value is the row's threshold, slots [k, k + pending) hold

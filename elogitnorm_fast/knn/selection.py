@@ -7,14 +7,14 @@ similarity of a row is the smallest kept value.
 
 Two implementations:
 
-* ``native``: C++ ops (CPU, ``csrc/cpu/knn_slots.h``): per row, ``k`` kept pairs plus room for
-  ``max(k, 256)`` pending candidates that beat the k-th kept value; a full row is merged with
-  one ``nth_element``. After the first chunk selection is one vectorised read of ``S``.
-  ``knn_search_update`` computes ``S`` itself, tile by tile, and selects each tile while it is
-  in cache (:meth:`RunningTopK.search`); ``knn_select_update`` takes a block ``S`` computed by
-  the caller (:meth:`RunningTopK.update`). Memory: ``num_queries x (2k + 256)`` pairs (12 bytes
-  each) instead of ``num_queries x k``.
-* ``torch``: ``torch.topk`` of each block merged with the running top-k (any device; the GPU path).
+* ``native``: the C++ op ``knn_search_update`` (CPU, ``csrc/cpu/knn_search.cpp`` and
+  ``knn_slots.h``) computes ``S`` itself, tile by tile, and selects each tile while it is in
+  cache (:meth:`RunningTopK.search`): per row, ``k`` kept pairs plus room for ``max(k, 256)``
+  pending candidates that beat the k-th kept value; a full row is merged with one
+  ``nth_element``. After the first chunk selection is one vectorised read of ``S``. Memory:
+  ``num_queries x (2k + 256)`` pairs (12 bytes each) instead of ``num_queries x k``.
+* ``torch``: ``torch.topk`` of each block ``S`` computed by the caller merged with the running
+  top-k (:meth:`RunningTopK.update`; any device, the GPU path).
   ``torch.topk`` picks arbitrarily among equal values at the k-th place; with ``exact_ties`` a
   fix-up pass keeps the smallest indices there (needed for neighbour indices, not for the k-th
   value, which is the same either way, so scoring skips it).
@@ -33,8 +33,8 @@ EMPTY_INDEX = torch.iinfo(torch.int64).max
 NATIVE_MIN_SLACK = 256
 
 def native_select_available() -> bool:
-    """Whether the compiled CPU selection ops are registered (``elogitnorm_fast._C`` built)."""
-    return has_ops("knn_select_update", "knn_search_update")
+    """Whether the compiled CPU search op is registered (``elogitnorm_fast._C`` built)."""
+    return has_ops("knn_search_update")
 
 
 def slot_width(k: int) -> int:
@@ -45,8 +45,9 @@ def slot_width(k: int) -> int:
 class RunningTopK:
     """The ``k`` best similarities and their bank indices for ``num_queries`` rows.
 
-    Usage: ``top = RunningTopK(n, k, device, native=True); top.update(0, n, S, offset)`` for each
-    block, then ``top.kth_values()`` or ``top.sorted()``. Read results only through those two:
+    Usage: ``top = RunningTopK(n, k, device, native=False); top.update(0, n, S, offset)`` for
+    each block (native: ``top.search(Q, B, bias, offset)`` for each bank chunk), then
+    ``top.kth_values()`` or ``top.sorted()``. Read results only through those two:
     ``values`` / ``indices`` are working state (the native slots hold pending and stale pairs).
     """
 
@@ -67,16 +68,12 @@ class RunningTopK:
             self.thresholds = torch.full((num_queries,), float("-inf"), device=device)
 
     def update(self, row_start: int, row_end: int, scores: torch.Tensor, index_offset: int) -> None:
-        """Merge the block ``scores`` (rows ``row_start:row_end``, bank columns from
+        """Torch path: merge the block ``scores`` (rows ``row_start:row_end``, bank columns from
         ``index_offset``) into the running top-k."""
+        if self.native:
+            raise RuntimeError("RunningTopK(native=True) computes its blocks: use search()")
         values = self.values[row_start:row_end]
         indices = self.indices[row_start:row_end]
-        if self.native:
-            torch.ops.elogitnorm_fast.knn_select_update(
-                scores, values, indices, self.pending[row_start:row_end],
-                self.thresholds[row_start:row_end], self.k, index_offset,
-            )
-            return
         block_k = min(self.k, scores.shape[1])
         if self.exact_ties:
             block_values, block_indices = _block_topk_smallest_index(scores, block_k)
