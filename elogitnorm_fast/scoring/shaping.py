@@ -90,16 +90,11 @@ def react(features: torch.Tensor, threshold: float) -> torch.Tensor:
     return features.clamp(max=threshold)
 
 
-def _topk_mask(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, indices) of the k largest entries per row."""
-    return torch.topk(flat, k, dim=1)
-
-
 def ash_p(features: torch.Tensor, percentile: float = 90.0) -> torch.Tensor:
     """ASH-P: keep the top ``100 - percentile`` % activations per sample, zero the rest."""
     flat = _flat(features)
     k = _kept_count(flat.shape[1], percentile)
-    values, index = _topk_mask(flat, k)
+    values, index = torch.topk(flat, k, dim=1)
     out = torch.zeros_like(flat).scatter_(1, index, values)
     return out.reshape(features.shape)
 
@@ -109,7 +104,7 @@ def ash_b(features: torch.Tensor, percentile: float = 90.0) -> torch.Tensor:
     flat = _flat(features)
     k = _kept_count(flat.shape[1], percentile)
     total = flat.sum(dim=1, keepdim=True)
-    _, index = _topk_mask(flat, k)
+    _, index = torch.topk(flat, k, dim=1)
     fill = (total / max(k, 1)).expand(-1, k).to(flat.dtype)
     out = torch.zeros_like(flat).scatter_(1, index, fill)
     return out.reshape(features.shape)
@@ -117,7 +112,7 @@ def ash_b(features: torch.Tensor, percentile: float = 90.0) -> torch.Tensor:
 
 def _sum_ratio(flat: torch.Tensor, pct: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     k = _kept_count(flat.shape[1], pct)
-    values, index = _topk_mask(flat, k)
+    values, index = torch.topk(flat, k, dim=1)
     total = flat.sum(dim=1)
     kept = values.sum(dim=1)
     return total / kept, values, index
