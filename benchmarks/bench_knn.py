@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from elogitnorm_fast.knn import KNNScorer
+from elogitnorm_fast.knn import KNNScorer, selection
 
 SCALE = float(os.environ.get("KNN_BENCH_SCALE", "1"))
 BANK, QUERIES, DIM = int(50_000 * SCALE), int(10_000 * SCALE), 512
@@ -54,13 +54,19 @@ def _record(benchmark, k, impl):
     benchmark.group = f"knn bank={BANK} queries={QUERIES} k={k}"
 
 
+# "auto": the register-tiled kernel this CPU runs (avx512 / avx2); "blas": MKL tiles + scan
+@pytest.mark.parametrize("kernel", ["auto", "blas"])
 @pytest.mark.parametrize("k", [50, 200])
-def test_knn_scorer(benchmark, data, k):
+def test_knn_scorer(benchmark, data, k, kernel, monkeypatch):
     bank, queries = data
+    monkeypatch.setattr(selection, "NATIVE_KERNEL", kernel)
     scorer = KNNScorer(k=k, squared=True).fit(bank)
     expected = chunked_mm_topk(bank, queries[:500], k)  # independent check before timing
     torch.testing.assert_close(-scorer.score(queries[:500]), expected, rtol=1e-5, atol=2e-6)
-    _record(benchmark, k, f"KNNScorer(native={scorer._use_native()})")
+    native = scorer._use_native()
+    if native and kernel == "auto":
+        kernel = selection.native_kernels()[0]
+    _record(benchmark, k, f"KNNScorer({kernel})" if native else "KNNScorer(torch)")
     benchmark.pedantic(scorer.score, args=(queries,), rounds=3, warmup_rounds=1)
 
 

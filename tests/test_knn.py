@@ -6,18 +6,31 @@ import numpy as np
 import pytest
 import torch
 
-from elogitnorm_fast.knn import KNNScorer
-from elogitnorm_fast.knn.selection import RunningTopK, native_select_available
+from elogitnorm_fast.knn import KNNScorer, selection
+from elogitnorm_fast.knn.selection import RunningTopK, native_kernels, native_select_available
 
 from parity import knn_oracle_sorted
 
-BACKENDS = [
-    pytest.param(
-        "native",
-        marks=pytest.mark.skipif(not native_select_available(), reason="_C not built"),
-    ),
-    "torch",
-]
+#: every similarity kernel of the native search (each skipped where this CPU cannot run it;
+#: the project's x86 machine runs all three), and the torch selection
+NATIVE_KERNELS = ["avx512", "avx2", "blas"]
+
+
+def use_native_kernel(kernel, monkeypatch):
+    if not native_select_available():
+        pytest.skip("_C not built")
+    if kernel not in native_kernels():
+        pytest.skip(f"this CPU cannot run the {kernel} kernel: {native_kernels()}")
+    monkeypatch.setattr(selection, "NATIVE_KERNEL", kernel)
+
+
+@pytest.fixture(params=[f"native-{kernel}" for kernel in NATIVE_KERNELS] + ["torch"])
+def backend(request, monkeypatch):
+    """The scorer backend name; for ``native-KERNEL`` the native search runs that kernel."""
+    name, _, kernel = request.param.partition("-")
+    if kernel:
+        use_native_kernel(kernel, monkeypatch)
+    return name
 
 
 def make_data(num_bank, num_queries, dim, seed=0):
@@ -30,7 +43,6 @@ def make_data(num_bank, num_queries, dim, seed=0):
     return bank, queries
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "k,num_bank,num_queries,dim,query_chunk,bank_chunk",
     [
@@ -39,10 +51,10 @@ def make_data(num_bank, num_queries, dim, seed=0):
         (50, 3001, 257, 64, 100, 1000),
         (200, 999, 33, 7, 1000, 97),  # bank chunks smaller than k
         (2048, 2500, 19, 24, 8, 777),
-        # default chunks: native tiles of 256 queries x 1024 bank rows with remainders, and
-        # k above one bank tile
+        # default chunks: native tiles of 252 queries x 2048 bank rows (BLAS: 256 x 1024) with
+        # remainders, and k above one bank tile
         (30, 2600, 600, 40, None, None),
-        (1500, 3000, 40, 16, None, None),
+        (2100, 3000, 40, 16, None, None),
     ],
 )
 @pytest.mark.parametrize("squared", [True, False])
@@ -62,7 +74,6 @@ def test_score_matches_float64_bruteforce(
     torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=atol)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_kneighbors_match_bruteforce_order(backend):
     bank, queries = make_data(1500, 70, 32, seed=1)
     scorer = KNNScorer(k=40, squared=True, backend=backend, query_chunk=32, bank_chunk=256)
@@ -88,7 +99,6 @@ def _merge_block(top, block, start):
         top.update(0, block.shape[0], block.contiguous(), start)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_selection_breaks_ties_by_smaller_index(backend):
     # integer-valued scores with many exact ties, several blocks, k crossing tie groups
     g = torch.Generator().manual_seed(2)
@@ -105,7 +115,6 @@ def test_selection_breaks_ties_by_smaller_index(backend):
     torch.testing.assert_close(top.kth_values(), values[:, -1])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("k,block", [(1, 7), (5, 500), (300, 7), (300, 333), (300, 2000)])
 def test_selection_under_many_merges(backend, k, block):
     # Ascending rows make every column a candidate (the pending slots fill and merge over and
@@ -247,7 +256,6 @@ def test_gpu_tf32_flag_restored_and_fp16_bank():
     assert (scores.double() - expected).abs().max().item() < 5e-3
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_query_batches_bounded_by_the_selection_budget(backend, monkeypatch):
     # A budget of a few queries' state forces many batches; results must not change.
     import elogitnorm_fast.knn.scorer as scorer_module
@@ -268,9 +276,9 @@ def test_query_batches_bounded_by_the_selection_budget(backend, monkeypatch):
     torch.testing.assert_close(whole_scores.double(), expected, rtol=1e-5, atol=2e-6)
 
 
-def test_native_search_does_not_depend_on_the_thread_count():
-    if not native_select_available():
-        pytest.skip("_C not built")
+@pytest.mark.parametrize("kernel", NATIVE_KERNELS)
+def test_native_search_does_not_depend_on_the_thread_count(kernel, monkeypatch):
+    use_native_kernel(kernel, monkeypatch)
     bank, queries = make_data(3000, 700, 32, seed=12)
     scorer = KNNScorer(k=60, backend="native").fit(bank)
     before = torch.get_num_threads()
@@ -282,3 +290,13 @@ def test_native_search_does_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+def test_unknown_native_kernel_is_named(monkeypatch):
+    if not native_select_available():
+        pytest.skip("_C not built")
+    monkeypatch.setattr(selection, "NATIVE_KERNEL", "sse9")
+    bank, queries = make_data(100, 6, 8)
+    with pytest.raises(RuntimeError, match="kernel must be one of auto, blas.*got 'sse9'"):
+        KNNScorer(k=3, backend="native").fit(bank).score(queries)
+    assert native_kernels()[-1] == "blas"

@@ -7,12 +7,14 @@ similarity of a row is the smallest kept value.
 
 Two implementations:
 
-* ``native``: the C++ op ``knn_search_update`` (CPU, ``csrc/cpu/knn_search.cpp`` and
-  ``knn_slots.h``) computes ``S`` itself, tile by tile, and selects each tile while it is in
-  cache (:meth:`RunningTopK.search`): per row, ``k`` kept pairs plus room for ``max(k, 256)``
-  pending candidates that beat the k-th kept value; a full row is merged with one
-  ``nth_element``. After the first chunk selection is one vectorised read of ``S``. Memory:
-  ``num_queries x (2k + 256)`` pairs (12 bytes each) instead of ``num_queries x k``.
+* ``native``: the C++ op ``knn_search_update`` (CPU, ``csrc/cpu/knn_search.cpp``,
+  ``knn_tiles.h`` and ``knn_slots.h``) computes ``S`` itself, tile by tile, and selects each
+  tile while it is in cache (:meth:`RunningTopK.search`): per row, ``k`` kept pairs plus room
+  for ``max(k, 256)`` pending candidates that beat the k-th kept value; a full row is merged
+  with one ``nth_element``. On x86 CPUs with AVX-512 or AVX2 a register-tiled kernel compares
+  each similarity with its row's threshold before storing anything; elsewhere BLAS tiles are
+  scanned (:data:`NATIVE_KERNEL`). Memory: ``num_queries x (2k + 256)`` pairs (12 bytes each)
+  instead of ``num_queries x k``, plus one packed copy of the bank chunk.
 * ``torch``: ``torch.topk`` of each block ``S`` computed by the caller merged with the running
   top-k (:meth:`RunningTopK.update`; any device, the GPU path).
   ``torch.topk`` picks arbitrarily among equal values at the k-th place; with ``exact_ties`` a
@@ -32,9 +34,22 @@ EMPTY_INDEX = torch.iinfo(torch.int64).max
 #: Room for pending candidates per row in the native selection, beyond ``k`` (at least).
 NATIVE_MIN_SLACK = 256
 
+#: Similarity kernel of the native search: ``"auto"`` (the fastest this CPU runs), or one of
+#: :func:`native_kernels` (``"avx512"``, ``"avx2"``, ``"blas"``). The kernels differ only in
+#: the rounding of the similarities (summation order), never in how ties are broken.
+NATIVE_KERNEL = "auto"
+
 def native_select_available() -> bool:
     """Whether the compiled CPU search op is registered (``elogitnorm_fast._C`` built)."""
     return has_ops("knn_search_update")
+
+
+def native_kernels() -> list[str]:
+    """Similarity kernels the native search can run on this CPU, the one ``"auto"`` picks
+    first (empty without the compiled extension)."""
+    if not has_ops("knn_search_kernels"):
+        return []
+    return list(torch.ops.elogitnorm_fast.knn_search_kernels())
 
 
 def slot_width(k: int) -> int:
@@ -103,7 +118,7 @@ class RunningTopK:
         and selecting them tile by tile."""
         torch.ops.elogitnorm_fast.knn_search_update(
             queries, bank_rows, bias, self.values, self.indices, self.pending, self.thresholds,
-            self.k, index_offset,
+            self.k, index_offset, NATIVE_KERNEL,
         )
 
     def _candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
