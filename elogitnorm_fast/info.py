@@ -22,6 +22,7 @@ def collect() -> dict:
         devices += [f"cuda:{i} ({torch.cuda.get_device_name(i)})"
                     for i in range(torch.cuda.device_count())]
     from . import __version__
+    from .knn.selection import native_kernels
 
     return {
         "elogitnorm_fast": __version__,
@@ -30,6 +31,8 @@ def collect() -> dict:
         "torch_cuda": torch.version.cuda,
         "triton": triton_version,
         "cpu_threads": torch.get_num_threads(),
+        # similarity kernels of the native KNN search on this CPU, the one used first
+        "knn_cpu_kernels": native_kernels(),
         "devices": devices,
         "backends": {name: unavailable_reason(name) for name in BACKENDS},
     }
@@ -38,6 +41,8 @@ def collect() -> dict:
 def render(details: dict) -> str:
     lines = [f"{key}: {details[key]}" for key in
              ("elogitnorm_fast", "python", "torch", "torch_cuda", "triton", "cpu_threads")]
+    kernels = details["knn_cpu_kernels"]
+    lines.append("knn_cpu_kernels: " + (", ".join(kernels) if kernels else "none (no _C)"))
     lines.append("devices: " + ", ".join(details["devices"]))
     lines.append("backends:")
     for name, reason in details["backends"].items():

@@ -43,6 +43,11 @@ SCRIPT = textwrap.dedent(
     kth = torch.cdist(normalize(queries.double(), dim=1), normalize(bank.double(), dim=1))
     torch.testing.assert_close(knn.score(queries).double(), -kth.sort(dim=1).values[:, 1],
                                rtol=1e-5, atol=1e-4)
+    from elogitnorm_fast import info
+
+    details = info.collect()
+    assert details["knn_cpu_kernels"] == [], details
+    assert "knn_cpu_kernels: none (no _C)" in info.render(details)
     assert "elogitnorm_fast._C" not in sys.modules
     print("ok")
     """

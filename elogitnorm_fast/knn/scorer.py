@@ -55,10 +55,12 @@ class KNNScorer:
             the running top-k (``queries x k`` pairs; with the native selection at most
             :data:`SELECTION_STATE_BYTES`, more queries are searched in batches, each streaming
             the bank once), never ``queries x bank``. The native backend takes ``bank_chunk``
-            rows per call and tiles them itself (1 MiB of similarities per thread), so
+            rows per call (plus one packed copy of them) and tiles them itself, so
             ``query_chunk`` only applies to the torch backend. Defaults tuned per device.
-        backend: ``"native"`` (C++ GEMM tiles + selection, CPU, needs ``elogitnorm_fast._C``),
-            ``"torch"`` (``torch.topk`` per block, any device) or ``"auto"``.
+        backend: ``"native"`` (C++ similarity tiles + selection, CPU, needs
+            ``elogitnorm_fast._C``; AVX-512 / AVX2 register tiles where the CPU has them, else
+            BLAS tiles, see ``selection.NATIVE_KERNEL``), ``"torch"`` (``torch.topk`` per
+            block, any device) or ``"auto"``.
         in_memory: keep the prepared bank in memory (default). ``False`` with a ``.npy`` path
             keeps it on disk and streams it in chunks for every ``score`` call.
         progress: tqdm bars for long runs (``None``: only when the work is large).
