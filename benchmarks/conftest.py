@@ -4,7 +4,8 @@
 
 * ``full`` (default): the protocol sizes of ``benchmarking.md``;
 * ``quick``: protocol sizes for the losses and KNN, fewer rows for the scorer / metric
-  benchmarks (``elogitnorm-fast bench --quick``, under 10 minutes on 2 cores);
+  benchmarks, and only the fastest native KNN kernel (``elogitnorm-fast bench --quick``, under
+  10 minutes on 2 cores);
 * ``smoke``: tiny sizes, for CI to check that every benchmark still runs (``--benchmark-disable``).
 """
 
@@ -16,7 +17,8 @@ import subprocess
 
 MODES = {
     "full": {},
-    "quick": {"ELOGITNORM_BENCH_ROWS": "100000", "ELOGITNORM_BENCH_SCORES": "1000000,10000000"},
+    "quick": {"ELOGITNORM_BENCH_ROWS": "100000", "ELOGITNORM_BENCH_SCORES": "1000000,10000000",
+              "KNN_BENCH_KERNELS": "auto"},
     "smoke": {"ELOGITNORM_BENCH_ROWS": "2000", "ELOGITNORM_BENCH_SCORES": "5000",
               "KNN_BENCH_SCALE": "0.01"},
 }

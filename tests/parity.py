@@ -146,7 +146,9 @@ def knn_oracle_sorted(queries, bank, normalize=True):
     if normalize:
         q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-12)
         b = b / b.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    d2 = (q.unsqueeze(1) - b.unsqueeze(0)).pow(2).sum(-1)
+    rows = max(1, 2**23 // max(1, b.numel()))  # query rows per chunk: <= 64 MiB of differences
+    d2 = torch.cat([(q[i:i + rows].unsqueeze(1) - b.unsqueeze(0)).pow(2).sum(-1)
+                    for i in range(0, q.shape[0], rows)])
     return torch.sort(d2, dim=1, stable=True)
 
 

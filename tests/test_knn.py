@@ -74,6 +74,24 @@ def test_score_matches_float64_bruteforce(
     torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=atol)
 
 
+@pytest.mark.parametrize(
+    "k,num_bank,num_queries,dim",
+    [
+        # D = 512: bank rows read in place, two 4 MiB bank tiles, a partial last register tile
+        (9, 2100, 70, 512),
+        # D = 1024: bank tiles packed per thread (rows 4 KiB apart), two of them
+        (5, 1100, 40, 1024),
+        # more query tiles per thread than one 8 MiB group of packed queries holds
+        (3, 20, 4200, 1024),
+    ],
+)
+def test_large_tiles_match_bruteforce(backend, k, num_bank, num_queries, dim):
+    bank, queries = make_data(num_bank, num_queries, dim, seed=13)
+    scores = KNNScorer(k=k, squared=True, backend=backend).fit(bank).score(queries)
+    expected = -knn_oracle_sorted(queries, bank).values[:, k - 1]
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=2e-6)
+
+
 def test_kneighbors_match_bruteforce_order(backend):
     bank, queries = make_data(1500, 70, 32, seed=1)
     scorer = KNNScorer(k=40, squared=True, backend=backend, query_chunk=32, bank_chunk=256)
@@ -150,18 +168,20 @@ def test_native_and_torch_backends_agree():
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_unnormalized_distances():
+def test_unnormalized_distances(backend):
+    # ranks by q.b - |b|^2 / 2: the bias path of every kernel
     bank, queries = make_data(800, 40, 16, seed=4)
-    scorer = KNNScorer(k=9, normalize=False, squared=True, bank_chunk=128).fit(bank)
+    scorer = KNNScorer(k=9, normalize=False, squared=True, bank_chunk=128, backend=backend)
+    scorer.fit(bank)
     expected = -knn_oracle_sorted(queries, bank, normalize=False).values[:, 8]
     torch.testing.assert_close(scorer.score(queries).double(), expected, rtol=1e-5, atol=1e-3)
 
 
-def test_zero_rows_stay_exact():
+def test_zero_rows_stay_exact(backend):
     bank, queries = make_data(300, 20, 8, seed=5)
     bank[11] = 0.0
     queries[6] = 0.0
-    scorer = KNNScorer(k=3, squared=True, bank_chunk=64).fit(bank)
+    scorer = KNNScorer(k=3, squared=True, bank_chunk=64, backend=backend).fit(bank)
     expected = -knn_oracle_sorted(queries, bank).values[:, 2]
     torch.testing.assert_close(scorer.score(queries).double(), expected, rtol=1e-5, atol=2e-6)
 
@@ -279,7 +299,8 @@ def test_query_batches_bounded_by_the_selection_budget(backend, monkeypatch):
 @pytest.mark.parametrize("kernel", NATIVE_KERNELS)
 def test_native_search_does_not_depend_on_the_thread_count(kernel, monkeypatch):
     use_native_kernel(kernel, monkeypatch)
-    bank, queries = make_data(3000, 700, 32, seed=12)
+    # 300 queries: one 252-row tile and a remainder on 1 thread, 154-row tiles on 2
+    bank, queries = make_data(3000, 300, 32, seed=12)
     scorer = KNNScorer(k=60, backend="native").fit(bank)
     before = torch.get_num_threads()
     try:

@@ -1,20 +1,19 @@
 // Fused exact KNN search step (CPU): similarities computed tile by tile and selected at once.
 //
 // For all queries Q and a chunk of bank rows B, each thread owns a contiguous range of query
-// tiles (kQueryTile rows) and, bank tile by bank tile (kBankTile rows), computes
-// S = Q_tile B_tile^T (+ bias) and merges every row of S into that query's running top-k
-// (knn_slots.h). The bank tile stays in cache across the thread's query tiles, and the
-// similarity matrix is never written to and read back from main memory, unlike a large
-// multi-threaded GEMM followed by a selection pass. Two ways to compute S:
+// tiles and, bank tile by bank tile, computes S = Q_tile B_tile^T (+ bias) and merges S into
+// each query's running top-k (knn_slots.h). The bank tile stays in cache across the thread's
+// query tiles, and the similarity matrix is never written to and read back from main memory,
+// unlike a large multi-threaded GEMM followed by a selection pass. Two ways to compute S:
 //
-// * tile kernels (knn_tiles.h, x86 AVX-512 / AVX2): the bank chunk is packed once, each query
-//   tile per bank tile; a register tile compares each similarity row with its query's
-//   threshold before anything is stored, so selection reads only rows holding a candidate.
-// * "blas": a single-threaded at::mm per tile pair into a per-thread buffer, then a vectorised
-//   scan of each row (any CPU).
+// * tile kernels (knn_tiles.h, x86 AVX-512 / AVX2): queries packed per tile, bank rows read in
+//   place; each register tile is compared with its queries' thresholds before anything is
+//   stored, and only the similarities that beat them reach the selection.
+// * "blas": a single-threaded at::mm per 256-query x 1024-row tile pair into a per-thread
+//   buffer, then a vectorised scan of each row (any CPU).
 //
-// Results do not depend on the thread count: tiles have fixed sizes, every similarity is summed
-// in a fixed order, and each query's state is updated by one thread in increasing bank-index
+// Results do not depend on the thread count: every similarity is summed in a fixed order
+// whatever the tiling, and each query's state is updated by one thread in increasing bank-index
 // order. The two ways may differ in the last bits of a similarity (different summation order).
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -34,11 +33,12 @@ namespace {
 
 namespace knn = elogitnorm_fast::knn;
 
-// 252 = 14 x 18 = 6 x 42 query rows: whole register tiles for both x86 kernels. The BLAS path
-// was measured with 256 x 1024 tiles against 128/512 x 512/2048 on a 2-core AMD EPYC (D = 512);
-// the tile kernels with 1024, 2048 and 4096 bank rows.
-constexpr int64_t kQueryTile = 252;
-constexpr int64_t kBankTile = 2048;
+// Bank rows a thread runs a group of query tiles against while they stay in cache, and the
+// packed query tiles of one group. Measured on a 2-core AMD EPYC (Zen 4) at D = 512 and 2048:
+// bank tiles of 2 and 4 MiB tie, 8 MiB lost 15-20 %, 0.5-1 MiB lost 50-100 % (more repacking);
+// query groups of 4-16 MiB tie.
+constexpr int64_t kBankTileBytes = 4 << 20;
+constexpr int64_t kQueryGroupBytes = 8 << 20;
 
 struct SearchArgs {
   const at::Tensor& queries;  // contiguous
@@ -68,50 +68,57 @@ void search_tiles(const knn::TileKernel& kernel, const SearchArgs& a) {
   const int64_t num_bank = a.bank.size(0);
   const int64_t depth = a.queries.size(1);
   const int64_t width = kernel.cols;
-  const int64_t panels = (num_bank + width - 1) / width;
-  at::Tensor bank_panels = at::empty({panels * width * depth}, a.queries.options());
-  at::Tensor bank_init = at::full({panels * width}, -std::numeric_limits<float>::infinity(),
-                                  a.queries.options());
-  if (a.bias.has_value()) {
-    bank_init.narrow(0, 0, num_bank).copy_(*a.bias);
-  } else {
-    bank_init.narrow(0, 0, num_bank).zero_();
-  }
-  const float* bank_ptr = a.bank.data_ptr<float>();
-  float* panels_ptr = bank_panels.data_ptr<float>();
-  at::parallel_for(0, panels, 16, [&](int64_t p0, int64_t p1) {
-    const int64_t rows = std::min(num_bank, p1 * width) - p0 * width;
-    knn::pack_panels(bank_ptr + p0 * width * depth, rows, depth, depth, width,
-                     panels_ptr + p0 * width * depth);
-  });
-
-  const int64_t query_tile = kQueryTile / kernel.rows * kernel.rows;
-  const int64_t num_tiles = (num_queries + query_tile - 1) / query_tile;
-  const int64_t panels_per_tile = std::max<int64_t>(1, kBankTile / width);
+  // bank tiles of ~4 MiB (2048 rows at D = 512), whole register tiles
+  const int64_t bank_tile =
+      std::max<int64_t>(1, kBankTileBytes / (4 * std::max<int64_t>(depth, 1)) / kernel.rows) *
+      kernel.rows;
+  // The kernel reads bank rows in place (kRows streams), except when rows are 4 KiB apart (D a
+  // multiple of 1024): they then share one L1 set and evict each other (30 % slower than BLAS
+  // at D = 2048, measured), so each thread packs each bank tile into one stream first. Packing
+  // at other D measured no faster with many queries and 40 % slower with few.
+  const bool pack_bank = depth % 1024 == 0 && depth > 0;
+  const int64_t num_tiles = (num_queries + width - 1) / width;
   const float* query_ptr = a.queries.data_ptr<float>();
+  const float* bank_ptr = a.bank.data_ptr<float>();
+  // Query tiles are packed once per group; the bank is streamed once per group (repacking the
+  // queries for every bank tile instead cost 15 % at D = 2048, measured).
+  const int64_t group =
+      std::max<int64_t>(1, kQueryGroupBytes / (4 * width * std::max<int64_t>(depth, 1)));
   at::parallel_for(0, num_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
-    std::vector<float> scratch(static_cast<size_t>(a.state.capacity + width));
-    at::Tensor query_panels = at::empty({query_tile * depth}, a.queries.options());
+    std::vector<float> scratch(static_cast<size_t>(a.state.capacity));
+    std::vector<float> tail(static_cast<size_t>(kernel.rows * depth));
+    std::vector<float> packed(pack_bank ? static_cast<size_t>(bank_tile * depth) : 0);
+    const int64_t group_tiles = std::min(group, tile_end - tile_begin);
+    at::Tensor query_panels = at::empty({group_tiles * width * depth}, a.queries.options());
+    float* panels = query_panels.data_ptr<float>();
     knn::TileTask task{};
-    task.query_panels = query_panels.data_ptr<float>();
-    task.bank_panels = panels_ptr;
-    task.bank_init = bank_init.data_ptr<float>();
-    task.num_bank = num_bank;
+    task.bank_packed = pack_bank;
+    task.bank_bias = a.bias.has_value() ? a.bias->data_ptr<float>() : nullptr;
     task.depth = depth;
     task.index_offset = a.index_offset;
     task.state = a.state;
     task.scratch = scratch.data();
-    for (int64_t p0 = 0; p0 < panels; p0 += panels_per_tile) {
-      task.panel_begin = p0;
-      task.panel_end = std::min(panels, p0 + panels_per_tile);
-      for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
-        task.first_query = tile * query_tile;
-        task.num_queries = std::min(query_tile, num_queries - task.first_query);
-        // repacked per bank tile: ~1 % of the tile's FMAs at kBankTile = 2048, and no copy of
-        // all queries held at once
-        knn::pack_panels(query_ptr + task.first_query * depth, task.num_queries, depth, depth,
-                         kernel.rows, query_panels.data_ptr<float>());
-        kernel.run(task);
+    task.tail = tail.data();
+    for (int64_t g0 = tile_begin; g0 < tile_end; g0 += group) {
+      const int64_t g1 = std::min(tile_end, g0 + group);
+      const int64_t first = g0 * width;
+      knn::pack_panels(query_ptr + first * depth, std::min(num_queries, g1 * width) - first,
+                       depth, depth, width, panels);
+      for (int64_t b0 = 0; b0 < num_bank; b0 += bank_tile) {
+        task.bank_begin = b0;
+        task.bank_end = std::min(num_bank, b0 + bank_tile);
+        task.bank_rows = bank_ptr + b0 * depth;
+        if (pack_bank) {
+          knn::pack_panels(task.bank_rows, task.bank_end - b0, depth, depth, kernel.rows,
+                           packed.data());
+          task.bank_rows = packed.data();
+        }
+        for (int64_t tile = g0; tile < g1; ++tile) {
+          task.query_panel = panels + (tile - g0) * width * depth;
+          task.first_query = tile * width;
+          task.num_queries = std::min(width, num_queries - task.first_query);
+          kernel.run(task);
+        }
       }
     }
   });

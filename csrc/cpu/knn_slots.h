@@ -111,6 +111,24 @@ inline void select_row(const float* row, int64_t cols, int64_t index_offset, int
   threshold_io = threshold;
 }
 
+// Offer one pair to a row's slots (as select_row does for a block): appended when `value`
+// beats the threshold, after a merge when the slots are full. Returns the threshold afterwards.
+inline float push_candidate(float value, int64_t index, int64_t k, int64_t capacity, float* rv,
+                            int64_t* ri, int64_t& pending, float& threshold, float* scratch) {
+  if (!(value > threshold)) return threshold;
+  int64_t n = k + pending;
+  if (n == capacity) {
+    threshold = merge_slots(rv, ri, n, k, scratch);
+    n = k;
+    pending = 0;
+    if (!(value > threshold)) return threshold;
+  }
+  rv[n] = value;
+  ri[n] = index;
+  pending = n + 1 - k;
+  return threshold;
+}
+
 // Argument checks shared by the ops that update the state of `rows` queries.
 inline void check_state(const char* op, const at::Tensor& values, const at::Tensor& indices,
                         const at::Tensor& pending, const at::Tensor& thresholds, int64_t rows,

@@ -1,13 +1,16 @@
 // Register-tiled similarity kernels for the CPU KNN search (knn_search.cpp), with the
 // selection fused into their epilogue.
 //
-// Layout ("panels"): a matrix of R rows x depth is stored as ceil(R / width) panels; panel p
-// holds rows [p * width, (p + 1) * width) transposed, element (row r, column d) at
-// [d * width + r], rows past R zero. A kernel computes one tile of kRows query rows x kCols
-// bank rows from a query panel and a bank panel entirely in registers (depth-long FMA chains
-// in one fixed order, so results do not depend on threads or tiling), then compares each row
-// of the tile with that query's threshold and hands only rows holding a candidate to
-// knn::select_row. The similarity matrix is never written out.
+// A kernel computes one tile of kRows bank rows x kCols queries entirely in registers: the
+// queries are packed ("panel": element (query c, feature d) at [d * kCols + c], queries past
+// the end zero) so that one vector load holds a feature of every query of the tile, and each
+// bank feature is broadcast straight from the row-major bank (kRows streams, no copy), or from
+// a per-thread packed copy of the bank tile where rows 4 KiB apart would share an L1 set.
+// Every similarity is one depth-long FMA chain in a fixed order, so
+// results do not depend on threads or tiling. The tile is then compared with the queries'
+// thresholds (two vector compares per bank row) and only the similarities that beat them are
+// appended to their query's pending slots, in bank order; a full query is merged with
+// knn::merge_slots (knn_slots.h). The similarity matrix is never written out.
 //
 // Kernels exist per instruction set (knn_tiles_x86.cpp: AVX-512F 14 x 32, AVX2+FMA 6 x 16),
 // picked at run time from what the CPU supports, independent of the -march the extension was
@@ -15,7 +18,6 @@
 #pragma once
 
 #include <cstdint>
-#include <string>
 #include <vector>
 
 namespace elogitnorm_fast::knn {
@@ -30,37 +32,36 @@ struct SelectionState {
   int64_t capacity;  // slots per query
 };
 
-// One call: the query panels of queries [first_query, first_query + num_queries) against bank
-// panels [panel_begin, panel_end) of the packed bank.
+// One call: the packed queries [first_query, first_query + num_queries) (num_queries <= kCols)
+// against bank rows [bank_begin, bank_end).
 struct TileTask {
-  const float* query_panels;
+  const float* query_panel;
   int64_t num_queries;
   int64_t first_query;
-  const float* bank_panels;
-  // per bank panel, kCols values the similarities start from: the bias of each bank row, and
-  // -inf for padding rows past the bank's end so they never beat a threshold
-  const float* bank_init;
-  int64_t num_bank;  // valid bank rows in the packed bank
-  int64_t panel_begin;
-  int64_t panel_end;
+  // Bank rows from `bank_begin` on: row-major (bank_packed false: one row every `depth` floats)
+  // or packed like the queries, kRows rows per panel (bank_packed true: rows past bank_end
+  // zero).
+  const float* bank_rows;
+  bool bank_packed;
+  const float* bank_bias;  // indexed by bank row, added to its similarities; nullptr: none
+  int64_t bank_begin;
+  int64_t bank_end;
   int64_t depth;
-  int64_t index_offset;  // bank index of packed bank row 0
+  int64_t index_offset;  // bank index of bank row 0
   SelectionState state;
-  float* scratch;  // at least capacity + kCols floats, owned by the calling thread
+  float* scratch;  // capacity floats, owned by the calling thread
+  float* tail;     // kRows * depth floats for the zero-padded last rows of a row-major bank
 };
 
 struct TileKernel {
   const char* name;
-  int64_t rows;  // query rows per tile
-  int64_t cols;  // bank rows per tile
+  int64_t rows;  // bank rows per tile
+  int64_t cols;  // queries per tile
   void (*run)(const TileTask&);
 };
 
 // Kernels this CPU can run, fastest first (empty on non-x86 builds).
 std::vector<TileKernel> supported_tile_kernels();
-
-// Every kernel name compiled into this build, whether or not this CPU can run it.
-std::vector<std::string> compiled_tile_kernels();
 
 // Pack `rows` rows of `src` (row stride `src_stride`, `depth` columns) into panels of `width`
 // rows at `out` (ceil(rows / width) * width * depth floats).

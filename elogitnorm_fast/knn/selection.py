@@ -39,6 +39,7 @@ NATIVE_MIN_SLACK = 256
 #: the rounding of the similarities (summation order), never in how ties are broken.
 NATIVE_KERNEL = "auto"
 
+
 def native_select_available() -> bool:
     """Whether the compiled CPU search op is registered (``elogitnorm_fast._C`` built)."""
     return has_ops("knn_search_update")
