@@ -55,7 +55,7 @@ class KNNScorer:
             the running top-k (``queries x k`` pairs; with the native selection at most
             :data:`SELECTION_STATE_BYTES`, more queries are searched in batches, each streaming
             the bank once), never ``queries x bank``. The native backend takes ``bank_chunk``
-            rows per call (plus one packed copy of them) and tiles them itself, so
+            rows per call and tiles them itself (a few MiB of packed tiles per thread), so
             ``query_chunk`` only applies to the torch backend. Defaults tuned per device.
         backend: ``"native"`` (C++ similarity tiles + selection, CPU, needs
             ``elogitnorm_fast._C``; AVX-512 / AVX2 register tiles where the CPU has them, else

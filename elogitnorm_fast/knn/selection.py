@@ -14,7 +14,7 @@ Two implementations:
   with one ``nth_element``. On x86 CPUs with AVX-512 or AVX2 a register-tiled kernel compares
   each similarity with its row's threshold before storing anything; elsewhere BLAS tiles are
   scanned (:data:`NATIVE_KERNEL`). Memory: ``num_queries x (2k + 256)`` pairs (12 bytes each)
-  instead of ``num_queries x k``, plus one packed copy of the bank chunk.
+  instead of ``num_queries x k``, plus up to ~12 MiB of packed tiles per thread.
 * ``torch``: ``torch.topk`` of each block ``S`` computed by the caller merged with the running
   top-k (:meth:`RunningTopK.update`; any device, the GPU path).
   ``torch.topk`` picks arbitrarily among equal values at the k-th place; with ``exact_ties`` a
