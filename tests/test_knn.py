@@ -51,8 +51,8 @@ def make_data(num_bank, num_queries, dim, seed=0):
         (50, 3001, 257, 64, 100, 1000),
         (200, 999, 33, 7, 1000, 97),  # bank chunks smaller than k
         (2048, 2500, 19, 24, 8, 777),
-        # default chunks: native tiles of 252 queries x 2048 bank rows (BLAS: 256 x 1024) with
-        # remainders, and k above one bank tile
+        # default chunks: query counts that are no multiple of any query tile (32 / 16, BLAS
+        # 256) or bank tile, and k above 2048
         (30, 2600, 600, 40, None, None),
         (2100, 3000, 40, 16, None, None),
     ],
@@ -299,7 +299,7 @@ def test_query_batches_bounded_by_the_selection_budget(backend, monkeypatch):
 @pytest.mark.parametrize("kernel", NATIVE_KERNELS)
 def test_native_search_does_not_depend_on_the_thread_count(kernel, monkeypatch):
     use_native_kernel(kernel, monkeypatch)
-    # 300 queries: one 252-row tile and a remainder on 1 thread, 154-row tiles on 2
+    # 1 and 2 threads split the query tiles of the 300 queries differently
     bank, queries = make_data(3000, 300, 32, seed=12)
     scorer = KNNScorer(k=60, backend="native").fit(bank)
     before = torch.get_num_threads()
