@@ -35,8 +35,7 @@ namespace knn = elogitnorm_fast::knn;
 
 // Bank rows a thread runs a group of query tiles against while they stay in cache, and the
 // packed query tiles of one group. Measured on a 2-core AMD EPYC (Zen 4) at D = 512 and 2048:
-// bank tiles of 2 and 4 MiB tie, 8 MiB lost 15-20 %, 0.5-1 MiB lost 50-100 % (more repacking);
-// query groups of 4-16 MiB tie.
+// bank tiles of 2 and 4 MiB tie and 8 MiB lost 15-20 %; query groups of 4-16 MiB tie.
 constexpr int64_t kBankTileBytes = 4 << 20;
 constexpr int64_t kQueryGroupBytes = 8 << 20;
 
