@@ -59,6 +59,24 @@ inline float merge_slots(float* values, int64_t* indices, int64_t n, int64_t k, 
   return kth;
 }
 
+// Offer one pair to a row's slots (select_row's columns past the last whole run): appended when `value`
+// beats the threshold, after a merge when the slots are full. Returns the threshold afterwards.
+inline float push_candidate(float value, int64_t index, int64_t k, int64_t capacity, float* rv,
+                            int64_t* ri, int64_t& pending, float& threshold, float* scratch) {
+  if (!(value > threshold)) return threshold;
+  int64_t n = k + pending;
+  if (n == capacity) {
+    threshold = merge_slots(rv, ri, n, k, scratch);
+    n = k;
+    pending = 0;
+    if (!(value > threshold)) return threshold;
+  }
+  rv[n] = value;
+  ri[n] = index;
+  pending = n + 1 - k;
+  return threshold;
+}
+
 // Merge `row[0, cols)` (bank indices index_offset + j) into one row's slots `rv`, `ri` with its
 // `pending` count and `threshold`. `scratch` holds at least max(capacity, cols) floats.
 inline void select_row(const float* row, int64_t cols, int64_t index_offset, int64_t k,
@@ -95,38 +113,12 @@ inline void select_row(const float* row, int64_t cols, int64_t index_offset, int
       n += static_cast<int64_t>(v > threshold);
     }
   }
-  for (; c < cols; ++c) {
-    const float v = row[c];
-    if (!(v > threshold)) continue;
-    if (n == capacity) {
-      threshold = merge_slots(rv, ri, n, k, scratch);
-      n = k;
-      if (!(v > threshold)) continue;
-    }
-    rv[n] = v;
-    ri[n] = index_offset + c;
-    ++n;
-  }
   pending = n - k;
   threshold_io = threshold;
-}
-
-// Offer one pair to a row's slots (as select_row does for a block): appended when `value`
-// beats the threshold, after a merge when the slots are full. Returns the threshold afterwards.
-inline float push_candidate(float value, int64_t index, int64_t k, int64_t capacity, float* rv,
-                            int64_t* ri, int64_t& pending, float& threshold, float* scratch) {
-  if (!(value > threshold)) return threshold;
-  int64_t n = k + pending;
-  if (n == capacity) {
-    threshold = merge_slots(rv, ri, n, k, scratch);
-    n = k;
-    pending = 0;
-    if (!(value > threshold)) return threshold;
+  for (; c < cols; ++c) {
+    push_candidate(row[c], index_offset + c, k, capacity, rv, ri, pending, threshold_io,
+                   scratch);
   }
-  rv[n] = value;
-  ri[n] = index;
-  pending = n + 1 - k;
-  return threshold;
 }
 
 // Argument checks shared by the ops that update the state of `rows` queries.

@@ -77,10 +77,9 @@ class DistributedKNNScorer(KNNScorer):
     def _global_top(self, features, k: int, exact_ties: bool):
         queries, origin = self._prepare_queries(features)
         # every rank sees the same queries, k and settings, hence the same batches
-        found = [self._global_top_batch(batch, k, exact_ties)
-                 for batch in self._query_batches(queries, k)]
-        values = torch.cat([v for v, _ in found])
-        indices = torch.cat([i for _, i in found])
+        values, indices = self._sorted_by_batch(
+            queries, k, lambda batch: self._global_top_batch(batch, k, exact_ties)
+        )
         return queries, origin, values, indices
 
     def _global_top_batch(self, queries: torch.Tensor, k: int, exact_ties: bool):

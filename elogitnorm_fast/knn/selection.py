@@ -13,7 +13,7 @@ Two implementations:
   for ``max(k, 256)`` pending candidates that beat the k-th kept value; a full row is merged
   with one ``nth_element``. On x86 CPUs with AVX-512 or AVX2 a register-tiled kernel compares
   each similarity with its row's threshold before storing anything; elsewhere BLAS tiles are
-  scanned (:data:`NATIVE_KERNEL`). Memory: ``num_queries x (2k + 256)`` pairs (12 bytes each)
+  scanned (:data:`NATIVE_KERNEL`). Memory: ``num_queries x (k + max(k, 256))`` pairs (12 bytes each)
   instead of ``num_queries x k``, plus up to ~12 MiB of packed tiles per thread.
 * ``torch``: ``torch.topk`` of each block ``S`` computed by the caller merged with the running
   top-k (:meth:`RunningTopK.update`; any device, the GPU path).
