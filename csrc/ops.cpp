@@ -12,6 +12,7 @@
 // CIFAR sizes; the backward is still a registered op (fake kernel included), so torch.compile
 // and opcheck see both directions. Other files add their own ops with TORCH_LIBRARY_FRAGMENT.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -66,6 +67,15 @@ ELogitNormOutputs call_elogitnorm_forward(const Tensor& logits, const Tensor& we
                  need_weight_grad);
 }
 
+// A backward run with create_graph=True (grad mode on) would return gradients without a second
+// derivative; refuse instead of letting a gradient penalty come out silently wrong.
+void check_first_derivative(const char* loss) {
+  TORCH_CHECK(!at::GradMode::is_enabled(),
+              "the cpu and cuda backends compute first derivatives of ", loss,
+              " only, so backward with create_graph=True cannot go through them; use "
+              "backend='reference' for higher derivatives");
+}
+
 std::tuple<Tensor, Tensor> call_elogitnorm_backward(const variable_list& saved,
                                                     const Tensor& grad_output,
                                                     c10::string_view reduction, double eps,
@@ -104,6 +114,7 @@ class ELogitNormFunction : public torch::autograd::Function<ELogitNormFunction> 
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    check_first_derivative("ELogitNorm");
     const bool need_logits_grad = ctx->saved_data["need_logits_grad"].toBool();
     const bool need_weight_grad = ctx->saved_data["need_weight_grad"].toBool();
     variable_list out(9);
@@ -155,6 +166,7 @@ class LogitNormFunction : public torch::autograd::Function<LogitNormFunction> {
             .findSchemaOrThrow("elogitnorm_fast::logitnorm_backward", "")
             .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                           const Tensor&, c10::string_view, int64_t)>();
+    check_first_derivative("LogitNorm");
     variable_list out(6);
     if (!grads[0].defined() || !ctx->saved_data["need_grad"].toBool()) return out;
     const variable_list saved = ctx->get_saved_variables();

@@ -12,14 +12,25 @@ import torch
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def reduce_rows(row_losses: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Reduce per-row losses (ignored rows already 0)."""
+def reduce_rows(
+    row_losses: torch.Tensor,
+    valid: torch.Tensor,
+    reduction: str,
+    count: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reduce per-row losses (ignored rows already 0); ``count``: the mean's divisor
+    (:func:`valid_count`) where the caller already has it."""
     if reduction == "none":
         return row_losses
     total = row_losses.sum()
     if reduction == "sum":
         return total
-    return total / valid.sum().to(total.dtype)
+    return total / (valid_count(valid, total.dtype) if count is None else count)
+
+
+def valid_count(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The number of valid rows, as the 0-d ``dtype`` tensor a ``mean`` divides by."""
+    return valid.sum().to(dtype)
 
 
 def row_gradient_weights(
@@ -32,5 +43,5 @@ def row_gradient_weights(
     """
     g = grad_output.to(dtype)
     if reduction == "mean":
-        g = g / valid.sum().to(dtype)
+        g = g / valid_count(valid, dtype)
     return torch.where(valid, g.expand(valid.shape), torch.zeros((), dtype=dtype, device=g.device))

@@ -84,3 +84,15 @@ def check_options(reduction: str, eps: float | None = None, tau: float | None = 
         raise ValueError(f"eps must be > 0, got {eps!r}")
     if tau is not None and not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau!r}")
+
+
+def check_first_derivative(backend: str, loss: str) -> None:
+    """Raises inside a closed-form backward run with ``create_graph=True`` (grad mode on): its
+    result would carry no second derivative, and a gradient penalty or meta-learning step built
+    on it would be silently wrong."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"backend={backend!r} computes first derivatives of {loss} only, so backward with "
+            f"create_graph=True cannot go through it; use backend='reference' for higher "
+            f"derivatives"
+        )

@@ -9,21 +9,30 @@ LogitNorm (Wei et al., ICML 2022, https://arxiv.org/abs/2205.09310), per row ``z
 with ``p = softmax(a z)`` (design.md section 2.2; the second term is 0 at ``z = 0``).
 
 The forward writes the loss and four numbers per row (``a``, the coupling
-``a (G . z) / ((r + 1e-7) r)``, ``log sum_j exp(a (z_j - max z))`` and ``max z``); the backward
+``a (G . z) / ((r + 1e-7) r)``, ``log sum_j exp(a (z_j - max z))`` and ``max z``), and the backward
 recomputes the gradient from the logits and those, times the row's upstream gradient, in one
-elementwise pass. Logits are read twice and the gradient written once in all (a forward that
-wrote a unit-upstream gradient for the backward to rescale moves twice the bytes and keeps an
-extra N x C tensor alive between the passes).
+elementwise pass: logits read twice, gradient written once.
+
+The backward learns the upstream gradient late, but the reduction makes it predictable: 1 per
+valid row for ``sum``, ``1 / count`` for ``mean``. Given that expected value, a forward whose rows
+fit on chip also writes the gradient for it, and the backward, writing into that tensor, skips
+every tile whose rows received exactly the expected value: logits read once and the gradient
+written once when the prediction holds (the bandwidth floor), and no change in any bit when it
+does not (those tiles are recomputed as above). The price is the N x C gradient allocated in the
+forward instead of the backward.
 
 In the forward, rows with ``C <= BLOCK`` are loaded once and kept on chip; longer rows stream over
-column blocks (pass 1: norm and max; pass 2: the exponential sums). The backward tiles rows and
-columns independently. Offsets are int64, arithmetic is fp32 whatever the storage dtype. Imported
-lazily (needs triton).
+column blocks (pass 1: norm and max; pass 2: the exponential sums) and leave the gradient to the
+backward (writing it in the forward would read them a third time there instead). The backward
+tiles rows and columns independently. Offsets are int64, arithmetic is fp32 whatever the storage
+dtype. Imported lazily (needs triton).
 
 Example::
 
-    losses, stats = logitnorm_rows(logits, target, inv_tau=25.0, ignore_index=-100)
-    grad = logitnorm_backward_rows(logits, target, stats, upstream, ignore_index=-100)
+    losses, stats, grad = logitnorm_rows(logits, target, inv_tau=25.0, ignore_index=-100,
+                                         expected_upstream=1.0)
+    grad = logitnorm_backward_rows(logits, target, stats, upstream, ignore_index=-100,
+                                   out=grad, expected_upstream=1.0)
 """
 
 from __future__ import annotations
@@ -54,6 +63,11 @@ def _logitnorm_kernel(
     n_cols,
     inv_tau,
     ignore_index,
+    grad_ptr,
+    expected_ptr,
+    expected_value,
+    WRITE_GRAD: tl.constexpr,
+    EXPECTED_PTR: tl.constexpr,
     SINGLE: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -114,6 +128,28 @@ def _logitnorm_kernel(
     tl.store(stats_ptr + 2 * n_rows + rows, log_sum, mask=row_mask)
     tl.store(stats_ptr + 3 * n_rows + rows, zmax, mask=row_mask)
 
+    # 5. Rows on chip: the gradient for the upstream gradient the backward expects (the same
+    #    arithmetic as the backward's, so skipping the backward changes no bit). The row is read
+    #    again (from cache: it was just read) rather than kept live across the reductions, which
+    #    spilled 1184 B a thread at C = 32768 (ptxas, sm_90); reloaded, as much as no write.
+    if WRITE_GRAD:
+        g = _expected_upstream(expected_ptr, expected_value, EXPECTED_PTR)
+        z = tl.load(row_base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        grad = _logitnorm_grad_tile(z, cols, target, scale, coupling, log_sum, zmax)
+        grad = tl.where(valid[:, None], g * grad, 0.0)
+        tl.store(grad_ptr + rows[:, None] * n_cols + cols[None, :],
+                 grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _expected_upstream(expected_ptr, expected_value, EXPECTED_PTR: tl.constexpr):
+    """The upstream gradient the forward wrote its gradient for: a device scalar or a value."""
+    if EXPECTED_PTR:
+        expected = tl.load(expected_ptr)
+    else:
+        expected = expected_value
+    return expected
+
 
 @triton.jit
 def _logitnorm_backward_kernel(
@@ -127,12 +163,33 @@ def _logitnorm_backward_kernel(
     n_rows,
     n_cols,
     ignore_index,
+    expected_ptr,
+    expected_value,
+    SKIP_EXPECTED: tl.constexpr,
+    EXPECTED_PTR: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # A (ROWS x BLOCK) tile of g_n * dloss_n/dz (rows.tile_grid).
     rows, cols, mask, target, valid, g = _upstream_tile(
         target_ptr, upstream_ptr, upstream_stride, n_rows, n_cols, ignore_index, ROWS, BLOCK)
+    if SKIP_EXPECTED:
+        # grad_ptr holds the forward's gradient for the expected upstream gradient: a tile whose
+        # valid rows all received exactly that is already right (ignored rows are 0 either way).
+        expected = _expected_upstream(expected_ptr, expected_value, EXPECTED_PTR)
+        stale = tl.max((valid & (g != expected)).to(tl.int32), axis=0)
+        if stale > 0:
+            _logitnorm_backward_tile(logits_ptr, logits_stride, stats_ptr, grad_ptr, rows, cols,
+                                     mask, target, valid, g, n_rows, n_cols)
+    else:
+        _logitnorm_backward_tile(logits_ptr, logits_stride, stats_ptr, grad_ptr, rows, cols,
+                                 mask, target, valid, g, n_rows, n_cols)
+
+
+@triton.jit
+def _logitnorm_backward_tile(logits_ptr, logits_stride, stats_ptr, grad_ptr, rows, cols, mask,
+                             target, valid, g, n_rows, n_cols):
+    """Recomputes a tile of the gradient from the logits and the row statistics, times g."""
     row_mask = rows < n_rows
     scale = tl.load(stats_ptr + rows, mask=row_mask, other=0.0)
     coupling = tl.load(stats_ptr + n_rows + rows, mask=row_mask, other=0.0)
@@ -146,6 +203,14 @@ def _logitnorm_backward_kernel(
              grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
+def _expected_args(expected_upstream: torch.Tensor | float | None, fallback: torch.Tensor):
+    """``(expected_ptr, expected_value, EXPECTED_PTR)`` kernel arguments for an expected
+    upstream gradient given as a device scalar or a number (``fallback``: an unused pointer)."""
+    if isinstance(expected_upstream, torch.Tensor):
+        return expected_upstream, 1.0, True
+    return fallback, 1.0 if expected_upstream is None else float(expected_upstream), False
+
+
 def logitnorm_rows(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -153,26 +218,36 @@ def logitnorm_rows(
     inv_tau: float,
     ignore_index: int,
     block_cols: int | None = None,
+    expected_upstream: torch.Tensor | float | None = None,
     traced: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row LogitNorm losses (fp32, 0 on ignored rows) and the (4, N) fp32 row statistics
-    :func:`logitnorm_backward_rows` needs.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-row LogitNorm losses (fp32, 0 on ignored rows), the (4, N) fp32 row statistics
+    :func:`logitnorm_backward_rows` needs, and the gradient for ``expected_upstream`` or None.
 
-    ``logits`` (N, C) must have unit column stride. ``traced``: see :func:`.rows.launcher`.
+    ``expected_upstream``: the upstream gradient each valid row is expected to receive (a
+    number, or a 0-d fp32 tensor on the logits' device, e.g. ``1 / count`` for a mean). Where it
+    is given and the rows fit on chip, the forward also writes ``expected * dloss_n/dz`` (N, C)
+    in the logits' dtype, for :func:`logitnorm_backward_rows` to complete in place; streamed rows
+    write nothing (the backward recomputes them at no extra traffic). ``logits`` (N, C) must have
+    unit column stride. ``traced``: see :func:`.rows.launcher`.
     """
     n_rows, n_cols = logits.shape
     losses = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     stats = torch.empty((4, n_rows), dtype=torch.float32, device=logits.device)
-    if n_rows == 0:
-        return losses, stats
     config = launch_config(n_cols, block_cols)
+    write_grad = expected_upstream is not None and bool(config["SINGLE"])
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if write_grad else None
+    if n_rows == 0:
+        return losses, stats, grad
+    expected_ptr, expected_value, expected_is_ptr = _expected_args(expected_upstream, stats)
     grid = (triton.cdiv(n_rows, config["ROWS"]),)
     launcher(_logitnorm_kernel, grid, traced)(
         logits, logits.stride(0), target, losses, stats, n_rows, n_cols, inv_tau, ignore_index,
-        SINGLE=config["SINGLE"], ROWS=config["ROWS"], BLOCK=config["BLOCK"],
-        num_warps=config["num_warps"],
+        stats if grad is None else grad, expected_ptr, expected_value,
+        WRITE_GRAD=write_grad, EXPECTED_PTR=expected_is_ptr, SINGLE=config["SINGLE"],
+        ROWS=config["ROWS"], BLOCK=config["BLOCK"], num_warps=config["num_warps"],
     )
-    return losses, stats
+    return losses, stats, grad
 
 
 def logitnorm_backward_rows(
@@ -182,20 +257,32 @@ def logitnorm_backward_rows(
     upstream: torch.Tensor,
     *,
     ignore_index: int,
+    out: torch.Tensor | None = None,
+    expected_upstream: torch.Tensor | float | None = None,
     traced: bool = True,
 ) -> torch.Tensor:
     """``g_n * dloss_n / dz`` (N, C) in the logits' dtype, ``g = where(valid, upstream, 0)``.
 
     ``stats`` comes from :func:`logitnorm_rows` on the same ``logits`` and ``target``;
-    ``upstream`` is any strided (N,) tensor, e.g. a stride-0 expansion.
+    ``upstream`` is any strided (N,) tensor, e.g. a stride-0 expansion. With ``out`` (the
+    forward's gradient for ``expected_upstream``) the result is written into ``out``: tiles whose
+    valid rows all received exactly the expected upstream gradient are not touched (nor are their
+    logits read), the others are recomputed. The values do not depend on which tiles were skipped.
     """
+    if out is not None and expected_upstream is None:
+        raise ValueError("out (the forward's gradient) needs the expected_upstream it was "
+                         "written for")
     n_rows, n_cols = logits.shape
-    grad = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
+    grad = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device) \
+        if out is None else out
     if n_rows == 0 or n_cols == 0:
         return grad
+    expected_ptr, expected_value, expected_is_ptr = _expected_args(expected_upstream, stats)
     rows, block, grid = tile_grid(n_rows, n_cols)
     launcher(_logitnorm_backward_kernel, grid, traced)(
         logits, logits.stride(0), target, stats, upstream, upstream.stride(0), grad,
-        n_rows, n_cols, ignore_index, ROWS=rows, BLOCK=block, num_warps=4,
+        n_rows, n_cols, ignore_index, expected_ptr, expected_value,
+        SKIP_EXPECTED=out is not None, EXPECTED_PTR=expected_is_ptr, ROWS=rows, BLOCK=block,
+        num_warps=4,
     )
     return grad

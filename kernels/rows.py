@@ -38,7 +38,9 @@ def launch_config(num_cols: int, block_cols: int | None = None) -> dict[str, int
     single = num_cols <= block
     rows = min(16, max(1, 2048 // block)) if single else 1
     elements = rows * block
-    num_warps = 2 if elements <= 512 else 4 if elements <= 4096 else 8 if elements <= 8192 else 16
+    # 32 warps for 32768 elements: 32 fp32 values a thread; 16 warps spilled (ptxas, sm_90).
+    num_warps = (2 if elements <= 512 else 4 if elements <= 4096 else 8 if elements <= 8192
+                 else 16 if elements <= 16384 else 32)
     return {"BLOCK": block, "ROWS": rows, "SINGLE": single, "num_warps": num_warps}
 
 

@@ -130,3 +130,50 @@ def test_out_of_range_target_raises_value_error_on_every_cpu_backend(backend, ba
     with pytest.raises(ValueError, match=r"must be in \[0, 4\)") as error:
         ef.logitnorm_loss(logits, target, backend=backend)
     assert str(bad) in str(error.value)
+
+
+def _hessian_vector(loss_fn, logits, direction):
+    """d/dz <dloss/dz, direction>: one gradient-penalty-style double backward."""
+    (grad,) = torch.autograd.grad(loss_fn(logits), logits, create_graph=True)
+    (hvp,) = torch.autograd.grad((grad * direction).sum(), logits)
+    return hvp
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_create_graph_through_a_closed_form_backward_is_refused(backend):
+    """A closed-form backward has no second derivative: create_graph=True raises instead of
+    returning a gradient that a penalty would silently treat as constant."""
+    if backend not in ef.available_backends("cpu"):
+        pytest.skip(ef.unavailable_reason(backend, "cpu"))
+    logits, weight, target = _inputs()
+    logits = logits.double().requires_grad_(True)
+    cases = [lambda z: ef.elogitnorm_loss(z, weight.double(), target, backend=backend)]
+    if backend == "cpu":
+        cases.append(lambda z: ef.logitnorm_loss(z, target, backend=backend))
+    for loss_fn in cases:
+        with pytest.raises(RuntimeError, match="first derivatives.*backend='reference'"):
+            _hessian_vector(loss_fn, logits, torch.randn_like(logits))
+
+
+def test_second_derivatives_where_autograd_computes_them():
+    """The reference backend (both losses) and the torch backend's LogitNorm are plain autograd:
+    their Hessian-vector products agree with a finite difference of the gradient."""
+    logits, weight, target = _inputs(6, 5, 4)
+    logits = logits.double().requires_grad_(True)
+    direction = torch.randn_like(logits)
+    cases = [
+        lambda z: ef.elogitnorm_loss(z, weight.double(), target, backend="reference"),
+        lambda z: ef.logitnorm_loss(z, target, backend="reference"),
+        lambda z: ef.logitnorm_loss(z, target, backend="torch"),
+    ]
+    for loss_fn in cases:
+        step = 1e-6
+
+        def gradient(z):
+            return torch.autograd.grad(loss_fn(z), z)[0]
+
+        plus = gradient((logits + step * direction).detach().requires_grad_(True))
+        minus = gradient((logits - step * direction).detach().requires_grad_(True))
+        finite = (plus - minus) / (2 * step)
+        torch.testing.assert_close(_hessian_vector(loss_fn, logits, direction), finite,
+                                   rtol=1e-5, atol=1e-7)

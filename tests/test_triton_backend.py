@@ -175,6 +175,79 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         assert "triton_elogitnorm_rows" in type(rows.grad_fn).__name__
         check_logitnorm("triton", logits, target, reduction, rtol=RTOL, atol=ATOL)
 
+    def _logitnorm_gradient(logits, target, reduction, after_forward=None, weight=1.0):
+        """d(weight * loss)/dlogits from the triton backend; ``after_forward(logits)`` runs
+        between the forward and the backward."""
+        logits = logits.detach().clone().requires_grad_(True)
+        loss = ef.logitnorm_loss(logits, target, reduction=reduction, backend="triton")
+        if after_forward is not None:
+            after_forward(logits)
+        (grad,) = torch.autograd.grad((loss.sum() if reduction == "none" else loss) * weight,
+                                      logits)
+        return grad
+
+    def _scramble(logits):
+        """Overwrites the logits behind autograd's back (``.data`` keeps the version counter):
+        a backward that reads them again computes a different gradient."""
+        logits.data.copy_(torch.randn_like(logits) * 50)
+
+    @pytest.mark.parametrize("reduction", REDUCTIONS)
+    @pytest.mark.parametrize("c", [10, 257])
+    def test_logitnorm_backward_does_not_reread_logits_for_the_expected_upstream(c, reduction):
+        """The forward's gradient for the upstream gradient the reduction gives (1, or 1 / count
+        for mean) completes the backward: scrambling the logits in between changes nothing. The
+        result is bitwise the gradient the recomputing op path gives."""
+        logits, _, target = make_case(12, c, 1, "some_ignored", dtype=torch.float32)
+        plain = _logitnorm_gradient(logits, target, reduction)
+        scrambled = _logitnorm_gradient(logits, target, reduction, after_forward=_scramble)
+        assert torch.equal(scrambled, plain)
+        triton_backend.EAGER_FAST_PATH = False
+        try:
+            recomputed = _logitnorm_gradient(logits, target, reduction)
+        finally:
+            triton_backend.EAGER_FAST_PATH = True
+        assert torch.equal(plain, recomputed)
+        ref = logits.detach().double().requires_grad_(True)
+        loss = logitnorm_reference(ref, target, reduction=reduction)
+        (expected,) = torch.autograd.grad(loss.sum() if reduction == "none" else loss, ref)
+        torch.testing.assert_close(plain.double(), expected, rtol=RTOL, atol=ATOL)
+
+    @pytest.mark.parametrize("weight", [3.0, float("nan")])
+    def test_logitnorm_other_upstream_recomputes(weight):
+        """Another upstream gradient (a loss weight, a NaN) recomputes from the logits."""
+        logits, _, target = make_case(9, 10, 1, "some_ignored", dtype=torch.float32)
+        grad = _logitnorm_gradient(logits, target, "mean", weight=weight)
+        scrambled = _logitnorm_gradient(logits, target, "mean", after_forward=_scramble,
+                                        weight=weight)
+        valid = target != -100
+        if weight != weight:
+            assert torch.isnan(grad[valid]).all() and torch.equal(grad[~valid],
+                                                                  torch.zeros_like(grad[~valid]))
+            return
+        assert not torch.allclose(scrambled, grad)
+        ref = logits.detach().double().requires_grad_(True)
+        (expected,) = torch.autograd.grad(logitnorm_reference(ref, target) * weight, ref)
+        torch.testing.assert_close(grad.double(), expected, rtol=RTOL, atol=ATOL)
+
+    def test_logitnorm_retained_graph_never_rewrites_a_handed_out_gradient():
+        logits, _, target = make_case(8, 6, 1, dtype=torch.float32)
+        loss = ef.logitnorm_loss(logits, target, backend="triton")
+        (first,) = torch.autograd.grad(loss, logits, retain_graph=True)
+        kept = first.clone()
+        (second,) = torch.autograd.grad(loss * 2, logits, retain_graph=True)
+        (third,) = torch.autograd.grad(loss, logits)
+        assert torch.equal(first, kept)
+        torch.testing.assert_close(second, 2 * kept)
+        assert torch.equal(third, kept)
+
+    def test_create_graph_is_refused():
+        """No second derivative: a gradient penalty would be silently wrong, so it raises."""
+        logits, weight, target = make_case(6, 5, 4, dtype=torch.float32)
+        for loss in (ef.logitnorm_loss(logits, target, backend="triton"),
+                     ef.elogitnorm_loss(logits, weight, target, backend="triton")):
+            with pytest.raises(RuntimeError, match="first derivatives.*backend='reference'"):
+                torch.autograd.grad(loss, logits, create_graph=True)
+
     class _HostWork(TorchDispatchMode):
         """Counts the torch ops dispatched and the Triton launches (ops the interpreter itself
         dispatches while it runs a kernel are not counted)."""

@@ -85,6 +85,26 @@ def test_int64_offsets_beyond_2_pow_31_elements():
     torch.testing.assert_close(grad[2:].double(), expected_grad, rtol=2e-2, atol=1e-2 * scale)
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("c", [10, 32768])
+def test_logitnorm_backward_completes_the_forward_gradient(c, reduction):
+    """On the device too, the upstream gradient autograd delivers equals the expected one (the
+    mean's 1 / count: the same IEEE division), so the backward skips every tile: logits
+    scrambled between forward and backward leave the gradient bitwise unchanged."""
+    logits, _, target = make_case(64, c, 1, "some_ignored", dtype=torch.float32, device="cuda")
+
+    def gradient(scramble):
+        z = logits.detach().clone().requires_grad_(True)
+        loss = ef.logitnorm_loss(z, target, reduction=reduction, backend="triton")
+        if scramble:
+            z.data.copy_(torch.randn_like(z) * 50)
+        return torch.autograd.grad(loss.sum() if reduction == "none" else loss, z)[0]
+
+    plain = gradient(False)
+    assert torch.equal(gradient(True), plain)
+    check_logitnorm("triton", logits, target, reduction, rtol=RTOL, atol=ATOL)
+
+
 @pytest.mark.parametrize("kind", ["elogitnorm", "logitnorm"])
 @pytest.mark.parametrize("n,c,d", [(128, 10, 64), (256, 1000, 64)])
 def test_bf16_error_at_most_twice_plain_bf16(kind, n, c, d):

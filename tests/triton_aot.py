@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 
 _SCALARS_I32 = {"n_rows", "n_cols", "n_features", "ignore_index"}
-_SCALARS_F32 = {"eps", "inv_tau", "inv_divisor", "inv_temperature"}
+_SCALARS_F32 = {"eps", "inv_tau", "inv_divisor", "inv_temperature", "expected_value"}
 _INDEX_POINTERS = {"target_ptr", "predicted_ptr"}
 _DATA_POINTERS = {"logits_ptr", "grad_ptr", "z_ptr"}  # the logits' dtype; other pointers fp32
 
@@ -75,8 +75,11 @@ def loss_configs() -> list[KernelConfig]:
         cfg = launch_config(num_cols)
         shape = (("SINGLE", cfg["SINGLE"]), ("ROWS", cfg["ROWS"]), ("BLOCK", cfg["BLOCK"]))
         for dtype in ("fp32", "bf16"):
-            configs.append(KernelConfig("logitnorm", "_logitnorm_kernel", shape,
-                                        cfg["num_warps"], dtype))
+            # LogitNorm's forward writes the gradient too where the rows stay on chip.
+            configs.append(KernelConfig(
+                "logitnorm", "_logitnorm_kernel",
+                (("WRITE_GRAD", bool(cfg["SINGLE"])), ("EXPECTED_PTR", True), *shape),
+                cfg["num_warps"], dtype))
             configs.append(KernelConfig(
                 "elogitnorm", "_elogitnorm_kernel",
                 (("PER_SAMPLE", True), ("WRITE_GRAD", True), ("WRITE_COEFFICIENTS", True),
@@ -99,8 +102,9 @@ def other_configs() -> list[KernelConfig]:
     """The backward kernels (LogitNorm's gradient, the row rescaling of ELogitNorm's) and the
     logit-scores kernel."""
     return [
-        KernelConfig("logitnorm", "_logitnorm_backward_kernel", (("ROWS", 1), ("BLOCK", 2048)),
-                     4, "bf16"),
+        *(KernelConfig("logitnorm", "_logitnorm_backward_kernel",
+                       (("SKIP_EXPECTED", skip), ("EXPECTED_PTR", True), ("ROWS", 1),
+                        ("BLOCK", 2048)), 4, "bf16") for skip in (True, False)),
         KernelConfig("rows", "_scale_rows_kernel",
                      (("HAS_FIRST", True), ("HAS_SECOND", True), ("ROWS", 1), ("BLOCK", 2048)), 4),
         KernelConfig("logit_scores", "_logit_row_stats_kernel",

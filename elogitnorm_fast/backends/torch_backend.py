@@ -12,6 +12,7 @@ import torch
 from ..geometry import accumulation_dtype, distance_rows, unclamped_scale, weight_gradient
 from ..reduction import reduce_rows, row_gradient_weights
 from ..reference import logitnorm_reference
+from ..validation import check_first_derivative
 
 NAME = "torch"
 
@@ -53,6 +54,7 @@ class _ELogitNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        check_first_derivative(NAME, "ELogitNorm")
         z, weight, target, valid, predicted, raw_scale, log_norm, raw_distances = ctx.saved_tensors
         reduction, eps, divisor = ctx.options
         dtype = z.dtype

@@ -2,7 +2,10 @@
 
 LogitNorm: the forward kernel writes the per-row loss and four statistics per row, the backward
 kernel recomputes the gradient from the logits and those, already times the upstream gradient
-(one launch each way). ELogitNorm: one launch per direction and block of rows computes the loss
+(one launch each way). Outside torch.compile the forward also writes the gradient for the
+upstream gradient the reduction will deliver (1, or 1 / count for ``mean``) when its rows fit on
+chip, and the backward only fills in rows that received something else, so a plain
+``loss.backward()`` reads the logits once and writes the gradient once. ELogitNorm: one launch per direction and block of rows computes the loss
 and, when a gradient will be needed, the logits gradient for an upstream gradient of 1 and the
 coefficients ``c`` of the weight gradient; the backward rescales rows by their upstream
 gradient and runs the weight-gradient GEMMs. For small C
@@ -36,7 +39,8 @@ import torch
 
 from ..extension import triton_interpreting
 from ..geometry import predicted_rows, weight_gradient
-from ..reduction import reduce_rows
+from ..reduction import reduce_rows, valid_count
+from ..validation import check_first_derivative
 from . import torch_backend
 
 NAME = "triton"
@@ -77,21 +81,22 @@ def _block(block_cols: int) -> int | None:
 EAGER_FAST_PATH = True
 
 
-def _logitnorm_impl(logits, target, inv_tau, ignore_index, block_cols, traced=True):
+def _logitnorm_impl(logits, target, inv_tau, ignore_index, block_cols, traced=True,
+                    expected_upstream=None):
+    """Losses, statistics, and the gradient for ``expected_upstream`` (None where not written:
+    see :func:`elogitnorm_fast.kernels.logitnorm.logitnorm_rows`)."""
     return _kernels("logitnorm").logitnorm_rows(
         logits, target, inv_tau=inv_tau, ignore_index=ignore_index,
-        block_cols=_block(block_cols), traced=traced,
+        block_cols=_block(block_cols), expected_upstream=expected_upstream, traced=traced,
     )
 
 
-def _logitnorm_grad_impl(logits, target, stats, upstream, ignore_index, traced=True):
+def _logitnorm_grad_impl(logits, target, stats, upstream, ignore_index, traced=True, out=None,
+                         expected_upstream=None):
     return _kernels("logitnorm").logitnorm_backward_rows(
-        logits, target, stats, upstream, ignore_index=ignore_index, traced=traced,
+        logits, target, stats, upstream, ignore_index=ignore_index, out=out,
+        expected_upstream=expected_upstream, traced=traced,
     )
-
-
-def _logitnorm_grad_eager(logits, target, stats, upstream, ignore_index):
-    return _logitnorm_grad_impl(logits, target, stats, upstream, ignore_index, traced=False)
 
 
 def _elogitnorm_forward(logits, weight, target, ignore_index, eps, divisor, write_grad,
@@ -133,18 +138,30 @@ def _scale_rows_eager(first, second, upstream, target, ignore_index):
 
 
 def _logitnorm_setup(ctx, inputs, output):
-    logits, target, _, ignore_index, _ = inputs
+    logits, target, _, ignore_index, *_ = inputs
     ctx.save_for_backward(logits, target, output[1])
     ctx.ignore_index = ignore_index
 
 
 def _logitnorm_backward(ctx, grad_losses, *_unused):
+    """The op path recomputes the gradient; the eager path completes the forward's gradient in
+    place (once: a second backward through a retained graph recomputes into a new tensor, so a
+    gradient handed out is never written again)."""
+    eager = getattr(ctx, "eager", False)
+    no_grads = (None,) * (5 if eager else 4)  # the inputs after the logits
     if grad_losses is None:  # the eager Function does not materialise unused output gradients
-        return None, None, None, None, None
+        return None, *no_grads
+    if eager:
+        check_first_derivative(NAME, "LogitNorm")
     logits, target, stats = ctx.saved_tensors
-    gradient = _logitnorm_grad_eager if getattr(ctx, "eager", False) else _logitnorm_grad
-    grad_logits = gradient(logits, target, stats, grad_losses.float(), ctx.ignore_index)
-    return grad_logits, None, None, None, None
+    if not eager:
+        return _logitnorm_grad(logits, target, stats, grad_losses.float(), ctx.ignore_index), \
+            *no_grads
+    out, ctx.grad_buffer = ctx.grad_buffer, None
+    grad_logits = _logitnorm_grad_impl(logits, target, stats, grad_losses.float(),
+                                       ctx.ignore_index, traced=False, out=out,
+                                       expected_upstream=ctx.expected_upstream)
+    return grad_logits, *no_grads
 
 
 def _elogitnorm_setup(ctx, inputs, output, rows=None):
@@ -159,6 +176,8 @@ def _elogitnorm_setup(ctx, inputs, output, rows=None):
 def _elogitnorm_backward(ctx, grad_losses, *_unused):
     if grad_losses is None:  # the eager Function does not materialise unused output gradients
         return (None,) * 9
+    if getattr(ctx, "eager", False):
+        check_first_derivative(NAME, "ELogitNorm")
     weight, target, grad_unit, coefficient_unit, predicted, rows = ctx.saved_tensors
     # Everything the forward wrote is linear in the row's upstream gradient.
     scale_rows = _scale_rows_eager if getattr(ctx, "eager", False) else _scale_rows
@@ -178,14 +197,19 @@ def _elogitnorm_backward(ctx, grad_losses, *_unused):
 
 
 class _EagerLogitNorm(torch.autograd.Function):
+    """Inputs: the op's, then the expected upstream gradient (None: no gradient needed)."""
+
     @staticmethod
     def forward(ctx, *inputs):
-        output = _logitnorm_impl(*inputs, traced=False)
-        ctx.mark_non_differentiable(output[1])
+        *op_inputs, expected_upstream = inputs
+        losses, stats, ctx.grad_buffer = _logitnorm_impl(
+            *op_inputs, traced=False, expected_upstream=expected_upstream)
+        ctx.expected_upstream = expected_upstream
+        ctx.mark_non_differentiable(stats)
         ctx.set_materialize_grads(False)  # no zero gradient for the statistics output
         ctx.eager = True
-        _logitnorm_setup(ctx, inputs, output)
-        return output
+        _logitnorm_setup(ctx, inputs, (losses, stats))
+        return losses, stats
 
     backward = staticmethod(_logitnorm_backward)
 
@@ -215,7 +239,7 @@ if _HAS_TRITON_OP:
         block_cols: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row LogitNorm losses (fp32) and the (4, N) row statistics of the backward."""
-        return _logitnorm_impl(logits, target, inv_tau, ignore_index, block_cols)
+        return _logitnorm_impl(logits, target, inv_tau, ignore_index, block_cols)[:2]
 
     @triton_op("elogitnorm_fast::triton_logitnorm_grad", mutates_args=())
     def _logitnorm_grad(
@@ -318,9 +342,17 @@ def logitnorm_loss(
     if logits.dtype == torch.float64:
         return torch_backend.logitnorm_loss(logits, target, tau=tau, reduction=reduction,
                                             ignore_index=ignore_index)
-    rows = _logitnorm_rows if _use_op() else _EagerLogitNorm.apply
-    losses, _ = rows(
-        _unit_column_stride(logits), target.contiguous(), 1.0 / tau, ignore_index,
-        block_cols or 0,
-    )
-    return reduce_rows(losses, target != ignore_index, reduction).to(logits.dtype)
+    logits, target = _unit_column_stride(logits), target.contiguous()
+    valid = target != ignore_index
+    count = valid_count(valid, torch.float32) if reduction == "mean" else None
+    if _use_op():
+        losses, _ = _logitnorm_rows(logits, target, 1.0 / tau, ignore_index, block_cols or 0)
+    else:
+        # The upstream gradient each valid row gets from a plain backward of the result (the
+        # mean's autograd divides 1 by the same count: an IEEE division, like reciprocal).
+        expected = None
+        if _needs_grad(logits):
+            expected = count.reciprocal() if count is not None else 1.0
+        losses, _ = _EagerLogitNorm.apply(logits, target, 1.0 / tau, ignore_index,
+                                          block_cols or 0, expected)
+    return reduce_rows(losses, valid, reduction, count).to(logits.dtype)
