@@ -56,8 +56,8 @@ def elogitnorm_loss(
     check_options(reduction, eps)
     divisor_number = divisor_value(logits.shape[1], divisor)
     module = resolve_backend(backend, logits.device)
-    check_target(target, logits, ignore_index,
-                 values=not getattr(module, "CHECKS_TARGET_VALUES", False))
+    target = check_target(target, logits, ignore_index,
+                          values=not getattr(module, "CHECKS_TARGET_VALUES", False))
     return module.elogitnorm_loss(
         logits, weight, target, reduction=reduction, ignore_index=ignore_index, eps=eps,
         divisor=divisor_number,
@@ -84,8 +84,8 @@ def logitnorm_loss(
     check_logits(logits)
     check_options(reduction, tau=tau)
     module = resolve_backend(backend, logits.device)
-    check_target(target, logits, ignore_index,
-                 values=not getattr(module, "CHECKS_TARGET_VALUES", False))
+    target = check_target(target, logits, ignore_index,
+                          values=not getattr(module, "CHECKS_TARGET_VALUES", False))
     return module.logitnorm_loss(
         logits, target, tau=tau, reduction=reduction, ignore_index=ignore_index
     )

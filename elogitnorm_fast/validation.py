@@ -40,8 +40,9 @@ def check_weight(weight: torch.Tensor, logits: torch.Tensor) -> None:
 
 def check_target(
     target: torch.Tensor, logits: torch.Tensor, ignore_index: int, *, values: bool = True
-) -> None:
+) -> torch.Tensor:
     """Type, shape and device of ``target``; with ``values``, also its range (CPU only).
+    Returns it as int64 (any integer dtype is accepted; the backends index with int64).
 
     Backends whose kernels check the range themselves (``CHECKS_TARGET_VALUES``) skip the
     value pass: it costs a reduction over the targets per call.
@@ -57,17 +58,19 @@ def check_target(
         )
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+    if target.dtype != torch.int64:
+        target = target.long()
     if target.numel() == 0:
-        return
+        return target
     if not values or target.device.type != "cpu" or torch.compiler.is_compiling():
         # Checking values on an accelerator would be a host sync, and inside torch.compile a
         # graph break: there the kernels' own bounds checks apply, as in F.cross_entropy.
-        return
+        return target
     num_classes = logits.shape[1]
     # Fast path (one reduction): every target is a class index.
     low, high = torch.aminmax(target)
     if int(low) >= 0 and int(high) < num_classes:
-        return
+        return target
     in_range = ((target >= 0) & (target < num_classes)) | (target == ignore_index)
     if not bool(in_range.all()):
         bad = target[~in_range][:5].tolist()
@@ -75,6 +78,7 @@ def check_target(
             f"target values must be in [0, {num_classes}) or equal ignore_index={ignore_index}; "
             f"got {bad}"
         )
+    return target
 
 
 def check_options(reduction: str, eps: float | None = None, tau: float | None = None) -> None:

@@ -169,7 +169,7 @@ def test_second_derivatives_where_autograd_computes_them():
     for loss_fn in cases:
         step = 1e-6
 
-        def gradient(z):
+        def gradient(z, loss_fn=loss_fn):
             return torch.autograd.grad(loss_fn(z), z)[0]
 
         plus = gradient((logits + step * direction).detach().requires_grad_(True))
@@ -177,3 +177,19 @@ def test_second_derivatives_where_autograd_computes_them():
         finite = (plus - minus) / (2 * step)
         torch.testing.assert_close(_hessian_vector(loss_fn, logits, direction), finite,
                                    rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "reference"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.uint8])
+def test_every_integer_target_dtype_matches_int64(backend, dtype):
+    if backend not in ef.available_backends("cpu"):
+        pytest.skip(ef.unavailable_reason(backend, "cpu"))
+    logits, weight, target = _inputs(7, 5, 3)
+    logits.requires_grad_(True)
+    for loss_fn in (lambda t: ef.elogitnorm_loss(logits, weight, t, backend=backend),
+                    lambda t: ef.logitnorm_loss(logits, t, backend=backend)):
+        expected = loss_fn(target)
+        (expected_grad,) = torch.autograd.grad(expected, logits)
+        loss = loss_fn(target.to(dtype))
+        (grad,) = torch.autograd.grad(loss, logits)
+        assert torch.equal(loss, expected) and torch.equal(grad, expected_grad)

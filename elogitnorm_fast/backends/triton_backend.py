@@ -5,10 +5,12 @@ kernel recomputes the gradient from the logits and those, already times the upst
 (one launch each way). Outside torch.compile the forward also writes the gradient for the
 upstream gradient the reduction will deliver (1, or 1 / count for ``mean``) when its rows fit on
 chip, and the backward only fills in rows that received something else, so a plain
-``loss.backward()`` reads the logits once and writes the gradient once. ELogitNorm: one launch per direction and block of rows computes the loss
-and, when a gradient will be needed, the logits gradient for an upstream gradient of 1 and the
-coefficients ``c`` of the weight gradient; the backward rescales rows by their upstream
-gradient and runs the weight-gradient GEMMs. For small C
+``loss.backward()`` reads the logits once and writes the gradient once.
+
+ELogitNorm: one launch per direction and block of rows computes the loss and, when a gradient
+will be needed, the logits gradient for an upstream gradient of 1 and the coefficients ``c`` of
+the weight gradient; the backward rescales rows by their upstream gradient and runs the
+weight-gradient GEMMs. For small C
 (:func:`elogitnorm_fast.kernels.elogitnorm.fuses_distances`: C <= 128, C * D <= 2^17) that
 launch also takes the argmax and computes each row's distances from ``W`` directly, so the
 forward is one launch plus the output allocations. Otherwise the host runs the argmax, the
