@@ -46,6 +46,8 @@ QUICK_LOGITNORM = [(128, 10, 0), (256, 1000, 0), (4096, 32768, 0)]
 COMPILE_SIZES = {"elogitnorm": {(128, 10), (256, 1000)}, "logitnorm": {(128, 10), (4096, 32768)}}
 QUICK_COMPILE_SIZES = {"elogitnorm": {(256, 1000)}, "logitnorm": {(4096, 32768)}}
 ROTATION_BYTES = 256 << 20  # input sets together exceed the L2 cache (50 MiB on H100)
+#: Rows of at least STREAMED_FROM classes kept in one block are also timed streamed.
+STREAMED_FROM, STREAMED_BLOCK = 8192, 4096
 GRAPH_BELOW_MS = 0.05
 GRAPH_BELOW_ELEMENTS = 1 << 18
 
@@ -107,8 +109,25 @@ def implementations(loss: str, n: int, c: int, d: int, compile_sizes: set) -> di
     else:
         impls["reference compiled"] = (None, "skipped: compiled only at " + str(sorted(
             compile_sizes[loss])))
+    if "triton" in impls and STREAMED_FROM <= c <= 32768:
+        impls["triton streamed"] = (streamed_triton(loss, c), None)
     impls["F.cross_entropy (pre-scaled)"] = (lambda z, w, y: F.cross_entropy(z, y), None)
     return impls
+
+
+def streamed_triton(loss: str, c: int):
+    """The triton backend with rows streamed over 4096-column blocks where the launcher keeps
+    them in one block (which spills registers at these lengths: tests/triton_aot.py): which of
+    the two is faster decides ``MAX_SINGLE_BLOCK``."""
+    from elogitnorm_fast.backends import triton_backend
+    from elogitnorm_fast.reference import DEFAULT_EPS, DEFAULT_TAU
+
+    if loss == "elogitnorm":
+        return lambda z, w, y: triton_backend.elogitnorm_loss(
+            z, w, y, reduction="mean", ignore_index=-100, eps=DEFAULT_EPS, divisor=c,
+            block_cols=STREAMED_BLOCK)
+    return lambda z, w, y: triton_backend.logitnorm_loss(
+        z, y, tau=DEFAULT_TAU, reduction="mean", ignore_index=-100, block_cols=STREAMED_BLOCK)
 
 
 def expected_loss(loss: str, logits, weight, target) -> torch.Tensor:
@@ -248,6 +267,11 @@ def summary(rows: list[dict]) -> dict:
     for row in rows:
         if (row["loss"], row["N"], row["C"], row["impl"]) == ("logitnorm", 4096, 32768, "triton"):
             out["logitnorm 4096x32768 fwd_bwd floor fraction"] = row.get("fwd_bwd_floor_fraction")
+    for row in rows:  # the MAX_SINGLE_BLOCK decision: > 1 means one block is faster
+        single = ms(row["loss"], row["N"], row["C"], "triton")
+        if row["impl"] == "triton streamed" and row.get("fwd_bwd_ms") and single:
+            out[f"{row['loss']} {row['N']}x{row['C']} triton streamed / one block (fwd+bwd)"] = \
+                row["fwd_bwd_ms"] / single
     for loss in ("logitnorm", "elogitnorm"):
         for n, c in ((128, 10), (128, 100)):
             triton, ce = ms(loss, n, c, "triton"), ms(loss, n, c, "F.cross_entropy (pre-scaled)")

@@ -39,3 +39,30 @@ def test_gpu_summary_renders_the_committed_results(tmp_path):
     for path in results:
         assert path.stem in done.stdout
     assert "|---|" in done.stdout
+
+
+def test_losses_summary_reports_the_single_block_decision():
+    """gpu_losses.summary turns the rows into the targets' ratios, including the one block vs
+    streamed comparison that decides MAX_SINGLE_BLOCK (synthetic rows: no GPU needed)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_losses
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def row(loss, n, c, impl, ms, **extra):
+        return {"loss": loss, "N": n, "C": c, "impl": impl, "fwd_bwd_ms": ms, **extra}
+
+    rows = [
+        row("elogitnorm", 1024, 10000, "triton", 0.5),
+        row("elogitnorm", 1024, 10000, "triton streamed", 0.4),
+        row("logitnorm", 4096, 32768, "triton", 0.5, fwd_bwd_floor_fraction=0.8),
+        row("logitnorm", 4096, 32768, "triton streamed", 1.0),
+        row("logitnorm", 128, 10, "triton", 0.3),
+        row("logitnorm", 128, 10, "F.cross_entropy (pre-scaled)", 0.2),
+    ]
+    out = gpu_losses.summary(rows)
+    assert out["elogitnorm 1024x10000 triton streamed / one block (fwd+bwd)"] == 0.4 / 0.5
+    assert out["logitnorm 4096x32768 triton streamed / one block (fwd+bwd)"] == 2.0
+    assert out["logitnorm 4096x32768 fwd_bwd floor fraction"] == 0.8
+    assert out["logitnorm 128x10 triton / cross_entropy (eager)"] == 0.3 / 0.2
