@@ -2,7 +2,8 @@
 # The one GPU check: build the CUDA extension, run the GPU-marked tests, run the GPU benchmark
 # matrix, write JSON and logs to $OUT (default benchmarks/results/gpu_<date>), print a short
 # table last. Budget: under 8 minutes on one H100 / H200 (about 6 expected: build 45 s, GPU tests
-# about 100 s, losses 150-220 s, KNN 25 s, scoring 30 s, measured piecewise on an H100). Each stage runs under its own timeout
+# about 100 s, losses 150-220 s, KNN 25 s, scoring 30 s, measured piecewise on an H100;
+# register table 20 s here). Each stage runs under its own timeout
 # and a failing stage does not stop the later ones (a failed build still leaves triton/torch).
 #   usage: OUT=/some/dir bash benchmarks/gpu_check.sh [--quick]
 set -uo pipefail
@@ -48,6 +49,10 @@ for bench in losses knn scoring; do
   timeout "$limit" "$PY" "$script" --out "$OUT" $QUICK "${extra[@]}" >> "$LOG" 2>&1 \
     || echo "gpu_${bench}.py exited $? (timeout $limit s?)" | tee -a "$LOG"
 done
+
+stage "Triton registers and spills (this machine's triton and ptxas)"
+timeout 90 "$PY" tests/triton_aot.py --out "$OUT/triton_registers_sm90.json" >> "$LOG" 2>&1 \
+  || echo "triton_aot.py exited $?" | tee -a "$LOG"
 
 stage "summary"
 echo "build: $build   gpu tests exit code: $tests_rc"
