@@ -134,29 +134,32 @@ def _scale_rows_kernel(
 
 def scale_rows(
     first: torch.Tensor,
-    second: torch.Tensor,
+    second: torch.Tensor | None,
     upstream: torch.Tensor,
     target: torch.Tensor,
     *,
     ignore_index: int,
     traced: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(first * g[:, None], second * g[:, None])`` with ``g = where(valid, upstream, 0)``.
 
-    ``first`` / ``second`` are contiguous (N, C) (either may be empty: (0, C)); ``upstream`` is
-    any strided (N,) tensor, e.g. a stride-0 expansion. New tensors are returned, the inputs are
-    left untouched (they may be saved for a second backward). ``traced``: see :func:`launcher`.
+    ``first`` / ``second`` are contiguous (N, C) (either may be empty: (0, C); ``second`` may be
+    None, and then so is its result); ``upstream`` is any strided (N,) tensor, e.g. a stride-0
+    expansion. New tensors are returned, the inputs are left untouched (they may be saved for a
+    second backward). ``traced``: see :func:`launcher`.
     """
     first_out = torch.empty_like(first)
-    second_out = torch.empty_like(second)
+    second_out = None if second is None else torch.empty_like(second)
     n_rows = upstream.shape[0]
-    n_cols = max(first.shape[1], second.shape[1])
-    has_first, has_second = first.shape[0] > 0, second.shape[0] > 0
+    has_first = first.shape[0] > 0
+    has_second = second is not None and second.shape[0] > 0
+    n_cols = max(first.shape[1], 0 if second is None else second.shape[1])
     if n_rows == 0 or n_cols == 0 or not (has_first or has_second):
         return first_out, second_out
     rows, block, grid = tile_grid(n_rows, n_cols)
-    launcher(_scale_rows_kernel, grid, traced)(
-        first, first_out, second, second_out, upstream, upstream.stride(0), target,
+    launcher(_scale_rows_kernel, grid, traced)(  # HAS_SECOND False: the second pair unused
+        first, first_out, second if has_second else first,
+        second_out if has_second else first_out, upstream, upstream.stride(0), target,
         n_rows, n_cols, ignore_index,
         HAS_FIRST=has_first, HAS_SECOND=has_second, ROWS=rows, BLOCK=block, num_warps=4,
     )

@@ -82,6 +82,11 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
 
         return elogitnorm
 
+    def _class_gradient_module():
+        import elogitnorm_fast.kernels.class_gradient as class_gradient
+
+        return class_gradient
+
     @pytest.fixture(params=["fused", "gemm", "streaming"])
     def block_mode(request, monkeypatch):
         """Small C: the fused kernel (argmax and distances inside); rows on chip in one block
@@ -248,6 +253,34 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
             with pytest.raises(RuntimeError, match="first derivatives.*backend='reference'"):
                 torch.autograd.grad(loss, logits, create_graph=True)
 
+    @pytest.mark.parametrize("n,c,d", [(1, 1, 3), (7, 5, 70), (64, 10, 512), (40, 128, 9)])
+    def test_pooled_weight_gradient_matches_the_torch_form(n, c, d):
+        """The one-launch class-pooled dW against geometry.weight_gradient (float64) on random
+        coefficients, predicted classes, upstream gradients and ignored rows; W transposed
+        (strided)."""
+        from elogitnorm_fast.geometry import weight_gradient
+
+        kernels = _class_gradient_module()
+        generator = torch.Generator().manual_seed(n * 1000 + c)
+        weight = torch.randn(d, c, generator=generator).t()
+        coefficients = torch.randn(n, c, generator=generator)
+        predicted = torch.randint(0, c, (n,), generator=generator)
+        target = torch.randint(0, c, (n,), generator=generator)
+        target[::3] = -100
+        upstream = torch.randn(n, generator=generator)
+        grad = kernels.pooled_weight_gradient(weight, coefficients, predicted, upstream, target,
+                                              ignore_index=-100)
+        g = torch.where(target != -100, upstream, torch.zeros(())).double()
+        expected = weight_gradient(weight.double(), weight.double(), False, predicted,
+                                   coefficients.double() * g[:, None])
+        torch.testing.assert_close(grad.double(), expected, rtol=1e-5, atol=1e-5)
+
+    def test_pooled_weight_gradient_refuses_large_c():
+        with pytest.raises(ValueError, match="C <= 128"):
+            _class_gradient_module().pooled_weight_gradient(
+                torch.zeros(129, 2), torch.zeros(3, 129), torch.zeros(3, dtype=torch.int64),
+                torch.ones(3), torch.zeros(3, dtype=torch.int64), ignore_index=-100)
+
     class _HostWork(TorchDispatchMode):
         """Counts the torch ops dispatched and the Triton launches (ops the interpreter itself
         dispatches while it runs a kernel are not counted)."""
@@ -255,7 +288,7 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         def __init__(self, monkeypatch):
             super().__init__()
             self.ops, self.launches, self._in_kernel = [], [], False
-            for module in (_rows_module(), _elogitnorm_module()):
+            for module in (_rows_module(), _elogitnorm_module(), _class_gradient_module()):
                 monkeypatch.setattr(module, "launcher", self._launcher(module.launcher))
 
         def _launcher(self, launch):
@@ -302,18 +335,19 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
     #: Host work of the fused small-C path at the CIFAR-10 size (N=128, C=10, D=512), eager,
     #: mean: forward = 4 output allocations + the mean (ne, 2 sums, a cast, div) and 1 launch
     #: (was 24 ops: argmax, the distance GEMM and norms, ...); backward = the mean's autograd
-    #: (3), 2 allocations, the per-class weight gradient (zeros, index_add_, t, add, sum, mul,
-    #: addmm), 2 leaf-gradient detaches and 1 launch (was 23 ops: 3 zero gradients of unused
-    #: outputs, two GEMMs; then 16 with an arange and an unsqueeze).
+    #: (3), 2 allocations (logits and weight gradients), 2 leaf-gradient detaches and 2
+    #: launches (was 23 ops: 3 zero gradients of unused outputs, two GEMMs; then 16 with an
+    #: arange and an unsqueeze; then 14 + 1 launch with the per-class weight gradient as seven
+    #: torch ops: zeros, index_add_, t, add, sum, mul, addmm).
     FUSED_FORWARD_OPS = 9
-    FUSED_BACKWARD_OPS = 14
+    FUSED_BACKWARD_OPS = 7
 
     def test_small_c_host_work_does_not_grow(monkeypatch):
         forward_ops, forward_launches, backward_ops, backward_launches = (
             _training_step_host_work(monkeypatch, 128, 10, 512))
         assert forward_launches == ["_elogitnorm_fused_kernel"]
         assert len(forward_ops) <= FUSED_FORWARD_OPS, forward_ops
-        assert backward_launches == ["_scale_rows_kernel"]
+        assert backward_launches == ["_scale_rows_kernel", "_pooled_weight_gradient_kernel"]
         assert len(backward_ops) <= FUSED_BACKWARD_OPS, backward_ops
 
     #: Host work of the GEMM path (eager, mean), N=256, C=1000 (one distance row per sample) and

@@ -99,12 +99,18 @@ def loss_configs() -> list[KernelConfig]:
 
 
 def other_configs() -> list[KernelConfig]:
-    """The backward kernels (LogitNorm's gradient, the row rescaling of ELogitNorm's) and the
-    logit-scores kernel."""
+    """The backward kernels (LogitNorm's gradient, the row rescaling of ELogitNorm's, its
+    class-pooled weight gradient at C = 10 and 100) and the logit-scores kernel."""
+    from elogitnorm_fast.kernels.class_gradient import pooled_config
+
     return [
         *(KernelConfig("logitnorm", "_logitnorm_backward_kernel",
                        (("SKIP_EXPECTED", skip), ("EXPECTED_PTR", True), ("ROWS", 1),
                         ("BLOCK", 2048)), 4, "bf16") for skip in (True, False)),
+        *(KernelConfig("class_gradient", "_pooled_weight_gradient_kernel",
+                       (("SCAN", cfg["SCAN"]), ("BLOCK", cfg["BLOCK"]),
+                        ("FEATURES", cfg["FEATURES"])), cfg["num_warps"])
+          for cfg in (pooled_config(10), pooled_config(100))),
         KernelConfig("rows", "_scale_rows_kernel",
                      (("HAS_FIRST", True), ("HAS_SECOND", True), ("ROWS", 1), ("BLOCK", 2048)), 4),
         KernelConfig("logit_scores", "_logit_row_stats_kernel",

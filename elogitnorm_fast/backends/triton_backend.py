@@ -181,10 +181,23 @@ def _elogitnorm_backward(ctx, grad_losses, *_unused):
     if getattr(ctx, "eager", False):
         check_first_derivative(NAME, "ELogitNorm")
     weight, target, grad_unit, coefficient_unit, predicted, rows = ctx.saved_tensors
+    upstream = grad_losses.float()
+    eager = getattr(ctx, "eager", False)
+    if eager and ctx.needs_input_grad[1] and _kernels("class_gradient").pools(
+            *coefficient_unit.shape):
+        # Few classes, at least one sample each on average: one launch pools the unit
+        # coefficients by predicted class, times the upstream gradient, into dW.
+        grad_logits, _ = _scale_rows_impl(grad_unit, None, upstream, target, ctx.ignore_index,
+                                          traced=False)
+        grad_weight = _kernels("class_gradient").pooled_weight_gradient(
+            weight, coefficient_unit, predicted, upstream, target,
+            ignore_index=ctx.ignore_index, traced=False).to(weight.dtype)
+        return (grad_logits if ctx.needs_input_grad[0] else None, grad_weight,
+                None, None, None, None, None, None, None)
     # Everything the forward wrote is linear in the row's upstream gradient.
-    scale_rows = _scale_rows_eager if getattr(ctx, "eager", False) else _scale_rows
-    grad_logits, coefficients = scale_rows(grad_unit, coefficient_unit, grad_losses.float(),
-                                           target, ctx.ignore_index)
+    scale_rows = _scale_rows_eager if eager else _scale_rows
+    grad_logits, coefficients = scale_rows(grad_unit, coefficient_unit, upstream, target,
+                                           ctx.ignore_index)
     grad_weight = None
     if ctx.needs_input_grad[1]:
         w = weight.to(torch.float32)

@@ -1,0 +1,133 @@
+"""Triton kernel for ELogitNorm's weight gradient when the samples pool into few classes.
+
+With ``c_nj`` the distance coefficients of sample ``n`` (:mod:`.elogitnorm`, written for an
+upstream gradient of 1) and ``g_n`` its upstream gradient (0 on ignored rows), the coefficients
+pooled by predicted class ``P[i, j] = sum_{n : m_n = i} g_n c_nj`` and ``S = P + P^T`` give
+(design.md section 2.1; :func:`elogitnorm_fast.geometry.weight_gradient`, one row per class)::
+
+    dW_i = (sum_j S_ij) w_i - sum_j S_ij w_j
+
+The eager path does this in seven torch ops (zeros, index_add_, t, add, sum, mul, addmm) after
+rescaling ``c`` by ``g``. Here it is one launch that reads the unit coefficients and ``g``
+directly: one program per class ``i`` scans the N rows for row ``i`` and column ``i`` of ``P``
+(N x C reads, from cache after the first program), then forms ``dW_i`` over D. For small C only
+(:func:`pools`): the work grows as C^2 (N + D). No atomics, so the result does not depend
+on scheduling. Imported lazily (needs triton).
+
+Example::
+
+    grad_weight = pooled_weight_gradient(weight, coefficients, predicted, upstream, target,
+                                         ignore_index=-100)
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .rows import _row_targets, launcher
+
+#: Largest C this kernel handles, and the most coefficient loads (N C^2) it is used for.
+MAX_CLASSES = 128
+MAX_LOADS = 1 << 22
+
+
+def pools(n_rows: int, n_cols: int) -> bool:
+    """Whether the eager backward forms dW here (one launch) rather than with the rescale and the
+    torch ops of :func:`elogitnorm_fast.geometry.weight_gradient`: few classes and few rows
+    (each of the C programs scans all N x C coefficients)."""
+    return n_cols <= MAX_CLASSES and n_rows * n_cols * n_cols <= MAX_LOADS
+
+
+def pooled_config(n_cols: int) -> dict[str, int]:
+    """``BLOCK`` columns, ``SCAN`` rows per scan step (at most 2048 coefficients), ``FEATURES``
+    per product step (at most 4096 weights), warps: no spills on sm_90 (tests/triton_aot.py;
+    32 x 128 with 4 warps took 255 registers and spilled)."""
+    block = max(16, triton.next_power_of_2(n_cols))
+    return {"BLOCK": block, "SCAN": min(32, 2048 // block), "FEATURES": min(64, 4096 // block),
+            "num_warps": 8 if block >= 128 else 4}
+
+
+@triton.jit
+def _pooled_weight_gradient_kernel(
+    coefficient_ptr,
+    coefficient_stride,
+    predicted_ptr,
+    upstream_ptr,
+    upstream_stride,
+    target_ptr,
+    weight_ptr,
+    weight_stride,
+    weight_col_stride,
+    grad_ptr,
+    n_rows,
+    n_cols,
+    n_features,
+    ignore_index,
+    SCAN: tl.constexpr,
+    BLOCK: tl.constexpr,
+    FEATURES: tl.constexpr,
+):
+    i = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    col_mask = cols < n_cols
+    # Row i of S = P + P^T: sum over samples predicted i of their coefficient rows, plus each
+    # sample's coefficient i added at its own predicted class.
+    pooled = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n_rows, SCAN):
+        rows = start + tl.arange(0, SCAN).to(tl.int64)
+        row_mask = rows < n_rows
+        _, valid, _ = _row_targets(target_ptr, rows, row_mask, n_cols, ignore_index)
+        g = tl.load(upstream_ptr + rows * upstream_stride, mask=row_mask, other=0.0)
+        g = tl.where(valid, g.to(tl.float32), 0.0)
+        predicted = tl.load(predicted_ptr + rows, mask=row_mask, other=-1)
+        row_base = coefficient_ptr + rows * coefficient_stride
+        c = tl.load(row_base[:, None] + cols[None, :],
+                    mask=valid[:, None] & col_mask[None, :], other=0.0) * g[:, None]
+        pooled += tl.sum(tl.where((predicted == i)[:, None], c, 0.0), axis=0)
+        c_i = tl.load(row_base + i, mask=valid, other=0.0) * g
+        pooled += tl.sum(tl.where(predicted[:, None] == cols[None, :], c_i[:, None], 0.0), axis=0)
+    total = tl.sum(pooled, axis=0)
+    # dW_i = (sum_j S_ij) w_i - sum_j S_ij w_j, FEATURES columns at a time.
+    for start in range(0, n_features, FEATURES):
+        features = start + tl.arange(0, FEATURES)
+        feature_mask = features < n_features
+        w = tl.load(weight_ptr + cols[:, None] * weight_stride
+                    + features[None, :] * weight_col_stride,
+                    mask=col_mask[:, None] & feature_mask[None, :], other=0.0).to(tl.float32)
+        w_i = tl.load(weight_ptr + i * weight_stride + features * weight_col_stride,
+                      mask=feature_mask, other=0.0).to(tl.float32)
+        grad = total * w_i - tl.sum(pooled[:, None] * w, axis=0)
+        tl.store(grad_ptr + i * n_features + features, grad, mask=feature_mask)
+
+
+def pooled_weight_gradient(
+    weight: torch.Tensor,
+    coefficients: torch.Tensor,
+    predicted: torch.Tensor,
+    upstream: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int,
+    traced: bool = True,
+) -> torch.Tensor:
+    """``dL/dW`` (C, D) in fp32 from the unit coefficients (N, C) (fp32, unit column stride),
+    the predicted classes (N,) int64 and the upstream gradient (any strided (N,) tensor, 0 where
+    ``target == ignore_index``). ``weight`` (C, D) may have any strides. C <= :data:`MAX_CLASSES`.
+    """
+    n_rows, n_cols = coefficients.shape
+    if n_cols > MAX_CLASSES:
+        raise ValueError(f"pooled_weight_gradient handles C <= {MAX_CLASSES}, got C = {n_cols}")
+    n_features = weight.shape[1]
+    grad = torch.empty((n_cols, n_features), dtype=torch.float32, device=weight.device)
+    if n_cols == 0 or n_features == 0:
+        return grad
+    config = pooled_config(n_cols)
+    launcher(_pooled_weight_gradient_kernel, (n_cols,), traced)(
+        coefficients, coefficients.stride(0), predicted, upstream, upstream.stride(0), target,
+        weight, weight.stride(0), weight.stride(1), grad, n_rows, n_cols, n_features,
+        ignore_index, SCAN=config["SCAN"], BLOCK=config["BLOCK"], FEATURES=config["FEATURES"],
+        num_warps=config["num_warps"],
+    )
+    return grad
