@@ -217,6 +217,16 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         (expected,) = torch.autograd.grad(loss.sum() if reduction == "none" else loss, ref)
         torch.testing.assert_close(plain.double(), expected, rtol=RTOL, atol=ATOL)
 
+    def test_logitnorm_without_upstream_prediction_recomputes(monkeypatch):
+        """PREDICT_UPSTREAM off: no gradient in the forward, the backward reads the logits."""
+        monkeypatch.setattr(triton_backend, "PREDICT_UPSTREAM", False)
+        logits, _, target = make_case(9, 10, 1, "some_ignored", dtype=torch.float32)
+        plain = _logitnorm_gradient(logits, target, "mean")
+        assert not torch.allclose(
+            _logitnorm_gradient(logits, target, "mean", after_forward=_scramble), plain)
+        monkeypatch.setattr(triton_backend, "PREDICT_UPSTREAM", True)
+        assert torch.equal(_logitnorm_gradient(logits, target, "mean"), plain)
+
     @pytest.mark.parametrize("weight", [3.0, float("nan")])
     def test_logitnorm_other_upstream_recomputes(weight):
         """Another upstream gradient (a loss weight, a NaN) recomputes from the logits."""

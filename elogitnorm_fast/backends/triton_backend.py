@@ -82,6 +82,13 @@ def _block(block_cols: int) -> int | None:
 #: autograd.Function.
 EAGER_FAST_PATH = True
 
+#: Eager LogitNorm: the forward also writes the gradient for the upstream gradient a plain
+#: backward of the reduced loss delivers, and the backward leaves those rows alone (logits read
+#: once, gradient written once). When the loss is scaled before the backward (a GradScaler, a
+#: weighted sum of losses) every row is recomputed, and the forward's write was wasted: set this
+#: to False there to keep the backward at one read of the logits and one write.
+PREDICT_UPSTREAM = True
+
 
 def _logitnorm_impl(logits, target, inv_tau, ignore_index, block_cols, traced=True,
                     expected_upstream=None):
@@ -366,7 +373,7 @@ def logitnorm_loss(
         # The upstream gradient each valid row gets from a plain backward of the result (the
         # mean's autograd divides 1 by the same count: an IEEE division, like reciprocal).
         expected = None
-        if _needs_grad(logits):
+        if PREDICT_UPSTREAM and _needs_grad(logits):
             expected = count.reciprocal() if count is not None else 1.0
         losses, _ = _EagerLogitNorm.apply(logits, target, 1.0 / tau, ignore_index,
                                           block_cols or 0, expected)
