@@ -17,8 +17,8 @@ The backward learns the upstream gradient late, but the reduction makes it predi
 valid row for ``sum``, ``1 / count`` for ``mean``. Given that expected value, a forward whose rows
 fit on chip also writes the gradient for it, and the backward, writing into that tensor, skips
 every tile whose rows received exactly the expected value: logits read once and the gradient
-written once when the prediction holds (the bandwidth floor), and no change in any bit when it
-does not (those tiles are recomputed as above). The price is the N x C gradient allocated in the
+written once when the prediction holds (the bandwidth floor); tiles where it does not are
+recomputed as above, with the same arithmetic. The price is the N x C gradient allocated in the
 forward instead of the backward.
 
 In the forward, rows with ``C <= BLOCK`` are loaded once and kept on chip; longer rows stream over
@@ -129,7 +129,7 @@ def _logitnorm_kernel(
     tl.store(stats_ptr + 3 * n_rows + rows, zmax, mask=row_mask)
 
     # 5. Rows on chip: the gradient for the upstream gradient the backward expects (the same
-    #    arithmetic as the backward's, so skipping the backward changes no bit). The row is read
+    #    arithmetic as the backward's recompute). The row is read
     #    again (from cache: it was just read) rather than kept live across the reductions, which
     #    spilled 1184 B a thread at C = 32768 (ptxas, sm_90); reloaded, as much as no write.
     if WRITE_GRAD:
@@ -267,7 +267,8 @@ def logitnorm_backward_rows(
     ``upstream`` is any strided (N,) tensor, e.g. a stride-0 expansion. With ``out`` (the
     forward's gradient for ``expected_upstream``) the result is written into ``out``: tiles whose
     valid rows all received exactly the expected upstream gradient are not touched (nor are their
-    logits read), the others are recomputed. The values do not depend on which tiles were skipped.
+    logits read), the others are recomputed with the forward's arithmetic (bitwise the same under
+    the interpreter; two compiled kernels may contract multiply-adds differently, an ulp apart).
     """
     if out is not None and expected_upstream is None:
         raise ValueError("out (the forward's gradient) needs the expected_upstream it was "

@@ -10,7 +10,9 @@ chip, and the backward only fills in rows that received something else, so a pla
 ELogitNorm: one launch per direction and block of rows computes the loss and, when a gradient
 will be needed, the logits gradient for an upstream gradient of 1 and the coefficients ``c`` of
 the weight gradient; the backward rescales rows by their upstream gradient and runs the
-weight-gradient GEMMs. For small C
+weight-gradient GEMMs (eager, C <= 128 and few rows: one launch pools the coefficients by
+predicted class into the weight gradient, :mod:`elogitnorm_fast.kernels.class_gradient`). For
+small C
 (:func:`elogitnorm_fast.kernels.elogitnorm.fuses_distances`: C <= 128, C * D <= 2^17) that
 launch also takes the argmax and computes each row's distances from ``W`` directly, so the
 forward is one launch plus the output allocations. Otherwise the host runs the argmax, the
@@ -185,15 +187,15 @@ def _elogitnorm_setup(ctx, inputs, output, rows=None):
 def _elogitnorm_backward(ctx, grad_losses, *_unused):
     if grad_losses is None:  # the eager Function does not materialise unused output gradients
         return (None,) * 9
-    if getattr(ctx, "eager", False):
+    eager = getattr(ctx, "eager", False)
+    if eager:
         check_first_derivative(NAME, "ELogitNorm")
     weight, target, grad_unit, coefficient_unit, predicted, rows = ctx.saved_tensors
     upstream = grad_losses.float()
-    eager = getattr(ctx, "eager", False)
     if eager and ctx.needs_input_grad[1] and _kernels("class_gradient").pools(
             *coefficient_unit.shape):
-        # Few classes, at least one sample each on average: one launch pools the unit
-        # coefficients by predicted class, times the upstream gradient, into dW.
+        # Few classes and rows: one launch pools the unit coefficients by predicted class, times
+        # the upstream gradient, into dW (no rescaled coefficients, no torch ops).
         grad_logits, _ = _scale_rows_impl(grad_unit, None, upstream, target, ctx.ignore_index,
                                           traced=False)
         grad_weight = _kernels("class_gradient").pooled_weight_gradient(
