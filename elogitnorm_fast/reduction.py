@@ -13,24 +13,30 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def reduce_rows(
-    row_losses: torch.Tensor,
-    valid: torch.Tensor,
-    reduction: str,
-    count: torch.Tensor | None = None,
+    row_losses: torch.Tensor, reduction: str, count: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Reduce per-row losses (ignored rows already 0); ``count``: the mean's divisor
-    (:func:`valid_count`) where the caller already has it."""
+    """Reduce per-row losses (ignored rows already 0); ``count``: the number of valid rows
+    (:func:`mean_count`), which only ``mean`` needs."""
     if reduction == "none":
         return row_losses
     total = row_losses.sum()
     if reduction == "sum":
         return total
-    return total / (valid_count(valid, total.dtype) if count is None else count)
+    return total / count
+
+
+def mean_count(
+    reduction: str, target: torch.Tensor, ignore_index: int, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """For ``mean``, the number of valid rows as the 0-d ``dtype`` tensor it divides by (one op
+    past the comparison: the sum accumulates in ``dtype``, exact below 2^24 rows in fp32);
+    None for the other reductions, which need no count."""
+    return valid_count(target != ignore_index, dtype) if reduction == "mean" else None
 
 
 def valid_count(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The number of valid rows, as the 0-d ``dtype`` tensor a ``mean`` divides by."""
-    return valid.sum().to(dtype)
+    """The number of True entries of ``valid`` as a 0-d ``dtype`` tensor."""
+    return valid.sum(dtype=dtype)
 
 
 def row_gradient_weights(

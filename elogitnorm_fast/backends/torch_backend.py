@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..geometry import accumulation_dtype, distance_rows, unclamped_scale, weight_gradient
-from ..reduction import reduce_rows, row_gradient_weights
+from ..reduction import reduce_rows, row_gradient_weights, valid_count
 from ..reference import logitnorm_reference
 from ..validation import check_first_derivative
 
@@ -50,7 +50,8 @@ class _ELogitNorm(torch.autograd.Function):
         ctx.rows, ctx.per_sample = geometry.rows, geometry.per_sample
         ctx.options = (reduction, eps, divisor)
         ctx.logits_dtype = logits.dtype
-        return reduce_rows(row_losses, valid, reduction).to(logits.dtype)
+        count = valid_count(valid, dtype) if reduction == "mean" else None
+        return reduce_rows(row_losses, reduction, count).to(logits.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):

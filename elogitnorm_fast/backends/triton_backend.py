@@ -43,7 +43,7 @@ import torch
 
 from ..extension import triton_interpreting
 from ..geometry import predicted_rows, weight_gradient
-from ..reduction import reduce_rows, valid_count
+from ..reduction import mean_count, reduce_rows
 from ..validation import check_first_derivative
 from . import torch_backend
 
@@ -350,7 +350,8 @@ def elogitnorm_loss(
         _unit_column_stride(logits), weight, target.contiguous(), ignore_index, float(eps),
         int(divisor), _needs_grad(logits), _needs_grad(weight), block_cols or 0,
     )
-    return reduce_rows(losses, target != ignore_index, reduction).to(logits.dtype)
+    count = mean_count(reduction, target, ignore_index, torch.float32)
+    return reduce_rows(losses, reduction, count).to(logits.dtype)
 
 
 def logitnorm_loss(
@@ -367,8 +368,7 @@ def logitnorm_loss(
         return torch_backend.logitnorm_loss(logits, target, tau=tau, reduction=reduction,
                                             ignore_index=ignore_index)
     logits, target = _unit_column_stride(logits), target.contiguous()
-    valid = target != ignore_index
-    count = valid_count(valid, torch.float32) if reduction == "mean" else None
+    count = mean_count(reduction, target, ignore_index, torch.float32)
     if _use_op():
         losses, _ = _logitnorm_rows(logits, target, 1.0 / tau, ignore_index, block_cols or 0)
     else:
@@ -379,4 +379,4 @@ def logitnorm_loss(
             expected = count.reciprocal() if count is not None else 1.0
         losses, _ = _EagerLogitNorm.apply(logits, target, 1.0 / tau, ignore_index,
                                           block_cols or 0, expected)
-    return reduce_rows(losses, valid, reduction, count).to(logits.dtype)
+    return reduce_rows(losses, reduction, count).to(logits.dtype)
