@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rows import _program_rows, _upstream_tile, launch_config, launcher, tile_grid
+from .rows import _row_targets, _upstream_tile, launch_config, launcher, tile_grid
 
 
 @triton.jit
@@ -68,13 +68,55 @@ def _logitnorm_kernel(
     expected_value,
     WRITE_GRAD: tl.constexpr,
     EXPECTED_PTR: tl.constexpr,
+    REDUCE: tl.constexpr,
     SINGLE: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # 1. This program's rows; int64 offsets so N * C may exceed 2^31.
-    rows, row_mask, cols, target, valid, in_range = _program_rows(
-        target_ptr, n_rows, n_cols, ignore_index, ROWS, BLOCK)
+    if REDUCE == 0:
+        # One block of ROWS rows per program; per-row losses.
+        g = _expected_upstream(expected_ptr, expected_value, EXPECTED_PTR)
+        first = tl.program_id(0).to(tl.int64) * ROWS
+        rows, loss = _logitnorm_block(
+            first, logits_ptr, logits_stride, target_ptr, stats_ptr, grad_ptr, n_rows, n_cols,
+            inv_tau, ignore_index, g, WRITE_GRAD, SINGLE, ROWS, BLOCK)
+        tl.store(loss_ptr + rows, loss, mask=rows < n_rows)
+    else:
+        # One program walks every block of rows and reduces the loss itself. Each valid row's
+        # share of the loss (1 for sum, 1 / count for mean) is what its gradient is written for,
+        # and goes to stats[0] for the backward; the count comes first, from the targets alone.
+        count = tl.zeros([ROWS], dtype=tl.float32)
+        for first in range(0, n_rows, ROWS):
+            block_rows = (first + tl.arange(0, ROWS)).to(tl.int64)
+            _, valid, _ = _row_targets(target_ptr, block_rows, block_rows < n_rows, n_cols,
+                                       ignore_index)
+            count += valid.to(tl.float32)
+        if REDUCE == 2:
+            row_weight = 1.0 / tl.sum(count, axis=0)
+        else:
+            row_weight = tl.sum(count, axis=0) * 0.0 + 1.0  # 1, a tensor like the mean's
+        tl.store(stats_ptr, row_weight)
+        total = tl.zeros([ROWS], dtype=tl.float32)
+        for first in range(0, n_rows, ROWS):
+            _, loss = _logitnorm_block(
+                first, logits_ptr, logits_stride, target_ptr, stats_ptr, grad_ptr, n_rows,
+                n_cols, inv_tau, ignore_index, row_weight, WRITE_GRAD, SINGLE, ROWS, BLOCK)
+            total += loss
+        tl.store(loss_ptr, tl.sum(total, axis=0) * row_weight)
+
+
+@triton.jit
+def _logitnorm_block(first, logits_ptr, logits_stride, target_ptr, stats_ptr, grad_ptr, n_rows,
+                     n_cols, inv_tau, ignore_index, g, WRITE_GRAD: tl.constexpr,
+                     SINGLE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows ``first .. first + ROWS``: their statistics (``stats[1:]``), their gradient for the
+    upstream gradient ``g`` when ``WRITE_GRAD``; returns the rows (int64) and their losses (0 on
+    invalid rows)."""
+    # 1. The rows; int64 offsets so N * C may exceed 2^31.
+    rows = (first + tl.arange(0, ROWS)).to(tl.int64)
+    row_mask = rows < n_rows
+    cols = tl.arange(0, BLOCK)
+    target, valid, in_range = _row_targets(target_ptr, rows, row_mask, n_cols, ignore_index)
     row_base = logits_ptr + rows[:, None] * logits_stride
     # z_y by a gather; an out-of-range target gives NaN (no device assert).
     z_target = tl.load(logits_ptr + rows * logits_stride + target, mask=in_range,
@@ -115,30 +157,29 @@ def _logitnorm_kernel(
             exp_sum += tl.sum(e, axis=1)
             exp_dot += tl.sum(e * tl.where(mask, zb - zmax[:, None], 0.0), axis=1)
     log_sum = tl.log(exp_sum)
-    loss = log_sum + scale * (zmax - z_target)
-    tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_mask)
+    loss = tl.where(valid, log_sum + scale * (zmax - z_target), 0.0)
 
     # 4. What the backward needs besides z: G.z = sum_j p_j z_j - z_y (shifted by max z).
     dot = exp_dot / exp_sum - (z_target - zmax)
     safe_norm = tl.where(norm > 0, norm, 1.0)
     coupling = tl.where(norm > 0, scale * dot / ((norm + 1e-7) * safe_norm), 0.0)
     coupling = tl.where(valid, coupling, 0.0)
-    tl.store(stats_ptr + rows, scale, mask=row_mask)
-    tl.store(stats_ptr + n_rows + rows, coupling, mask=row_mask)
-    tl.store(stats_ptr + 2 * n_rows + rows, log_sum, mask=row_mask)
-    tl.store(stats_ptr + 3 * n_rows + rows, zmax, mask=row_mask)
+    tl.store(stats_ptr + 1 + rows, scale, mask=row_mask)
+    tl.store(stats_ptr + 1 + n_rows + rows, coupling, mask=row_mask)
+    tl.store(stats_ptr + 1 + 2 * n_rows + rows, log_sum, mask=row_mask)
+    tl.store(stats_ptr + 1 + 3 * n_rows + rows, zmax, mask=row_mask)
 
-    # 5. Rows on chip: the gradient for the upstream gradient the backward expects (the same
-    #    arithmetic as the backward's recompute). The row is read
-    #    again (from cache: it was just read) rather than kept live across the reductions, which
-    #    spilled 1184 B a thread at C = 32768 (ptxas, sm_90); reloaded, as much as no write.
+    # 5. Rows on chip: the gradient for the upstream gradient g the backward expects (the same
+    #    arithmetic as the backward's recompute). The row is read again (from cache: it was
+    #    just read) rather than kept live across the reductions, which spilled 1184 B a thread
+    #    at C = 32768 (ptxas, sm_90); reloaded, as much as no write.
     if WRITE_GRAD:
-        g = _expected_upstream(expected_ptr, expected_value, EXPECTED_PTR)
         z = tl.load(row_base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         grad = _logitnorm_grad_tile(z, cols, target, scale, coupling, log_sum, zmax)
         grad = tl.where(valid[:, None], g * grad, 0.0)
         tl.store(grad_ptr + rows[:, None] * n_cols + cols[None, :],
                  grad.to(grad_ptr.dtype.element_ty), mask=mask)
+    return rows, loss
 
 
 @triton.jit
@@ -167,16 +208,24 @@ def _logitnorm_backward_kernel(
     expected_value,
     SKIP_EXPECTED: tl.constexpr,
     EXPECTED_PTR: tl.constexpr,
+    REDUCED: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # A (ROWS x BLOCK) tile of g_n * dloss_n/dz (rows.tile_grid).
     rows, cols, mask, target, valid, g = _upstream_tile(
         target_ptr, upstream_ptr, upstream_stride, n_rows, n_cols, ignore_index, ROWS, BLOCK)
+    if REDUCED:
+        # The forward reduced in the kernel: the upstream gradient is the loss's (stride 0),
+        # each row's is that times the row weight the forward left in stats[0], which is also
+        # what its gradient was written for.
+        expected = tl.load(stats_ptr)
+        g = tl.where(valid, g * expected, 0.0)
+    else:
+        expected = _expected_upstream(expected_ptr, expected_value, EXPECTED_PTR)
     if SKIP_EXPECTED:
         # grad_ptr holds the forward's gradient for the expected upstream gradient: a tile whose
         # valid rows all received exactly that is already right (ignored rows are 0 either way).
-        expected = _expected_upstream(expected_ptr, expected_value, EXPECTED_PTR)
         stale = tl.max((valid & (g != expected)).to(tl.int32), axis=0)
         if stale > 0:
             _logitnorm_backward_tile(logits_ptr, logits_stride, stats_ptr, grad_ptr, rows, cols,
@@ -191,10 +240,10 @@ def _logitnorm_backward_tile(logits_ptr, logits_stride, stats_ptr, grad_ptr, row
                              target, valid, g, n_rows, n_cols):
     """Recomputes a tile of the gradient from the logits and the row statistics, times g."""
     row_mask = rows < n_rows
-    scale = tl.load(stats_ptr + rows, mask=row_mask, other=0.0)
-    coupling = tl.load(stats_ptr + n_rows + rows, mask=row_mask, other=0.0)
-    log_sum = tl.load(stats_ptr + 2 * n_rows + rows, mask=row_mask, other=0.0)
-    zmax = tl.load(stats_ptr + 3 * n_rows + rows, mask=row_mask, other=0.0)
+    scale = tl.load(stats_ptr + 1 + rows, mask=row_mask, other=0.0)
+    coupling = tl.load(stats_ptr + 1 + n_rows + rows, mask=row_mask, other=0.0)
+    log_sum = tl.load(stats_ptr + 1 + 2 * n_rows + rows, mask=row_mask, other=0.0)
+    zmax = tl.load(stats_ptr + 1 + 3 * n_rows + rows, mask=row_mask, other=0.0)
     z = tl.load(logits_ptr + rows[:, None] * logits_stride + cols[None, :], mask=mask,
                 other=0.0).to(tl.float32)
     grad = _logitnorm_grad_tile(z, cols, target, scale, coupling, log_sum, zmax)
@@ -221,7 +270,7 @@ def logitnorm_rows(
     expected_upstream: torch.Tensor | float | None = None,
     traced: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Per-row LogitNorm losses (fp32, 0 on ignored rows), the (4, N) fp32 row statistics
+    """Per-row LogitNorm losses (fp32, 0 on ignored rows), the (4 N + 1,) fp32 row statistics
     :func:`logitnorm_backward_rows` needs, and the gradient for ``expected_upstream`` or None.
 
     ``expected_upstream``: the upstream gradient each valid row is expected to receive (a
@@ -231,23 +280,69 @@ def logitnorm_rows(
     write nothing (the backward recomputes them at no extra traffic). ``logits`` (N, C) must have
     unit column stride. ``traced``: see :func:`.rows.launcher`.
     """
-    n_rows, n_cols = logits.shape
-    losses = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    stats = torch.empty((4, n_rows), dtype=torch.float32, device=logits.device)
-    config = launch_config(n_cols, block_cols)
+    config = launch_config(logits.shape[1], block_cols)
     write_grad = expected_upstream is not None and bool(config["SINGLE"])
+    losses = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    return _launch_forward(logits, target, losses, inv_tau, ignore_index, config, 0, write_grad,
+                           expected_upstream, traced)
+
+
+#: Largest N x C that :func:`logitnorm_reduced` takes in its one program (CIFAR-100 at N = 256).
+REDUCED_MAX_ELEMENTS = 32768
+
+
+def reduces_in_one_program(n_rows: int, n_cols: int) -> bool:
+    """Whether :func:`logitnorm_reduced` takes an (n_rows, n_cols) batch: small enough that one
+    program walking its rows costs less than the host work it saves (CIFAR sizes)."""
+    return 0 < n_rows and n_rows * n_cols <= REDUCED_MAX_ELEMENTS and bool(
+        launch_config(n_cols)["SINGLE"])
+
+
+def logitnorm_reduced(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    inv_tau: float,
+    ignore_index: int,
+    reduction: str,
+    write_grad: bool,
+    traced: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The ``sum`` or ``mean`` LogitNorm loss (0-d fp32) of a small batch
+    (:func:`reduces_in_one_program`), reduced by one program that walks every block of rows,
+    with the statistics of :func:`logitnorm_rows` (``stats[0]``: each valid row's share of the
+    loss, 1 or ``1 / count``) and, when ``write_grad``, the gradient of the loss itself, which
+    :func:`logitnorm_backward_rows` with ``reduced=True`` completes in place.
+
+    On a host-bound small batch this saves the torch ops of the reduction and of its autograd.
+    """
+    n_rows, n_cols = logits.shape
+    if not reduces_in_one_program(n_rows, n_cols):
+        raise ValueError(f"logitnorm_reduced takes at most {REDUCED_MAX_ELEMENTS} elements in "
+                         f"rows kept on chip, got N = {n_rows}, C = {n_cols}")
+    loss = torch.empty((), dtype=torch.float32, device=logits.device)
+    return _launch_forward(logits, target, loss, inv_tau, ignore_index, launch_config(n_cols),
+                           {"sum": 1, "mean": 2}[reduction], write_grad, None, traced)
+
+
+def _launch_forward(logits, target, loss, inv_tau, ignore_index, config, reduce, write_grad,
+                    expected_upstream, traced):
+    """The forward launch shared by :func:`logitnorm_rows` and :func:`logitnorm_reduced`."""
+    n_rows, n_cols = logits.shape
+    stats = torch.empty(4 * n_rows + 1, dtype=torch.float32, device=logits.device)
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if write_grad else None
     if n_rows == 0:
-        return losses, stats, grad
+        return loss, stats, grad
     expected_ptr, expected_value, expected_is_ptr = _expected_args(expected_upstream, stats)
-    grid = (triton.cdiv(n_rows, config["ROWS"]),)
+    grid = (triton.cdiv(n_rows, config["ROWS"]) if reduce == 0 else 1,)
     launcher(_logitnorm_kernel, grid, traced)(
-        logits, logits.stride(0), target, losses, stats, n_rows, n_cols, inv_tau, ignore_index,
+        logits, logits.stride(0), target, loss, stats, n_rows, n_cols, inv_tau, ignore_index,
         stats if grad is None else grad, expected_ptr, expected_value,
-        WRITE_GRAD=write_grad, EXPECTED_PTR=expected_is_ptr, SINGLE=config["SINGLE"],
-        ROWS=config["ROWS"], BLOCK=config["BLOCK"], num_warps=config["num_warps"],
+        WRITE_GRAD=write_grad, EXPECTED_PTR=expected_is_ptr, REDUCE=reduce,
+        SINGLE=config["SINGLE"], ROWS=config["ROWS"], BLOCK=config["BLOCK"],
+        num_warps=config["num_warps"],
     )
-    return losses, stats, grad
+    return loss, stats, grad
 
 
 def logitnorm_backward_rows(
@@ -259,6 +354,7 @@ def logitnorm_backward_rows(
     ignore_index: int,
     out: torch.Tensor | None = None,
     expected_upstream: torch.Tensor | float | None = None,
+    reduced: bool = False,
     traced: bool = True,
 ) -> torch.Tensor:
     """``g_n * dloss_n / dz`` (N, C) in the logits' dtype, ``g = where(valid, upstream, 0)``.
@@ -269,8 +365,10 @@ def logitnorm_backward_rows(
     valid rows all received exactly the expected upstream gradient are not touched (nor are their
     logits read), the others are recomputed with the forward's arithmetic (bitwise the same under
     the interpreter; two compiled kernels may contract multiply-adds differently, an ulp apart).
+    ``reduced``: ``stats`` and ``out`` come from :func:`logitnorm_reduced`, ``upstream`` is the
+    0-d gradient of its loss, and ``expected_upstream`` is not used.
     """
-    if out is not None and expected_upstream is None:
+    if out is not None and expected_upstream is None and not reduced:
         raise ValueError("out (the forward's gradient) needs the expected_upstream it was "
                          "written for")
     n_rows, n_cols = logits.shape
@@ -281,9 +379,9 @@ def logitnorm_backward_rows(
     expected_ptr, expected_value, expected_is_ptr = _expected_args(expected_upstream, stats)
     rows, block, grid = tile_grid(n_rows, n_cols)
     launcher(_logitnorm_backward_kernel, grid, traced)(
-        logits, logits.stride(0), target, stats, upstream, upstream.stride(0), grad,
-        n_rows, n_cols, ignore_index, expected_ptr, expected_value,
-        SKIP_EXPECTED=out is not None, EXPECTED_PTR=expected_is_ptr, ROWS=rows, BLOCK=block,
-        num_warps=4,
+        logits, logits.stride(0), target, stats, upstream,
+        0 if upstream.dim() == 0 else upstream.stride(0), grad, n_rows, n_cols, ignore_index,
+        expected_ptr, expected_value, SKIP_EXPECTED=out is not None,
+        EXPECTED_PTR=expected_is_ptr, REDUCED=reduced, ROWS=rows, BLOCK=block, num_warps=4,
     )
     return grad

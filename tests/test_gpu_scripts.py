@@ -42,8 +42,8 @@ def test_gpu_summary_renders_the_committed_results(tmp_path):
 
 
 def test_losses_summary_reports_the_single_block_decision():
-    """gpu_losses.summary turns the rows into the targets' ratios, including the one block vs
-    streamed comparison that decides MAX_SINGLE_BLOCK (synthetic rows: no GPU needed)."""
+    """gpu_losses.summary turns the rows into the targets' ratios, including the comparisons
+    that decide MAX_SINGLE_BLOCK and REDUCE_IN_KERNEL (synthetic rows: no GPU needed)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import gpu_losses
@@ -59,6 +59,7 @@ def test_losses_summary_reports_the_single_block_decision():
         row("logitnorm", 4096, 32768, "triton", 0.5, fwd_bwd_floor_fraction=0.8),
         row("logitnorm", 4096, 32768, "triton streamed", 1.0),
         row("logitnorm", 128, 10, "triton", 0.3),
+        row("logitnorm", 128, 10, "triton host reduction", 0.45),
         row("logitnorm", 128, 10, "F.cross_entropy (pre-scaled)", 0.2),
     ]
     out = gpu_losses.summary(rows)
@@ -66,3 +67,4 @@ def test_losses_summary_reports_the_single_block_decision():
     assert out["logitnorm 4096x32768 triton streamed / one block (fwd+bwd)"] == 2.0
     assert out["logitnorm 4096x32768 fwd_bwd floor fraction"] == 0.8
     assert out["logitnorm 128x10 triton / cross_entropy (eager)"] == 0.3 / 0.2
+    assert out["logitnorm 128x10 triton host / kernel reduction (fwd+bwd)"] == 0.45 / 0.3

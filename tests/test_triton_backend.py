@@ -82,6 +82,11 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
 
         return elogitnorm
 
+    def _logitnorm_module():
+        import elogitnorm_fast.kernels.logitnorm as logitnorm
+
+        return logitnorm
+
     def _class_gradient_module():
         import elogitnorm_fast.kernels.class_gradient as class_gradient
 
@@ -95,6 +100,13 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
             monkeypatch.setattr(_elogitnorm_module(), "FUSED_MAX_CLASSES", 0)
         if request.param == "streaming":
             _stream(monkeypatch, 4)
+        return request.param
+
+    @pytest.fixture(params=["kernel", "host"])
+    def logitnorm_reduced_in(request, monkeypatch):
+        """Where eager LogitNorm reduces a small sum / mean batch: in the kernel (one program)
+        or on the host from per-row losses."""
+        monkeypatch.setattr(triton_backend, "REDUCE_IN_KERNEL", request.param == "kernel")
         return request.param
 
     def _stream(monkeypatch, block):
@@ -123,7 +135,7 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
     @pytest.mark.parametrize("reduction", REDUCTIONS)
     @pytest.mark.parametrize("c", [1, 3, 10, 257, 1000])
     @pytest.mark.parametrize("n", [1, 5, 64])
-    def test_logitnorm_matches_reference(n, c, reduction):
+    def test_logitnorm_matches_reference(n, c, reduction, logitnorm_reduced_in):
         logits, _, target = make_case(n, c, 1, dtype=torch.float32)
         target[::4] = -100
         check_logitnorm("triton", logits, target, reduction, rtol=RTOL, atol=ATOL)
@@ -156,7 +168,7 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         assert torch.isfinite(grad_logits).all() and torch.isfinite(grad_weight).all()
         check_logitnorm("triton", logits, target, reduction, rtol=RTOL, atol=ATOL)
 
-    def test_all_ignored_mean_gives_nan_loss_and_zero_gradient():
+    def test_all_ignored_mean_gives_nan_loss_and_zero_gradient(logitnorm_reduced_in):
         logits, weight, target = make_case(6, 4, 3, "all_ignored", dtype=torch.float32)
         for loss in (ef.elogitnorm_loss(logits, weight, target, backend="triton"),
                      ef.logitnorm_loss(logits, target, backend="triton")):
@@ -198,7 +210,8 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
 
     @pytest.mark.parametrize("reduction", REDUCTIONS)
     @pytest.mark.parametrize("c", [10, 257])
-    def test_logitnorm_backward_does_not_reread_logits_for_the_expected_upstream(c, reduction):
+    def test_logitnorm_backward_does_not_reread_logits_for_the_expected_upstream(
+            c, reduction, logitnorm_reduced_in):
         """The forward's gradient for the upstream gradient the reduction gives (1, or 1 / count
         for mean) completes the backward: scrambling the logits in between changes nothing. The
         result is bitwise the gradient the recomputing op path gives."""
@@ -217,7 +230,7 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         (expected,) = torch.autograd.grad(loss.sum() if reduction == "none" else loss, ref)
         torch.testing.assert_close(plain.double(), expected, rtol=RTOL, atol=ATOL)
 
-    def test_logitnorm_without_upstream_prediction_recomputes(monkeypatch):
+    def test_logitnorm_without_upstream_prediction_recomputes(monkeypatch, logitnorm_reduced_in):
         """PREDICT_UPSTREAM off: no gradient in the forward, the backward reads the logits."""
         monkeypatch.setattr(triton_backend, "PREDICT_UPSTREAM", False)
         logits, _, target = make_case(9, 10, 1, "some_ignored", dtype=torch.float32)
@@ -228,7 +241,7 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         assert torch.equal(_logitnorm_gradient(logits, target, "mean"), plain)
 
     @pytest.mark.parametrize("weight", [3.0, float("nan")])
-    def test_logitnorm_other_upstream_recomputes(weight):
+    def test_logitnorm_other_upstream_recomputes(weight, logitnorm_reduced_in):
         """Another upstream gradient (a loss weight, a NaN) recomputes from the logits."""
         logits, _, target = make_case(9, 10, 1, "some_ignored", dtype=torch.float32)
         grad = _logitnorm_gradient(logits, target, "mean", weight=weight)
@@ -244,7 +257,8 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         (expected,) = torch.autograd.grad(logitnorm_reference(ref, target) * weight, ref)
         torch.testing.assert_close(grad.double(), expected, rtol=RTOL, atol=ATOL)
 
-    def test_logitnorm_retained_graph_never_rewrites_a_handed_out_gradient():
+    def test_logitnorm_retained_graph_never_rewrites_a_handed_out_gradient(
+            logitnorm_reduced_in):
         logits, _, target = make_case(8, 6, 1, dtype=torch.float32)
         loss = ef.logitnorm_loss(logits, target, backend="triton")
         (first,) = torch.autograd.grad(loss, logits, retain_graph=True)
@@ -298,7 +312,8 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         def __init__(self, monkeypatch):
             super().__init__()
             self.ops, self.launches, self._in_kernel = [], [], False
-            for module in (_rows_module(), _elogitnorm_module(), _class_gradient_module()):
+            for module in (_rows_module(), _elogitnorm_module(), _class_gradient_module(),
+                           _logitnorm_module()):
                 monkeypatch.setattr(module, "launcher", self._launcher(module.launcher))
 
         def _launcher(self, launch):
@@ -359,6 +374,25 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         assert len(forward_ops) <= FUSED_FORWARD_OPS, forward_ops
         assert backward_launches == ["_scale_rows_kernel", "_pooled_weight_gradient_kernel"]
         assert len(backward_ops) <= FUSED_BACKWARD_OPS, backward_ops
+
+    @pytest.mark.parametrize("reduction", ["mean", "sum"])
+    def test_small_batch_logitnorm_reduces_in_the_kernel(reduction, monkeypatch):
+        """CIFAR-10 size, eager: the forward is 3 allocations (loss, statistics, gradient) and 1
+        launch, the backward 1 launch (and the leaf's detach), where the per-row path runs 7-8
+        ops + 1 launch and 3 + 1 (the reduction and its autograd)."""
+        logits, _, target = make_case(128, 10, 1, dtype=torch.float32)
+        work = _HostWork(monkeypatch)
+        with work:
+            loss = triton_backend.logitnorm_loss(logits, target, tau=0.04, reduction=reduction,
+                                                 ignore_index=-100)
+            forward_ops, forward_launches = work.take()
+            (grad,) = torch.autograd.grad(loss, logits)
+            backward_ops, backward_launches = work.take()
+        assert loss.shape == () and forward_launches == ["_logitnorm_kernel"]
+        assert len(forward_ops) <= 3, forward_ops
+        assert backward_launches == ["_logitnorm_backward_kernel"]
+        assert len(backward_ops) <= 2, backward_ops  # the seed (ones_like) and a detach at most
+        check_logitnorm("triton", logits, target, reduction, rtol=RTOL, atol=ATOL)
 
     #: Host work of the GEMM path (eager, mean), N=256, C=1000 (one distance row per sample) and
     #: N=300, C=200 (one per class), D=64. Forward: argmax, index_select of the rows (N < C

@@ -78,12 +78,21 @@ def loss_configs() -> list[KernelConfig]:
             # LogitNorm's forward writes the gradient too where the rows stay on chip.
             configs.append(KernelConfig(
                 "logitnorm", "_logitnorm_kernel",
-                (("WRITE_GRAD", bool(cfg["SINGLE"])), ("EXPECTED_PTR", True), *shape),
-                cfg["num_warps"], dtype))
+                (("WRITE_GRAD", bool(cfg["SINGLE"])), ("EXPECTED_PTR", True), ("REDUCE", 0),
+                 *shape), cfg["num_warps"], dtype))
             configs.append(KernelConfig(
                 "elogitnorm", "_elogitnorm_kernel",
                 (("PER_SAMPLE", True), ("WRITE_GRAD", True), ("WRITE_COEFFICIENTS", True),
                  *shape), cfg["num_warps"], dtype))
+    # LogitNorm's one-program sum and mean at C = 10 and 100 (logitnorm_reduced).
+    for num_cols in (10, 100):
+        cfg = launch_config(num_cols)
+        for reduce in (1, 2):
+            configs.append(KernelConfig(
+                "logitnorm", "_logitnorm_kernel",
+                (("WRITE_GRAD", True), ("EXPECTED_PTR", False), ("REDUCE", reduce),
+                 ("SINGLE", True), ("ROWS", cfg["ROWS"]), ("BLOCK", cfg["BLOCK"])),
+                cfg["num_warps"]))
     # The fused small-C kernel (argmax and distances inside) at C = 10 and 100, D = 512.
     from elogitnorm_fast.kernels.elogitnorm import fused_config
 
@@ -105,8 +114,9 @@ def other_configs() -> list[KernelConfig]:
 
     return [
         *(KernelConfig("logitnorm", "_logitnorm_backward_kernel",
-                       (("SKIP_EXPECTED", skip), ("EXPECTED_PTR", True), ("ROWS", 1),
-                        ("BLOCK", 2048)), 4, "bf16") for skip in (True, False)),
+                       (("SKIP_EXPECTED", skip), ("EXPECTED_PTR", True), ("REDUCED", reduced),
+                        ("ROWS", 1), ("BLOCK", 2048)), 4, "bf16")
+          for skip in (True, False) for reduced in (False, True)),
         *(KernelConfig("class_gradient", "_pooled_weight_gradient_kernel",
                        (("SCAN", cfg["SCAN"]), ("BLOCK", cfg["BLOCK"]),
                         ("FEATURES", cfg["FEATURES"])), cfg["num_warps"])

@@ -5,7 +5,9 @@ kernel recomputes the gradient from the logits and those, already times the upst
 (one launch each way). Outside torch.compile the forward also writes the gradient for the
 upstream gradient the reduction will deliver (1, or 1 / count for ``mean``) when its rows fit on
 chip, and the backward only fills in rows that received something else, so a plain
-``loss.backward()`` reads the logits once and writes the gradient once.
+``loss.backward()`` reads the logits once and writes the gradient once. Small ``sum`` / ``mean``
+batches (CIFAR sizes, ``REDUCE_IN_KERNEL``) are reduced by one program in the kernel, which
+returns the loss itself: no reduction ops on the host and no autograd for them.
 
 ELogitNorm: one launch per direction and block of rows computes the loss and, when a gradient
 will be needed, the logits gradient for an upstream gradient of 1 and the coefficients ``c`` of
@@ -90,6 +92,13 @@ EAGER_FAST_PATH = True
 #: weighted sum of losses) every row is recomputed, and the forward's write was wasted: set this
 #: to False there to keep the backward at one read of the logits and one write.
 PREDICT_UPSTREAM = True
+
+#: Eager LogitNorm with ``sum`` / ``mean`` on a small batch (``kernels.logitnorm.
+#: reduces_in_one_program``: CIFAR sizes): one program reduces the loss in the kernel, so the
+#: host runs no reduction ops and no autograd for them (a host-bound step: 3 torch ops + 1
+#: launch forward, 1 launch backward, was 9 + 1 and 2 + 1, autograd's seed and leaf detach
+#: aside). False: per-row losses as elsewhere.
+REDUCE_IN_KERNEL = True
 
 
 def _logitnorm_impl(logits, target, inv_tau, ignore_index, block_cols, traced=True,
@@ -238,6 +247,31 @@ class _EagerLogitNorm(torch.autograd.Function):
     backward = staticmethod(_logitnorm_backward)
 
 
+class _EagerReducedLogitNorm(torch.autograd.Function):
+    """Small batches: the kernel returns the reduced loss itself (no reduction ops, no autograd
+    of them). Inputs: logits, target, 1 / tau, ignore_index, reduction, whether to write the
+    gradient in the forward."""
+
+    @staticmethod
+    def forward(ctx, logits, target, inv_tau, ignore_index, reduction, write_grad):
+        loss, stats, ctx.grad_buffer = _kernels("logitnorm").logitnorm_reduced(
+            logits, target, inv_tau=inv_tau, ignore_index=ignore_index, reduction=reduction,
+            write_grad=write_grad, traced=False)
+        ctx.save_for_backward(logits, target, stats)
+        ctx.ignore_index = ignore_index
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        check_first_derivative(NAME, "LogitNorm")
+        logits, target, stats = ctx.saved_tensors
+        out, ctx.grad_buffer = ctx.grad_buffer, None  # handed out once, as in _logitnorm_backward
+        grad_logits = _kernels("logitnorm").logitnorm_backward_rows(
+            logits, target, stats, grad_loss.float(), ignore_index=ctx.ignore_index, out=out,
+            reduced=True, traced=False)
+        return grad_logits, None, None, None, None, None
+
+
 class _EagerELogitNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
@@ -368,6 +402,11 @@ def logitnorm_loss(
         return torch_backend.logitnorm_loss(logits, target, tau=tau, reduction=reduction,
                                             ignore_index=ignore_index)
     logits, target = _unit_column_stride(logits), target.contiguous()
+    if (not _use_op() and REDUCE_IN_KERNEL and reduction != "none" and block_cols is None
+            and _kernels("logitnorm").reduces_in_one_program(*logits.shape)):
+        write_grad = PREDICT_UPSTREAM and _needs_grad(logits)
+        return _EagerReducedLogitNorm.apply(logits, target, 1.0 / tau, ignore_index, reduction,
+                                            write_grad).to(logits.dtype)
     count = mean_count(reduction, target, ignore_index, torch.float32)
     if _use_op():
         losses, _ = _logitnorm_rows(logits, target, 1.0 / tau, ignore_index, block_cols or 0)
