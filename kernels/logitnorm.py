@@ -21,6 +21,11 @@ written once when the prediction holds (the bandwidth floor); tiles where it doe
 recomputed as above, with the same arithmetic. The price is the N x C gradient allocated in the
 forward instead of the backward.
 
+Small batches (:func:`logitnorm_reduced`) go further: one program walks every block of rows,
+counts the valid ones first, writes each row's gradient for its share of the loss (1 or
+``1 / count``) and stores the reduced loss itself, so the host runs neither the reduction nor
+its autograd (at CIFAR sizes the step is host-bound).
+
 In the forward, rows with ``C <= BLOCK`` are loaded once and kept on chip; longer rows stream over
 column blocks (pass 1: norm and max; pass 2: the exponential sums) and leave the gradient to the
 backward (writing it in the forward would read them a third time there instead). The backward
@@ -33,6 +38,10 @@ Example::
                                          expected_upstream=1.0)
     grad = logitnorm_backward_rows(logits, target, stats, upstream, ignore_index=-100,
                                    out=grad, expected_upstream=1.0)
+    loss, stats, grad = logitnorm_reduced(logits, target, inv_tau=25.0, ignore_index=-100,
+                                          reduction="mean", write_grad=True)
+    grad = logitnorm_backward_rows(logits, target, stats, loss_grad, ignore_index=-100,
+                                   out=grad, reduced=True)
 """
 
 from __future__ import annotations
