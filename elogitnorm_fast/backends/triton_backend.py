@@ -96,8 +96,8 @@ PREDICT_UPSTREAM = True
 #: Eager LogitNorm with ``sum`` / ``mean`` on a small batch (``kernels.logitnorm.
 #: reduces_in_one_program``: CIFAR sizes): one program reduces the loss in the kernel, so the
 #: host runs no reduction ops and no autograd for them (a host-bound step: 3 torch ops + 1
-#: launch forward, 1 launch backward, was 9 + 1 and 2 + 1, autograd's seed and leaf detach
-#: aside). False: per-row losses as elsewhere.
+#: launch forward, 1 launch backward; per-row: 8 + 1 and 2 + 1, autograd's seed and leaf
+#: detach aside). False: per-row losses as elsewhere.
 REDUCE_IN_KERNEL = True
 
 
