@@ -289,11 +289,10 @@ def logitnorm_rows(
     write nothing (the backward recomputes them at no extra traffic). ``logits`` (N, C) must have
     unit column stride. ``traced``: see :func:`.rows.launcher`.
     """
-    config = launch_config(logits.shape[1], block_cols)
-    write_grad = expected_upstream is not None and bool(config["SINGLE"])
     losses = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    return _launch_forward(logits, target, losses, inv_tau, ignore_index, config, 0, write_grad,
-                           expected_upstream, traced)
+    return _launch_forward(logits, target, losses, inv_tau, ignore_index,
+                           launch_config(logits.shape[1], block_cols), 0,
+                           expected_upstream is not None, expected_upstream, traced)
 
 
 #: Largest N x C that :func:`logitnorm_reduced` takes in its one program (CIFAR-100 at N = 256).
@@ -336,8 +335,10 @@ def logitnorm_reduced(
 
 def _launch_forward(logits, target, loss, inv_tau, ignore_index, config, reduce, write_grad,
                     expected_upstream, traced):
-    """The forward launch shared by :func:`logitnorm_rows` and :func:`logitnorm_reduced`."""
+    """The forward launch shared by :func:`logitnorm_rows` and :func:`logitnorm_reduced`; the
+    gradient is written only where the rows stay on chip (``write_grad`` asks for it)."""
     n_rows, n_cols = logits.shape
+    write_grad = write_grad and bool(config["SINGLE"])
     stats = torch.empty(4 * n_rows + 1, dtype=torch.float32, device=logits.device)
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if write_grad else None
     if n_rows == 0:

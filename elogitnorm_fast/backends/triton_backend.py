@@ -111,11 +111,9 @@ def _logitnorm_impl(logits, target, inv_tau, ignore_index, block_cols, traced=Tr
     )
 
 
-def _logitnorm_grad_impl(logits, target, stats, upstream, ignore_index, traced=True, out=None,
-                         expected_upstream=None):
+def _logitnorm_grad_impl(logits, target, stats, upstream, ignore_index, traced=True):
     return _kernels("logitnorm").logitnorm_backward_rows(
-        logits, target, stats, upstream, ignore_index=ignore_index, out=out,
-        expected_upstream=expected_upstream, traced=traced,
+        logits, target, stats, upstream, ignore_index=ignore_index, traced=traced,
     )
 
 
@@ -164,9 +162,9 @@ def _logitnorm_setup(ctx, inputs, output):
 
 
 def _logitnorm_backward(ctx, grad_losses, *_unused):
-    """The op path recomputes the gradient; the eager path completes the forward's gradient in
-    place (once: a second backward through a retained graph recomputes into a new tensor, so a
-    gradient handed out is never written again)."""
+    """The op path recomputes the gradient; the eager paths (per-row and reduced-in-kernel)
+    complete the forward's gradient in place (once: a second backward through a retained graph
+    recomputes into a new tensor, so a gradient handed out is never written again)."""
     eager = getattr(ctx, "eager", False)
     no_grads = (None,) * (5 if eager else 4)  # the inputs after the logits
     if grad_losses is None:  # the eager Function does not materialise unused output gradients
@@ -178,9 +176,9 @@ def _logitnorm_backward(ctx, grad_losses, *_unused):
         return _logitnorm_grad(logits, target, stats, grad_losses.float(), ctx.ignore_index), \
             *no_grads
     out, ctx.grad_buffer = ctx.grad_buffer, None
-    grad_logits = _logitnorm_grad_impl(logits, target, stats, grad_losses.float(),
-                                       ctx.ignore_index, traced=False, out=out,
-                                       expected_upstream=ctx.expected_upstream)
+    grad_logits = _kernels("logitnorm").logitnorm_backward_rows(
+        logits, target, stats, grad_losses.float(), ignore_index=ctx.ignore_index, out=out,
+        expected_upstream=ctx.expected_upstream, reduced=ctx.reduced, traced=False)
     return grad_logits, *no_grads
 
 
@@ -205,13 +203,14 @@ def _elogitnorm_backward(ctx, grad_losses, *_unused):
             *coefficient_unit.shape):
         # Few classes and rows: one launch pools the unit coefficients by predicted class, times
         # the upstream gradient, into dW (no rescaled coefficients, no torch ops).
-        grad_logits, _ = _scale_rows_impl(grad_unit, None, upstream, target, ctx.ignore_index,
-                                          traced=False)
+        grad_logits = None
+        if ctx.needs_input_grad[0]:
+            grad_logits, _ = _scale_rows_impl(grad_unit, None, upstream, target,
+                                              ctx.ignore_index, traced=False)
         grad_weight = _kernels("class_gradient").pooled_weight_gradient(
             weight, coefficient_unit, predicted, upstream, target,
             ignore_index=ctx.ignore_index, traced=False).to(weight.dtype)
-        return (grad_logits if ctx.needs_input_grad[0] else None, grad_weight,
-                None, None, None, None, None, None, None)
+        return grad_logits, grad_weight, None, None, None, None, None, None, None
     # Everything the forward wrote is linear in the row's upstream gradient.
     scale_rows = _scale_rows_eager if eager else _scale_rows
     grad_logits, coefficients = scale_rows(grad_unit, coefficient_unit, upstream, target,
@@ -237,10 +236,9 @@ class _EagerLogitNorm(torch.autograd.Function):
         *op_inputs, expected_upstream = inputs
         losses, stats, ctx.grad_buffer = _logitnorm_impl(
             *op_inputs, traced=False, expected_upstream=expected_upstream)
-        ctx.expected_upstream = expected_upstream
+        ctx.expected_upstream, ctx.reduced, ctx.eager = expected_upstream, False, True
         ctx.mark_non_differentiable(stats)
         ctx.set_materialize_grads(False)  # no zero gradient for the statistics output
-        ctx.eager = True
         _logitnorm_setup(ctx, inputs, (losses, stats))
         return losses, stats
 
@@ -253,23 +251,16 @@ class _EagerReducedLogitNorm(torch.autograd.Function):
     gradient in the forward."""
 
     @staticmethod
-    def forward(ctx, logits, target, inv_tau, ignore_index, reduction, write_grad):
+    def forward(ctx, *inputs):
+        logits, target, inv_tau, ignore_index, reduction, write_grad = inputs
         loss, stats, ctx.grad_buffer = _kernels("logitnorm").logitnorm_reduced(
             logits, target, inv_tau=inv_tau, ignore_index=ignore_index, reduction=reduction,
             write_grad=write_grad, traced=False)
-        ctx.save_for_backward(logits, target, stats)
-        ctx.ignore_index = ignore_index
+        ctx.expected_upstream, ctx.reduced, ctx.eager = None, True, True
+        _logitnorm_setup(ctx, inputs, (loss, stats))
         return loss
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        check_first_derivative(NAME, "LogitNorm")
-        logits, target, stats = ctx.saved_tensors
-        out, ctx.grad_buffer = ctx.grad_buffer, None  # handed out once, as in _logitnorm_backward
-        grad_logits = _kernels("logitnorm").logitnorm_backward_rows(
-            logits, target, stats, grad_loss.float(), ignore_index=ctx.ignore_index, out=out,
-            reduced=True, traced=False)
-        return grad_logits, None, None, None, None, None
+    backward = staticmethod(_logitnorm_backward)
 
 
 class _EagerELogitNorm(torch.autograd.Function):
