@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rows import _program_rows, launch_config, launcher
+from .rows import _program_rows, _row_targets, launch_config, launcher
 
 
 @triton.jit
@@ -172,8 +172,9 @@ def _elogitnorm_kernel(
     BLOCK: tl.constexpr,
 ):
     # 1. Rows, targets, predicted class m and v = z_m; int64 offsets.
-    rows, row_mask, cols, target, valid, in_range = _program_rows(
-        target_ptr, n_rows, n_cols, ignore_index, ROWS, BLOCK)
+    rows, row_mask = _program_rows(n_rows, ROWS)
+    cols = tl.arange(0, BLOCK)
+    target, valid, in_range = _row_targets(target_ptr, rows, row_mask, n_cols, ignore_index)
     predicted = tl.load(predicted_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     value = tl.load(logits_ptr + rows * logits_stride + predicted, mask=row_mask,
                     other=0.0).to(tl.float32)
@@ -355,8 +356,9 @@ def _elogitnorm_fused_kernel(
     FEATURES: tl.constexpr,
 ):
     # Rows of at most BLOCK columns: argmax, distance row from W, then the one-block math.
-    rows, row_mask, cols, target, valid, in_range = _program_rows(
-        target_ptr, n_rows, n_cols, ignore_index, ROWS, BLOCK)
+    rows, row_mask = _program_rows(n_rows, ROWS)
+    cols = tl.arange(0, BLOCK)
+    target, valid, in_range = _row_targets(target_ptr, rows, row_mask, n_cols, ignore_index)
     col_mask = cols < n_cols
     mask = row_mask[:, None] & col_mask[None, :]
     z = tl.load(logits_ptr + rows[:, None] * logits_stride + cols[None, :], mask=mask,

@@ -50,7 +50,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .rows import _row_targets, _upstream_tile, launch_config, launcher, tile_grid
+from .rows import (
+    _program_rows,
+    _row_targets,
+    _row_upstream,
+    _tile,
+    launch_config,
+    launcher,
+    tile_grid,
+    unused_pointer,
+)
 
 
 @triton.jit
@@ -85,11 +94,11 @@ def _logitnorm_kernel(
     if REDUCE == 0:
         # One block of ROWS rows per program; per-row losses.
         g = _expected_upstream(expected_ptr, expected_value, EXPECTED_PTR)
-        first = tl.program_id(0).to(tl.int64) * ROWS
-        rows, loss = _logitnorm_block(
-            first, logits_ptr, logits_stride, target_ptr, stats_ptr, grad_ptr, n_rows, n_cols,
+        rows, row_mask = _program_rows(n_rows, ROWS)
+        loss = _logitnorm_block(
+            rows, logits_ptr, logits_stride, target_ptr, stats_ptr, grad_ptr, n_rows, n_cols,
             inv_tau, ignore_index, g, WRITE_GRAD, SINGLE, ROWS, BLOCK)
-        tl.store(loss_ptr + rows, loss, mask=rows < n_rows)
+        tl.store(loss_ptr + rows, loss, mask=row_mask)
     else:
         # One program walks every block of rows and reduces the loss itself. Each valid row's
         # share of the loss (1 for sum, 1 / count for mean) is what its gradient is written for,
@@ -107,22 +116,23 @@ def _logitnorm_kernel(
         tl.store(stats_ptr, row_weight)
         total = tl.zeros([ROWS], dtype=tl.float32)
         for first in range(0, n_rows, ROWS):
-            _, loss = _logitnorm_block(
-                first, logits_ptr, logits_stride, target_ptr, stats_ptr, grad_ptr, n_rows,
-                n_cols, inv_tau, ignore_index, row_weight, WRITE_GRAD, SINGLE, ROWS, BLOCK)
+            loss = _logitnorm_block(
+                (first + tl.arange(0, ROWS)).to(tl.int64), logits_ptr, logits_stride, target_ptr,
+                stats_ptr, grad_ptr, n_rows, n_cols, inv_tau, ignore_index, row_weight,
+                WRITE_GRAD, SINGLE, ROWS, BLOCK)
             total += loss
         tl.store(loss_ptr, tl.sum(total, axis=0) * row_weight)
 
 
 @triton.jit
-def _logitnorm_block(first, logits_ptr, logits_stride, target_ptr, stats_ptr, grad_ptr, n_rows,
+def _logitnorm_block(rows, logits_ptr, logits_stride, target_ptr, stats_ptr, grad_ptr, n_rows,
                      n_cols, inv_tau, ignore_index, g, WRITE_GRAD: tl.constexpr,
                      SINGLE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """Rows ``first .. first + ROWS``: their statistics (``stats[1:]``), their gradient for the
-    upstream gradient ``g`` when ``WRITE_GRAD``; returns the rows (int64) and their losses (0 on
-    invalid rows)."""
-    # 1. The rows; int64 offsets so N * C may exceed 2^31.
-    rows = (first + tl.arange(0, ROWS)).to(tl.int64)
+    """A block of ROWS ``rows`` (int64, so N * C may exceed 2^31): their statistics
+    (``stats[1:]``), their gradient for the upstream gradient ``g`` when ``WRITE_GRAD``; returns
+    their losses (0 on invalid rows). The caller computes ``rows``: see
+    :func:`.rows._program_rows` for why."""
+    # 1. The rows.
     row_mask = rows < n_rows
     cols = tl.arange(0, BLOCK)
     target, valid, in_range = _row_targets(target_ptr, rows, row_mask, n_cols, ignore_index)
@@ -188,7 +198,7 @@ def _logitnorm_block(first, logits_ptr, logits_stride, target_ptr, stats_ptr, gr
         grad = tl.where(valid[:, None], g * grad, 0.0)
         tl.store(grad_ptr + rows[:, None] * n_cols + cols[None, :],
                  grad.to(grad_ptr.dtype.element_ty), mask=mask)
-    return rows, loss
+    return loss
 
 
 @triton.jit
@@ -222,8 +232,9 @@ def _logitnorm_backward_kernel(
     BLOCK: tl.constexpr,
 ):
     # A (ROWS x BLOCK) tile of g_n * dloss_n/dz (rows.tile_grid).
-    rows, cols, mask, target, valid, g = _upstream_tile(
-        target_ptr, upstream_ptr, upstream_stride, n_rows, n_cols, ignore_index, ROWS, BLOCK)
+    rows, cols, row_mask, mask = _tile(n_rows, n_cols, ROWS, BLOCK)
+    target, valid, g = _row_upstream(target_ptr, upstream_ptr, upstream_stride, rows, row_mask,
+                                     n_cols, ignore_index)
     if REDUCED:
         # The forward reduced in the kernel: the upstream gradient is the loss's (stride 0),
         # each row's is that times the row weight the forward left in stats[0], which is also
@@ -343,11 +354,12 @@ def _launch_forward(logits, target, loss, inv_tau, ignore_index, config, reduce,
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if write_grad else None
     if n_rows == 0:
         return loss, stats, grad
-    expected_ptr, expected_value, expected_is_ptr = _expected_args(expected_upstream, stats)
+    unused = unused_pointer(stats, traced)
+    expected_ptr, expected_value, expected_is_ptr = _expected_args(expected_upstream, unused)
     grid = (triton.cdiv(n_rows, config["ROWS"]) if reduce == 0 else 1,)
     launcher(_logitnorm_kernel, grid, traced)(
         logits, logits.stride(0), target, loss, stats, n_rows, n_cols, inv_tau, ignore_index,
-        stats if grad is None else grad, expected_ptr, expected_value,
+        unused if grad is None else grad, expected_ptr, expected_value,
         WRITE_GRAD=write_grad, EXPECTED_PTR=expected_is_ptr, REDUCE=reduce,
         SINGLE=config["SINGLE"], ROWS=config["ROWS"], BLOCK=config["BLOCK"],
         num_warps=config["num_warps"],
@@ -386,7 +398,8 @@ def logitnorm_backward_rows(
         if out is None else out
     if n_rows == 0 or n_cols == 0:
         return grad
-    expected_ptr, expected_value, expected_is_ptr = _expected_args(expected_upstream, stats)
+    expected_ptr, expected_value, expected_is_ptr = _expected_args(
+        expected_upstream, unused_pointer(stats, traced))
     rows, block, grid = tile_grid(n_rows, n_cols)
     launcher(_logitnorm_backward_kernel, grid, traced)(
         logits, logits.stride(0), target, stats, upstream,

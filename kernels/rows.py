@@ -54,6 +54,17 @@ def launcher(kernel, grid: tuple[int, ...], traced: bool):
     return torch.library.wrap_triton(kernel)[grid] if traced else kernel[grid]
 
 
+def unused_pointer(tensor: torch.Tensor, traced: bool) -> torch.Tensor:
+    """A stand-in for pointer arguments the kernel does not dereference under its constexprs.
+
+    Eager: ``tensor`` itself (no allocation). Traced: a separate 1-element tensor. Where
+    torch.compile's mutation analysis of a ``wrap_triton`` launch gives up, it counts every
+    argument as written and functionalization copies each one separately, so a real argument
+    passed twice would come back as whichever copy is written back last.
+    """
+    return tensor.new_empty(1) if traced else tensor
+
+
 @triton.jit
 def _row_targets(target_ptr, rows, row_mask, n_cols, ignore_index):
     """Targets of a block of rows as int64, the valid-row mask and the in-range mask."""
@@ -64,16 +75,16 @@ def _row_targets(target_ptr, rows, row_mask, n_cols, ignore_index):
 
 
 @triton.jit
-def _program_rows(target_ptr, n_rows, n_cols, ignore_index, ROWS: tl.constexpr,
-                  BLOCK: tl.constexpr):
-    """This program's block of ROWS rows (int64, so N * C may exceed 2^31) of a row kernel,
-    the first BLOCK column indices, and the rows' targets with their masks
-    (:func:`_row_targets`)."""
+def _program_rows(n_rows, ROWS: tl.constexpr):
+    """This program's block of ROWS rows (int64, so N * C may exceed 2^31) of a row kernel and
+    the in-range mask.
+
+    Store addresses come from helpers like this one that take no pointer: torch.compile's
+    mutation analysis of a ``wrap_triton`` launch counts every pointer passed to a helper whose
+    result feeds a store address as written (and then copies it), so targets and upstream
+    gradients are loaded by separate helpers (:func:`_row_targets`, :func:`_row_upstream`)."""
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
-    row_mask = rows < n_rows
-    cols = tl.arange(0, BLOCK)
-    target, valid, in_range = _row_targets(target_ptr, rows, row_mask, n_cols, ignore_index)
-    return rows, row_mask, cols, target, valid, in_range
+    return rows, rows < n_rows
 
 
 def tile_grid(n_rows: int, n_cols: int) -> tuple[int, int, tuple[int]]:
@@ -85,20 +96,25 @@ def tile_grid(n_rows: int, n_cols: int) -> tuple[int, int, tuple[int]]:
 
 
 @triton.jit
-def _upstream_tile(target_ptr, upstream_ptr, upstream_stride, n_rows, n_cols, ignore_index,
-                   ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """This program's (ROWS x BLOCK) tile of a :func:`tile_grid` launch: rows, columns, the tile
-    mask, targets, the valid-row mask and ``g = where(valid, upstream, 0)`` in fp32."""
+def _tile(n_rows, n_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's (ROWS x BLOCK) tile of a :func:`tile_grid` launch: rows (int64), columns,
+    the row mask and the tile mask (no pointer taken: see :func:`_program_rows`)."""
     program = tl.program_id(0).to(tl.int64)
     column_blocks = tl.cdiv(n_cols, BLOCK)
     rows = (program // column_blocks) * ROWS + tl.arange(0, ROWS)
     cols = (program % column_blocks) * BLOCK + tl.arange(0, BLOCK)
     row_mask = rows < n_rows
+    return rows, cols, row_mask, row_mask[:, None] & (cols[None, :] < n_cols)
+
+
+@triton.jit
+def _row_upstream(target_ptr, upstream_ptr, upstream_stride, rows, row_mask, n_cols,
+                  ignore_index):
+    """Targets of a block of rows, the valid-row mask and ``g = where(valid, upstream, 0)`` in
+    fp32."""
     target, valid, _ = _row_targets(target_ptr, rows, row_mask, n_cols, ignore_index)
     g = tl.load(upstream_ptr + rows * upstream_stride, mask=row_mask, other=0.0)
-    g = tl.where(valid, g.to(tl.float32), 0.0)
-    mask = row_mask[:, None] & (cols[None, :] < n_cols)
-    return rows, cols, mask, target, valid, g
+    return target, valid, tl.where(valid, g.to(tl.float32), 0.0)
 
 
 @triton.jit
@@ -119,8 +135,9 @@ def _scale_rows_kernel(
     BLOCK: tl.constexpr,
 ):
     # Tile (ROWS x BLOCK) of two contiguous N x C tensors, each scaled by the row's g.
-    rows, cols, mask, _, _, g = _upstream_tile(target_ptr, upstream_ptr, upstream_stride, n_rows,
-                                               n_cols, ignore_index, ROWS, BLOCK)
+    rows, cols, row_mask, mask = _tile(n_rows, n_cols, ROWS, BLOCK)
+    _, _, g = _row_upstream(target_ptr, upstream_ptr, upstream_stride, rows, row_mask, n_cols,
+                            ignore_index)
     offsets = rows[:, None] * n_cols + cols[None, :]
     if HAS_FIRST:
         x = tl.load(first_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -157,9 +174,10 @@ def scale_rows(
     if n_rows == 0 or n_cols == 0 or not (has_first or has_second):
         return first_out, second_out
     rows, block, grid = tile_grid(n_rows, n_cols)
+    unused = None if has_second else unused_pointer(first_out, traced)
     launcher(_scale_rows_kernel, grid, traced)(  # HAS_SECOND False: the second pair unused
-        first, first_out, second if has_second else first,
-        second_out if has_second else first_out, upstream, upstream.stride(0), target,
+        first, first_out, second if has_second else unused,
+        second_out if has_second else unused, upstream, upstream.stride(0), target,
         n_rows, n_cols, ignore_index,
         HAS_FIRST=has_first, HAS_SECOND=has_second, ROWS=rows, BLOCK=block, num_warps=4,
     )
