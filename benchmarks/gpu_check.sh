@@ -39,7 +39,7 @@ tests_rc=$?
 tail -n 25 "$LOG" | grep -E "passed|failed|error" | tail -n 3
 
 stage "benchmarks"
-for bench in losses knn scoring; do
+for bench in ${GPU_CHECK_BENCHES:-losses knn scoring}; do  # e.g. GPU_CHECK_BENCHES=losses
   script="benchmarks/gpu_${bench}.py"
   [ -f "$script" ] || { echo "missing $script" | tee -a "$LOG"; continue; }
   # gpu_losses.py stops starting new timings after --budget-s and still writes its JSON.

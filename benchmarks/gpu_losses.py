@@ -62,13 +62,19 @@ def copy_bandwidth(triton_testing) -> float:
 
 
 def make_sets(loss: str, n: int, c: int, d: int, count: int):
-    """``count`` independent (logits, weight, target) sets; leaves require grad."""
+    """``count`` independent (logits, weight, target) sets; leaves require grad.
+
+    Drawn from a generator of their own: a CUDA-graph capture that fails (a baseline that syncs
+    with the host) can leave the default CUDA generator marked as capturing, and every later
+    draw from it then fails ("Offset increment outside graph capture", seen on an H100)."""
+    generator = torch.Generator(device="cuda")
+    generator.manual_seed(n * 1_000_003 + c)
     sets = []
     for _ in range(count):
-        logits = (torch.randn(n, c, device="cuda") * 3).requires_grad_(True)
-        weight = (torch.randn(c, d, device="cuda") / math.sqrt(d)).requires_grad_(True) \
-            if loss == "elogitnorm" else None
-        target = torch.randint(0, c, (n,), device="cuda")
+        logits = (torch.randn(n, c, device="cuda", generator=generator) * 3).requires_grad_(True)
+        weight = (torch.randn(c, d, device="cuda", generator=generator) / math.sqrt(d)
+                  ).requires_grad_(True) if loss == "elogitnorm" else None
+        target = torch.randint(0, c, (n,), device="cuda", generator=generator)
         sets.append((logits, weight, target))
     return sets
 
@@ -192,7 +198,7 @@ def graph_ms(triton_testing, run) -> float | str:
         return triton_testing.do_bench_cudagraph(run, rep=20, return_mode="median")
     except Exception as error:  # not capturable (e.g. a host sync in a baseline)
         torch.cuda.synchronize()
-        return f"not capturable: {type(error).__name__}"
+        return f"not capturable: {type(error).__name__}: {str(error)[:120]}"
 
 
 def peak_extra_mib(run) -> float:
