@@ -192,6 +192,19 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         assert "triton_elogitnorm_rows" in type(rows.grad_fn).__name__
         check_logitnorm("triton", logits, target, reduction, rtol=RTOL, atol=ATOL)
 
+    @pytest.mark.parametrize("expected", [None, 0.25, "tensor"])
+    def test_logitnorm_rows_writes_every_statistic(expected):
+        """stats[0] is the expected upstream gradient (1 when none is given), not left as the
+        allocator found it: opcheck compares every element of an op's outputs."""
+        kernels = triton_backend._kernels("logitnorm")
+        logits, _, target = make_case(70, 9, 1, "some_ignored", dtype=torch.float32)
+        upstream = torch.tensor(0.125) if expected == "tensor" else expected
+        for block_cols in (None, 4):  # rows on chip, rows streamed
+            stats = kernels.logitnorm_rows(logits.detach(), target, inv_tau=25.0,
+                                           ignore_index=-100, block_cols=block_cols,
+                                           expected_upstream=upstream, traced=False)[1]
+            assert stats[0].item() == {None: 1.0, 0.25: 0.25, "tensor": 0.125}[expected]
+
     def _logitnorm_gradient(logits, target, reduction, after_forward=None, weight=1.0):
         """d(weight * loss)/dlogits from the triton backend; ``after_forward(logits)`` runs
         between the forward and the backward."""
