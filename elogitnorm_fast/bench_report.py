@@ -17,15 +17,21 @@ BEGIN, END = "<!-- performance:begin -->", "<!-- performance:end -->"
 #: Implementations that are this package's own code paths (the rest are baselines).
 OURS = ("cpu", "cuda", "triton", "torch backend", "KNNScorer", "one pass", "ours")
 GPU_KEYS = ("op", "loss", "pass", "impl", "backend", "config", "n", "c", "d", "N", "C", "D",
-            "rows", "k", "status", "ms", "median_ms", "fwd_ms", "fwd_bwd_ms", "graph_fwd_bwd_ms",
+            "rows", "k", "status", "ms", "median_ms", "fwd_ms", "fwd_bwd_ms", "fwd_graph_ms",
+            "fwd_bwd_graph_ms",
             "speedup", "fwd_bwd_floor_fraction", "fraction_of_floor", "bandwidth_fraction",
             "tflops", "peak_extra_MiB_fwd_bwd")
 
 
-def _cell(value) -> str:
+def _cell(value, width: int = 60) -> str:
+    """A Markdown table cell: floats to 4 digits; text on one line, pipes escaped, at most
+    ``width`` characters (error messages are kept whole in the JSON)."""
     if isinstance(value, float):
         return f"{value:.4g}"
-    return "" if value is None else str(value)
+    text = "" if value is None else " ".join(str(value).split())
+    if len(text) > width:
+        text = text[: width - 3] + "..."
+    return text.replace("|", "\\|")
 
 
 def _label(bench: dict) -> str:

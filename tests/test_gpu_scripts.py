@@ -41,6 +41,23 @@ def test_gpu_summary_renders_the_committed_results(tmp_path):
     assert "|---|" in done.stdout
 
 
+def test_gpu_tables_keep_one_row_per_line_and_every_column(tmp_path):
+    """Error messages (multi-line, with pipes) stay inside their cell."""
+    import json
+
+    from elogitnorm_fast.bench_report import gpu_tables
+
+    rows = [{"loss": "logitnorm", "impl": "triton", "fwd_bwd_ms": 0.5, "status": "ok"},
+            {"loss": "logitnorm", "impl": "baseline",
+             "status": "error: A | B\nline two " + "x" * 200}]
+    (tmp_path / "gpu_fake.json").write_text(json.dumps({"card": "GPU", "rows": rows}))
+    table = [line for line in gpu_tables(tmp_path) if line.startswith("|")]
+    assert len(table) == 2 + len(rows)
+    columns = {len(line.replace("\\|", "").split("|")) for line in table}
+    assert columns == {len(table[0].split("|"))}
+    assert "line two" in table[-1]
+
+
 def test_losses_summary_reports_the_single_block_decision():
     """gpu_losses.summary turns the rows into the targets' ratios, including the comparisons
     that decide MAX_SINGLE_BLOCK and REDUCE_IN_KERNEL (synthetic rows: no GPU needed)."""
