@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -120,10 +121,40 @@ def implementations(loss: str, n: int, c: int, d: int, compile_sizes: set) -> di
             compile_sizes[loss])))
     if "triton" in impls and STREAMED_FROM <= c <= 32768:
         impls["triton streamed"] = (streamed_triton(loss, c), None)
+    if "triton" in impls and loss == "logitnorm" and groups_check_tiles(n, c):
+        impls["triton, a program per tile"] = (per_tile_check_triton(), None)
     if "triton" in impls and loss == "logitnorm" and n * c <= 32768:
         impls["triton host reduction"] = (host_reduced_triton(), None)
     impls["F.cross_entropy (pre-scaled)"] = (lambda z, w, y: F.cross_entropy(z, y), None)
     return impls
+
+
+def per_tile_check_triton():
+    """The triton backend's LogitNorm with one backward program per tile, as before the
+    backward's check grouped the column tiles of the same rows (``rows.grouped_tile_grid``):
+    which is faster confirms the grouping."""
+    from elogitnorm_fast.kernels import rows
+
+    def run(z, w, y):
+        return ef.logitnorm_loss(z, y, backend="triton")
+
+    @contextlib.contextmanager
+    def one_tile_per_program():
+        saved, rows.CHECK_PROGRAMS = rows.CHECK_PROGRAMS, 1 << 40
+        try:
+            yield
+        finally:
+            rows.CHECK_PROGRAMS = saved
+
+    run.context = one_tile_per_program
+    return run
+
+
+def groups_check_tiles(n: int, c: int) -> bool:
+    """Whether the LogitNorm backward's check puts several column tiles in one program here."""
+    from elogitnorm_fast.kernels import rows
+
+    return rows.grouped_tile_grid(n, c)[3] > 1
 
 
 def host_reduced_triton():
@@ -168,13 +199,18 @@ def expected_loss(loss: str, logits, weight, target) -> torch.Tensor:
 
 
 def runner(fn, sets, backward: bool, rotate: bool = True):
+    """One call of ``fn`` (and its backward) per run; ``fn.context``, where set, is entered
+    around both (a setting the backward reads too)."""
     cycle = itertools.cycle(sets if rotate else sets[:1])
+    context = getattr(fn, "context", contextlib.nullcontext)
 
     def run():
         z, w, y = next(cycle)
-        loss = fn(z, w, y)
-        if backward:
-            torch.autograd.grad(loss, [t for t in (z, w) if t is not None], allow_unused=True)
+        with context():
+            loss = fn(z, w, y)
+            if backward:
+                torch.autograd.grad(loss, [t for t in (z, w) if t is not None],
+                                    allow_unused=True)
         return loss
 
     return run
@@ -328,6 +364,9 @@ def summary(rows: list[dict]) -> dict:
         if row["impl"] == "triton streamed" and row.get("fwd_bwd_ms") and single:
             out[f"{row['loss']} {row['N']}x{row['C']} triton streamed / one block (fwd+bwd)"] = \
                 row["fwd_bwd_ms"] / single
+        if row["impl"] == "triton, a program per tile" and row.get("fwd_bwd_ms") and single:
+            out[f"{row['loss']} {row['N']}x{row['C']} triton per-tile / grouped check "
+                "(fwd+bwd)"] = row["fwd_bwd_ms"] / single
         if row["impl"] == "triton host reduction" and row.get("fwd_bwd_ms") and single:
             out[f"{row['loss']} {row['N']}x{row['C']} triton host / kernel reduction (fwd+bwd)"] \
                 = row["fwd_bwd_ms"] / single

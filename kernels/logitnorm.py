@@ -55,6 +55,8 @@ from .rows import (
     _row_targets,
     _row_upstream,
     _tile,
+    _tile_group,
+    grouped_tile_grid,
     launch_config,
     launcher,
     tile_grid,
@@ -227,14 +229,19 @@ def _logitnorm_backward_kernel(
     ignore_index,
     expected_ptr,
     expected_value,
+    tiles,
     SKIP_EXPECTED: tl.constexpr,
     EXPECTED_PTR: tl.constexpr,
     REDUCED: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # A (ROWS x BLOCK) tile of g_n * dloss_n/dz (rows.tile_grid).
-    rows, cols, row_mask, mask = _tile(n_rows, n_cols, ROWS, BLOCK)
+    # A (ROWS x BLOCK) tile of g_n * dloss_n/dz (rows.tile_grid), or when SKIP_EXPECTED,
+    # ``tiles`` tiles along the same rows (rows.grouped_tile_grid).
+    if SKIP_EXPECTED:
+        rows, row_mask, first_col = _tile_group(n_rows, n_cols, tiles, ROWS, BLOCK)
+    else:
+        rows, cols, row_mask, mask = _tile(n_rows, n_cols, ROWS, BLOCK)
     target, valid, g = _row_upstream(target_ptr, upstream_ptr, upstream_stride, rows, row_mask,
                                      n_cols, ignore_index)
     if REDUCED:
@@ -246,12 +253,15 @@ def _logitnorm_backward_kernel(
     else:
         expected = _expected_upstream(expected_ptr, expected_value, EXPECTED_PTR)
     if SKIP_EXPECTED:
-        # grad_ptr holds the forward's gradient for the expected upstream gradient: a tile whose
-        # valid rows all received exactly that is already right (ignored rows are 0 either way).
+        # grad_ptr holds the forward's gradient for the expected upstream gradient: rows whose
+        # valid ones all received exactly that are already right (ignored rows are 0 either way).
         stale = tl.max((valid & (g != expected)).to(tl.int32), axis=0)
         if stale > 0:
-            _logitnorm_backward_tile(logits_ptr, logits_stride, stats_ptr, grad_ptr, rows, cols,
-                                     mask, target, valid, g, n_rows, n_cols)
+            for tile in range(0, tiles):
+                cols = first_col + tile * BLOCK + tl.arange(0, BLOCK)
+                mask = row_mask[:, None] & (cols[None, :] < n_cols)
+                _logitnorm_backward_tile(logits_ptr, logits_stride, stats_ptr, grad_ptr, rows,
+                                         cols, mask, target, valid, g, n_rows, n_cols)
     else:
         _logitnorm_backward_tile(logits_ptr, logits_stride, stats_ptr, grad_ptr, rows, cols,
                                  mask, target, valid, g, n_rows, n_cols)
@@ -403,11 +413,14 @@ def logitnorm_backward_rows(
         return grad
     expected_ptr, expected_value, expected_is_ptr = _expected_args(
         expected_upstream, unused_pointer(stats, traced))
-    rows, block, grid = tile_grid(n_rows, n_cols)
+    if out is None:  # every tile recomputed: one per program
+        (rows, block, grid), tiles = tile_grid(n_rows, n_cols), 1
+    else:  # mostly checks that stop there: several tiles of the same rows per program
+        rows, block, grid, tiles = grouped_tile_grid(n_rows, n_cols)
     launcher(_logitnorm_backward_kernel, grid, traced)(
         logits, logits.stride(0), target, stats, upstream,
         0 if upstream.dim() == 0 else upstream.stride(0), grad, n_rows, n_cols, ignore_index,
-        expected_ptr, expected_value, SKIP_EXPECTED=out is not None,
+        expected_ptr, expected_value, tiles, SKIP_EXPECTED=out is not None,
         EXPECTED_PTR=expected_is_ptr, REDUCED=reduced, ROWS=rows, BLOCK=block, num_warps=4,
     )
     return grad

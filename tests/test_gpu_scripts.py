@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted(p for p in (ROOT / "benchmarks").glob("gpu_*.py") if p.name != "gpu_summary.py")
@@ -75,6 +76,7 @@ def test_losses_summary_reports_the_single_block_decision():
         row("elogitnorm", 1024, 10000, "triton streamed", 0.4),
         row("logitnorm", 4096, 32768, "triton", 0.5, fwd_bwd_floor_fraction=0.8),
         row("logitnorm", 4096, 32768, "triton streamed", 1.0),
+        row("logitnorm", 4096, 32768, "triton, a program per tile", 0.75),
         row("logitnorm", 128, 10, "triton", 0.3),
         row("logitnorm", 128, 10, "triton host reduction", 0.45),
         row("logitnorm", 128, 10, "F.cross_entropy (pre-scaled)", 0.2),
@@ -85,3 +87,32 @@ def test_losses_summary_reports_the_single_block_decision():
     assert out["logitnorm 4096x32768 fwd_bwd floor fraction"] == 0.8
     assert out["logitnorm 128x10 triton / cross_entropy (eager)"] == 0.3 / 0.2
     assert out["logitnorm 128x10 triton host / kernel reduction (fwd+bwd)"] == 0.45 / 0.3
+    assert out["logitnorm 4096x32768 triton per-tile / grouped check (fwd+bwd)"] == 1.5
+    assert gpu_losses.groups_check_tiles(4096, 32768)
+    assert not gpu_losses.groups_check_tiles(128, 10)
+
+
+def test_benchmark_runner_enters_the_context_for_forward_and_backward():
+    """A variant's setting (``fn.context``) holds while the backward runs too."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_losses
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from elogitnorm_fast.kernels import rows
+
+    seen = []
+    default = rows.CHECK_PROGRAMS
+    fn = gpu_losses.per_tile_check_triton()
+    z = torch.randn(3, 4, requires_grad=True)
+
+    def fake_loss(z, w, y):
+        seen.append(rows.CHECK_PROGRAMS)
+        total = z.sum()
+        total.register_hook(lambda g: seen.append(rows.CHECK_PROGRAMS))
+        return total
+
+    fake_loss.context = fn.context
+    gpu_losses.runner(fake_loss, [(z, None, None)], backward=True)()
+    assert seen[0] == seen[1] > default
+    assert rows.CHECK_PROGRAMS == default

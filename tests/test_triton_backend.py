@@ -192,6 +192,19 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         assert "triton_elogitnorm_rows" in type(rows.grad_fn).__name__
         check_logitnorm("triton", logits, target, reduction, rtol=RTOL, atol=ATOL)
 
+    @pytest.mark.parametrize("capturing", [False, True])
+    def test_logitnorm_small_batch_reduces_in_kernel_only_when_not_capturing(capturing,
+                                                                           monkeypatch):
+        """Under CUDA-graph capture (faked here) the small-batch mean is taken on the host from
+        per-row losses, which replays faster; eager, in the kernel."""
+        monkeypatch.setattr(triton_backend, "_capturing", lambda logits: capturing)
+        logits, _, target = make_case(12, 10, 1, "some_ignored", dtype=torch.float32)
+        logits.requires_grad_(True)
+        loss = ef.logitnorm_loss(logits, target, backend="triton")
+        reduced = "ReducedLogitNorm" in type(loss.grad_fn).__name__
+        assert reduced == (not capturing), type(loss.grad_fn).__name__
+        check_logitnorm("triton", logits, target, "mean", rtol=RTOL, atol=ATOL)
+
     @pytest.mark.parametrize("expected", [None, 0.25, "tensor"])
     def test_logitnorm_rows_writes_every_statistic(expected):
         """stats[0] is the expected upstream gradient (1 when none is given), not left as the
@@ -242,6 +255,28 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         loss = logitnorm_reference(ref, target, reduction=reduction)
         (expected,) = torch.autograd.grad(loss.sum() if reduction == "none" else loss, ref)
         torch.testing.assert_close(plain.double(), expected, rtol=RTOL, atol=ATOL)
+
+    @pytest.mark.parametrize("weight", [1.0, 3.0])
+    def test_logitnorm_backward_groups_column_tiles(weight, monkeypatch):
+        """Several column tiles of the same rows in one backward program (rows.
+        grouped_tile_grid; CHECK_PROGRAMS = 1 forces all 3 tiles of C = 5000 into one): the
+        expected upstream still skips every tile, another still recomputes every one, bitwise as
+        with one tile per program."""
+        from elogitnorm_fast.kernels import rows
+
+        logits, _, target = make_case(5, 5000, 1, "some_ignored", dtype=torch.float32)
+        assert rows.grouped_tile_grid(5, 5000)[3] == 1
+        per_tile = _logitnorm_gradient(logits, target, "mean", weight=weight)
+        monkeypatch.setattr(rows, "CHECK_PROGRAMS", 1)
+        assert rows.grouped_tile_grid(5, 5000) == (1, 2048, (5,), 3)
+        grouped = _logitnorm_gradient(logits, target, "mean", weight=weight)
+        assert torch.equal(grouped, per_tile)
+        scrambled = _logitnorm_gradient(logits, target, "mean", after_forward=_scramble,
+                                        weight=weight)
+        assert torch.equal(scrambled, grouped) == (weight == 1.0)
+        ref = logits.detach().double().requires_grad_(True)
+        (expected,) = torch.autograd.grad(weight * logitnorm_reference(ref, target), ref)
+        torch.testing.assert_close(grouped.double(), expected, rtol=RTOL, atol=ATOL)
 
     def test_logitnorm_without_upstream_prediction_recomputes(monkeypatch, logitnorm_reduced_in):
         """PREDICT_UPSTREAM off: no gradient in the forward, the backward reads the logits."""

@@ -199,3 +199,17 @@ def test_opcheck_triton_ops():
     logits, weight, target = make_case(16, 200, 8, dtype=torch.float32, device="cuda")
     torch.library.opcheck(ops.triton_elogitnorm_rows.default,
                           (logits, weight, target, -100, 1e-6, 200, True, True, 0))
+
+
+def test_capture_is_seen_by_the_small_batch_reduction_choice():
+    """triton_backend._capturing (which sends small LogitNorm batches to per-row losses under
+    CUDA-graph capture) is true inside a capture and false outside."""
+    from elogitnorm_fast.backends import triton_backend
+
+    x = torch.randn(4, 4, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        inside = triton_backend._capturing(x)
+        x.mul_(2)  # a capture needs some work
+    assert inside and not triton_backend._capturing(x)
+    assert not triton_backend._capturing(x.cpu())

@@ -20,7 +20,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-_SCALARS_I32 = {"n_rows", "n_cols", "n_features", "ignore_index"}
+_SCALARS_I32 = {"n_rows", "n_cols", "n_features", "ignore_index", "tiles"}
 _SCALARS_F32 = {"eps", "inv_tau", "inv_divisor", "inv_temperature", "expected_value"}
 _INDEX_POINTERS = {"target_ptr", "predicted_ptr"}
 _DATA_POINTERS = {"logits_ptr", "grad_ptr", "z_ptr"}  # the logits' dtype; other pointers fp32

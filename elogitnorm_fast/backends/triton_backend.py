@@ -97,7 +97,8 @@ PREDICT_UPSTREAM = True
 #: reduces_in_one_program``: CIFAR sizes): one program reduces the loss in the kernel, so the
 #: host runs no reduction ops and no autograd for them (a host-bound step: 3 torch ops + 1
 #: launch forward, 1 launch backward; per-row: 8 + 1 and 2 + 1, autograd's seed and leaf
-#: detach aside). False: per-row losses as elsewhere.
+#: detach aside). Not while a CUDA graph is captured (:func:`_capturing`). False: per-row
+#: losses as elsewhere.
 REDUCE_IN_KERNEL = True
 
 
@@ -338,6 +339,15 @@ if _HAS_TRITON_OP:
     )
 
 
+def _capturing(logits: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream. Replayed, a step costs no
+    host work, and one program walking every row is slower on the device than a launch per row
+    block and a reduction (fwd+bwd 22 vs 16 us at N=128, C=10, 48 vs 20 us at C=100 on an H100),
+    while eager it is faster (0.33 vs 0.88 ms, 0.27 vs 0.53 ms): the in-kernel reduction is for
+    eager steps only."""
+    return logits.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _use_op() -> bool:
     """The triton_op (traceable by torch.compile) or the eager autograd.Function path."""
     return not EAGER_FAST_PATH or torch.compiler.is_compiling()
@@ -394,7 +404,8 @@ def logitnorm_loss(
                                             ignore_index=ignore_index)
     logits, target = _unit_column_stride(logits), target.contiguous()
     if (not _use_op() and REDUCE_IN_KERNEL and reduction != "none" and block_cols is None
-            and _kernels("logitnorm").reduces_in_one_program(*logits.shape)):
+            and _kernels("logitnorm").reduces_in_one_program(*logits.shape)
+            and not _capturing(logits)):
         write_grad = PREDICT_UPSTREAM and _needs_grad(logits)
         return _EagerReducedLogitNorm.apply(logits, target, 1.0 / tau, ignore_index, reduction,
                                             write_grad).to(logits.dtype)
