@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,36 @@ def test_benchmark_runner_enters_the_context_for_forward_and_backward():
     gpu_losses.runner(fake_loss, [(z, None, None)], backward=True)()
     assert seen[0] == seen[1] > default
     assert rows.CHECK_PROGRAMS == default
+
+
+def test_host_profile_records_each_triton_launch_and_undoes_its_patch():
+    """gpu_host.recorded_launches makes every kernel launch a profiler event and puts the
+    launchers back (no GPU: the launch itself is a stand-in)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_host
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from elogitnorm_fast.kernels import logitnorm, rows
+
+    real = {module: module.launcher for module in (rows, logitnorm)}
+    launched = []
+
+    def stand_in(kernel, grid, traced):
+        return lambda *args, **kwargs: launched.append(grid)
+
+    kernel = types.SimpleNamespace(fn=types.SimpleNamespace(__name__="_some_kernel"))
+
+    for module in real:
+        module.launcher = stand_in
+    try:
+        undo = gpu_host.recorded_launches()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            logitnorm.launcher(kernel, (3,), False)(1, 2)
+        undo()
+        assert all(module.launcher is stand_in for module in real)
+    finally:
+        for module, launcher in real.items():
+            module.launcher = launcher
+    assert launched == [(3,)]
+    assert any(event.key == "launch _some_kernel" for event in prof.key_averages())

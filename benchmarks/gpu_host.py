@@ -1,0 +1,180 @@
+"""Where an eager training step's host time goes, on the GPU machine (one JSON, ~15 s).
+
+The H100 runs showed small and mid-size eager steps bound by the host (ImageNet-1k ELogitNorm
+forward with ``triton``: 0.60 ms eager, 0.07 ms of device time replayed from a CUDA graph). Rows:
+
+* ``host_us``: host time per forward+backward step (and per forward), the wall time of
+  ``CALLS`` steps enqueued back to back before one synchronize (few enough that the launch queue
+  does not fill: the device keeps up, so this is the host's rate);
+* for ``triton``, the step's top host events by CPU self time per step (torch.profiler; each
+  Triton launch recorded as ``launch <kernel>``);
+* ``launch_us``: a bare launch of an empty Triton kernel and of the LogitNorm forward kernel with
+  its arguments, and one ``torch.empty`` for scale.
+
+Usage: ``python benchmarks/gpu_host.py --out DIR [--quick]``
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+
+import torch
+import torch.nn.functional as F
+
+import elogitnorm_fast as ef
+
+from _gpu_common import begin, write_rows
+
+CALLS = 50
+CASES = [("logitnorm", 128, 10, 0), ("elogitnorm", 128, 10, 512), ("elogitnorm", 256, 1000, 2048)]
+KERNEL_MODULES = ("rows", "logitnorm", "elogitnorm", "class_gradient")
+
+
+def host_us(step, calls: int = CALLS) -> float:
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    enqueued = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return enqueued / calls * 1e6
+
+
+def make_step(loss: str, backend: str, n: int, c: int, d: int, backward: bool):
+    generator = torch.Generator(device="cuda")
+    generator.manual_seed(n + c)
+    z = torch.randn(n, c, device="cuda", generator=generator).requires_grad_(True)
+    w = (torch.randn(c, d, device="cuda", generator=generator) / d ** 0.5).requires_grad_(True) \
+        if loss == "elogitnorm" else None
+    y = torch.randint(0, c, (n,), device="cuda", generator=generator)
+    leaves = [t for t in (z, w) if t is not None]
+
+    def step():
+        if backend == "F.cross_entropy":
+            value = F.cross_entropy(z, y)
+        elif loss == "elogitnorm":
+            value = ef.elogitnorm_loss(z, w, y, backend=backend)
+        else:
+            value = ef.logitnorm_loss(z, y, backend=backend)
+        if backward:
+            torch.autograd.grad(value, leaves, allow_unused=True)
+
+    return step
+
+
+def recorded_launches():
+    """Patches the kernels' launchers so each launch is a profiler event; returns the undo."""
+    modules = [importlib.import_module(f"elogitnorm_fast.kernels.{name}")
+               for name in KERNEL_MODULES]
+    originals = {module: module.launcher for module in modules}
+
+    def recording(original):
+        def launcher(kernel, grid, traced):
+            launch = original(kernel, grid, traced)
+
+            def recorded(*args, **kwargs):
+                with torch.profiler.record_function(f"launch {kernel.fn.__name__}"):
+                    return launch(*args, **kwargs)
+
+            return recorded
+
+        return launcher
+
+    for module, original in originals.items():
+        module.launcher = recording(original)
+
+    def undo():
+        for module, original in originals.items():
+            module.launcher = original
+
+    return undo
+
+
+def top_host_events(step, steps: int = 20, top: int = 12) -> list[dict]:
+    undo = recorded_launches()
+    try:
+        step()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+        torch.cuda.synchronize()
+    finally:
+        undo()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [{"event": e.key, "per_step": e.count / steps,
+             "self_us_per_step": e.self_cpu_time_total / steps} for e in events[:top]]
+
+
+def launch_costs() -> list[dict]:
+    import triton
+    import triton.language as tl
+
+    from elogitnorm_fast.kernels import logitnorm
+
+    @triton.jit
+    def _empty_kernel(x_ptr, n, BLOCK: tl.constexpr):
+        pass
+
+    x = torch.empty(16, device="cuda")
+    z = torch.randn(128, 10, device="cuda")
+    y = torch.randint(0, 10, (128,), device="cuda")
+    rows = [
+        {"op": "empty triton kernel launch",
+         "launch_us": host_us(lambda: _empty_kernel[(1,)](x, 16, BLOCK=16), 200)},
+        {"op": "LogitNorm forward launch, 128 x 10 (logitnorm_rows, eager)",
+         "launch_us": host_us(lambda: logitnorm.logitnorm_rows(
+             z, y, inv_tau=25.0, ignore_index=-100, traced=False), 200)},
+        {"op": "torch.empty(16)", "launch_us": host_us(lambda: torch.empty(16, device="cuda"),
+                                                        200)},
+    ]
+    return rows
+
+
+def main() -> None:
+    started = begin("gpu_host", __doc__, skip_key="op")
+    if started is None:
+        return
+    _, path, machine = started
+    import triton
+
+    machine["triton"] = triton.__version__
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rows: list[dict] = []
+    backends = [b for b in ("triton", "cuda", "torch") if b in ef.available_backends("cuda")]
+    for loss, n, c, d in CASES:
+        for backend in backends + ["F.cross_entropy"]:
+            row = {"loss": loss, "N": n, "C": c, "D": d, "backend": backend}
+            rows.append(row)
+            try:
+                row["host_us_fwd"] = host_us(make_step(loss, backend, n, c, d, False))
+                row["host_us_fwd_bwd"] = host_us(make_step(loss, backend, n, c, d, True))
+                if backend == "triton":
+                    row["top_host_events"] = top_host_events(make_step(loss, backend, n, c, d,
+                                                                       True))
+                row["status"] = "ok"
+            except Exception as error:  # recorded, the rest goes on
+                row["status"] = f"error: {type(error).__name__}: {str(error)[:200]}"
+            print(f"{loss:10s} {n:5d} {c:6d} {backend:16s} "
+                  f"fwd {row.get('host_us_fwd', float('nan')):8.1f} us  "
+                  f"fwd+bwd {row.get('host_us_fwd_bwd', float('nan')):8.1f} us  "
+                  f"{row['status'][:60]}")
+            for event in row.get("top_host_events", [])[:8]:
+                print(f"      {event['self_us_per_step']:8.1f} us  x{event['per_step']:.0f}  "
+                      f"{event['event'][:70]}")
+    try:
+        rows += launch_costs()
+    except Exception as error:
+        rows.append({"op": "launch costs", "status": f"error: {type(error).__name__}: {error}"})
+    for row in rows[-3:]:
+        if "launch_us" in row:
+            print(f"{row['op']:60s} {row['launch_us']:8.1f} us")
+    write_rows(path, machine, rows)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
