@@ -284,13 +284,20 @@ def fuses_distances(n_cols: int, n_features: int) -> bool:
     return n_cols <= FUSED_MAX_CLASSES and n_cols * n_features <= FUSED_MAX_WEIGHT
 
 
-def fused_config(n_cols: int, n_features: int) -> dict[str, int]:
-    """Block sizes of the fused kernel: ``ROWS`` rows x ``BLOCK`` columns per program, feature
-    tiles of ``FEATURES`` (the difference tile has at most ``FUSED_TILE`` elements)."""
+def fused_config(n_cols: int, n_features: int, rows: int | None = None) -> dict[str, int]:
+    """Block sizes of the fused kernel: ``ROWS`` rows (``rows``, default :data:`FUSED_ROWS`) x
+    ``BLOCK`` columns per program, feature tiles of ``FEATURES`` (the difference tile has at most
+    ``FUSED_TILE`` elements).
+
+    The distances loop over D in steps of ``FEATURES``, one dependent load after another: at
+    C = 100, D = 512 that is 64 steps with 4 rows (the forward took 56 us of device time on an
+    H100 at N = 128, against 18 us at C = 10 in 8 steps); 1 row gives 16 steps of 32 features,
+    and ``gpu_losses.py`` times both."""
+    rows = FUSED_ROWS if rows is None else rows
     block = max(16, triton.next_power_of_2(n_cols))
     features = min(triton.next_power_of_2(max(n_features, 1)),
-                   max(8, FUSED_TILE // (FUSED_ROWS * block)))
-    return {"ROWS": FUSED_ROWS, "BLOCK": block, "FEATURES": features, "num_warps": 4}
+                   max(8, FUSED_TILE // (rows * block)))
+    return {"ROWS": rows, "BLOCK": block, "FEATURES": features, "num_warps": 4}
 
 
 @triton.jit

@@ -81,6 +81,8 @@ def test_losses_summary_reports_the_single_block_decision():
         row("logitnorm", 128, 10, "triton", 0.3),
         row("logitnorm", 128, 10, "triton host reduction", 0.45),
         row("logitnorm", 128, 10, "F.cross_entropy (pre-scaled)", 0.2),
+        row("elogitnorm", 128, 100, "triton", 0.6, fwd_bwd_graph_ms=0.08),
+        row("elogitnorm", 128, 100, "triton, fused rows of 1", 0.6, fwd_bwd_graph_ms=0.04),
     ]
     out = gpu_losses.summary(rows)
     assert out["elogitnorm 1024x10000 triton streamed / one block (fwd+bwd)"] == 0.4 / 0.5
@@ -91,6 +93,8 @@ def test_losses_summary_reports_the_single_block_decision():
     assert out["logitnorm 4096x32768 triton per-tile / grouped check (fwd+bwd)"] == 1.5
     assert gpu_losses.groups_check_tiles(4096, 32768)
     assert not gpu_losses.groups_check_tiles(128, 10)
+    assert out["elogitnorm 128x100 triton fused rows of 1 / default (CUDA graph, fwd+bwd)"] == 0.5
+    assert gpu_losses.fuses_distances(100, 512) and not gpu_losses.fuses_distances(1000, 512)
 
 
 def test_benchmark_runner_enters_the_context_for_forward_and_backward():

@@ -192,6 +192,17 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         assert "triton_elogitnorm_rows" in type(rows.grad_fn).__name__
         check_logitnorm("triton", logits, target, reduction, rtol=RTOL, atol=ATOL)
 
+    @pytest.mark.parametrize("c", [10, 100])
+    def test_fused_kernel_with_one_row_per_program(c, monkeypatch):
+        """The fused small-C ELogitNorm kernel on one row per program (the variant gpu_losses
+        times: longer feature tiles, fewer steps) matches the reference."""
+        from elogitnorm_fast.kernels import elogitnorm
+
+        monkeypatch.setattr(elogitnorm, "FUSED_ROWS", 1)
+        assert elogitnorm.fused_config(c, 40)["ROWS"] == 1
+        logits, weight, target = make_case(7, c, 40, "some_ignored", dtype=torch.float32)
+        check_elogitnorm("triton", logits, weight, target, "mean", rtol=RTOL, atol=ATOL)
+
     @pytest.mark.parametrize("capturing", [False, True])
     def test_logitnorm_small_batch_reduces_in_kernel_only_when_not_capturing(capturing,
                                                                            monkeypatch):

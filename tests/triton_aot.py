@@ -97,13 +97,14 @@ def loss_configs() -> list[KernelConfig]:
     from elogitnorm_fast.kernels.elogitnorm import fused_config
 
     for num_cols in (10, 100):
-        cfg = fused_config(num_cols, 512)
-        for dtype in ("fp32", "bf16"):
-            configs.append(KernelConfig(
-                "elogitnorm", "_elogitnorm_fused_kernel",
-                (("WRITE_GRAD", True), ("WRITE_COEFFICIENTS", True), ("ROWS", cfg["ROWS"]),
-                 ("BLOCK", cfg["BLOCK"]), ("FEATURES", cfg["FEATURES"])),
-                cfg["num_warps"], dtype))
+        for rows in (None, 1):  # the default, and one row per program (gpu_losses times both)
+            cfg = fused_config(num_cols, 512, rows)
+            for dtype in ("fp32", "bf16") if rows is None else ("fp32",):
+                configs.append(KernelConfig(
+                    "elogitnorm", "_elogitnorm_fused_kernel",
+                    (("WRITE_GRAD", True), ("WRITE_COEFFICIENTS", True), ("ROWS", cfg["ROWS"]),
+                     ("BLOCK", cfg["BLOCK"]), ("FEATURES", cfg["FEATURES"])),
+                    cfg["num_warps"], dtype))
     return configs
 
 
