@@ -36,6 +36,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from _loss_variants import triton_variants  # noqa: E402
+
 import elogitnorm_fast as ef  # noqa: E402
 from elogitnorm_fast.reference import elogitnorm_reference, logitnorm_reference  # noqa: E402
 
@@ -48,8 +50,6 @@ QUICK_LOGITNORM = [(128, 10, 0), (256, 1000, 0), (4096, 32768, 0)]
 COMPILE_SIZES = {"elogitnorm": {(128, 10), (256, 1000)}, "logitnorm": {(128, 10), (4096, 32768)}}
 QUICK_COMPILE_SIZES = {"elogitnorm": {(256, 1000)}, "logitnorm": {(4096, 32768)}}
 ROTATION_BYTES = 256 << 20  # input sets together exceed the L2 cache (50 MiB on H100)
-#: Rows of at least STREAMED_FROM classes kept in one block are also timed streamed.
-STREAMED_FROM, STREAMED_BLOCK = 8192, 4096
 GRAPH_BELOW_MS = 0.05
 GRAPH_BELOW_ELEMENTS = 1 << 18
 GRAPH_CALLS = 20  # calls captured in one graph
@@ -119,101 +119,10 @@ def implementations(loss: str, n: int, c: int, d: int, compile_sizes: set) -> di
     else:
         impls["reference compiled"] = (None, "skipped: compiled only at " + str(sorted(
             compile_sizes[loss])))
-    if "triton" in impls and STREAMED_FROM <= c <= 32768:
-        impls["triton streamed"] = (streamed_triton(loss, c), None)
-    if "triton" in impls and loss == "elogitnorm" and fuses_distances(c, d):
-        impls["triton, fused rows of 1"] = (one_row_fused_triton(), None)
-    if "triton" in impls and loss == "logitnorm" and groups_check_tiles(n, c):
-        impls["triton, a program per tile"] = (per_tile_check_triton(), None)
-    if "triton" in impls and loss == "logitnorm" and n * c <= 32768:
-        impls["triton host reduction"] = (host_reduced_triton(), None)
+    if "triton" in impls:
+        impls.update((name, (fn, None)) for name, fn in triton_variants(loss, n, c, d).items())
     impls["F.cross_entropy (pre-scaled)"] = (lambda z, w, y: F.cross_entropy(z, y), None)
     return impls
-
-
-def per_tile_check_triton():
-    """The triton backend's LogitNorm with one backward program per tile, as before the
-    backward's check grouped the column tiles of the same rows (``rows.grouped_tile_grid``):
-    which is faster confirms the grouping."""
-    from elogitnorm_fast.kernels import rows
-
-    def run(z, w, y):
-        return ef.logitnorm_loss(z, y, backend="triton")
-
-    @contextlib.contextmanager
-    def one_tile_per_program():
-        saved, rows.CHECK_PROGRAMS = rows.CHECK_PROGRAMS, 1 << 40
-        try:
-            yield
-        finally:
-            rows.CHECK_PROGRAMS = saved
-
-    run.context = one_tile_per_program
-    return run
-
-
-def one_row_fused_triton():
-    """The triton backend's ELogitNorm with the fused small-C kernel on one row per program
-    (16 feature steps instead of 64 at C = 100, D = 512; ``elogitnorm.fused_config``): which is
-    faster decides ``FUSED_ROWS``."""
-    from elogitnorm_fast.kernels import elogitnorm
-
-    def run(z, w, y):
-        return ef.elogitnorm_loss(z, w, y, backend="triton")
-
-    @contextlib.contextmanager
-    def one_row():
-        saved, elogitnorm.FUSED_ROWS = elogitnorm.FUSED_ROWS, 1
-        try:
-            yield
-        finally:
-            elogitnorm.FUSED_ROWS = saved
-
-    run.context = one_row
-    return run
-
-
-def fuses_distances(c: int, d: int) -> bool:
-    from elogitnorm_fast.kernels import elogitnorm
-
-    return elogitnorm.fuses_distances(c, d)
-
-
-def groups_check_tiles(n: int, c: int) -> bool:
-    """Whether the LogitNorm backward's check puts several column tiles in one program here."""
-    from elogitnorm_fast.kernels import rows
-
-    return rows.grouped_tile_grid(n, c)[3] > 1
-
-
-def host_reduced_triton():
-    """The triton backend's LogitNorm with the mean taken on the host from per-row losses, where
-    it would take it in the kernel (``REDUCE_IN_KERNEL``): which is faster decides that switch."""
-    from elogitnorm_fast.backends import triton_backend
-
-    def run(z, w, y):
-        triton_backend.REDUCE_IN_KERNEL = False
-        try:
-            return ef.logitnorm_loss(z, y, backend="triton")
-        finally:
-            triton_backend.REDUCE_IN_KERNEL = True
-
-    return run
-
-
-def streamed_triton(loss: str, c: int):
-    """The triton backend with rows streamed over 4096-column blocks where the launcher keeps
-    them in one block (which spills registers at these lengths: tests/triton_aot.py): which of
-    the two is faster decides ``MAX_SINGLE_BLOCK``."""
-    from elogitnorm_fast.backends import triton_backend
-    from elogitnorm_fast.reference import DEFAULT_EPS, DEFAULT_TAU
-
-    if loss == "elogitnorm":
-        return lambda z, w, y: triton_backend.elogitnorm_loss(
-            z, w, y, reduction="mean", ignore_index=-100, eps=DEFAULT_EPS, divisor=c,
-            block_cols=STREAMED_BLOCK)
-    return lambda z, w, y: triton_backend.logitnorm_loss(
-        z, y, tau=DEFAULT_TAU, reduction="mean", ignore_index=-100, block_cols=STREAMED_BLOCK)
 
 
 def expected_loss(loss: str, logits, weight, target) -> torch.Tensor:

@@ -3,6 +3,7 @@ fails at import or argument parsing must fail here, not on the device machine.""
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 import types
@@ -12,6 +13,15 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+def _benchmark(name: str):
+    """A module of benchmarks/ (the scripts import their helpers by plain name)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
 SCRIPTS = sorted(p for p in (ROOT / "benchmarks").glob("gpu_*.py") if p.name != "gpu_summary.py")
 
 
@@ -63,11 +73,7 @@ def test_gpu_tables_keep_one_row_per_line_and_every_column(tmp_path):
 def test_losses_summary_reports_the_single_block_decision():
     """gpu_losses.summary turns the rows into the targets' ratios, including the comparisons
     that decide MAX_SINGLE_BLOCK and REDUCE_IN_KERNEL (synthetic rows: no GPU needed)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import gpu_losses
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    gpu_losses = _benchmark("gpu_losses")
 
     def row(loss, n, c, impl, ms, **extra):
         return {"loss": loss, "N": n, "C": c, "impl": impl, "fwd_bwd_ms": ms, **extra}
@@ -84,6 +90,7 @@ def test_losses_summary_reports_the_single_block_decision():
         row("elogitnorm", 128, 100, "triton", 0.6, fwd_bwd_graph_ms=0.08),
         row("elogitnorm", 128, 100, "triton, fused rows of 1", 0.6, fwd_bwd_graph_ms=0.04),
     ]
+    variants = _benchmark("_loss_variants")
     out = gpu_losses.summary(rows)
     assert out["elogitnorm 1024x10000 triton streamed / one block (fwd+bwd)"] == 0.4 / 0.5
     assert out["logitnorm 4096x32768 triton streamed / one block (fwd+bwd)"] == 2.0
@@ -91,24 +98,20 @@ def test_losses_summary_reports_the_single_block_decision():
     assert out["logitnorm 128x10 triton / cross_entropy (eager)"] == 0.3 / 0.2
     assert out["logitnorm 128x10 triton host / kernel reduction (fwd+bwd)"] == 0.45 / 0.3
     assert out["logitnorm 4096x32768 triton per-tile / grouped check (fwd+bwd)"] == 1.5
-    assert gpu_losses.groups_check_tiles(4096, 32768)
-    assert not gpu_losses.groups_check_tiles(128, 10)
+    assert variants.groups_check_tiles(4096, 32768)
+    assert not variants.groups_check_tiles(128, 10)
     assert out["elogitnorm 128x100 triton fused rows of 1 / default (CUDA graph, fwd+bwd)"] == 0.5
-    assert gpu_losses.fuses_distances(100, 512) and not gpu_losses.fuses_distances(1000, 512)
+    assert variants.fuses_distances(100, 512) and not variants.fuses_distances(1000, 512)
 
 
 def test_benchmark_runner_enters_the_context_for_forward_and_backward():
     """A variant's setting (``fn.context``) holds while the backward runs too."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import gpu_losses
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    gpu_losses, variants = _benchmark("gpu_losses"), _benchmark("_loss_variants")
     from elogitnorm_fast.kernels import rows
 
     seen = []
     default = rows.CHECK_PROGRAMS
-    fn = gpu_losses.per_tile_check_triton()
+    fn = variants.per_tile_check_triton()
     z = torch.randn(3, 4, requires_grad=True)
 
     def fake_loss(z, w, y):
@@ -126,11 +129,7 @@ def test_benchmark_runner_enters_the_context_for_forward_and_backward():
 def test_host_profile_records_each_triton_launch_and_undoes_its_patch():
     """gpu_host.recorded_launches makes every kernel launch a profiler event and puts the
     launchers back (no GPU: the launch itself is a stand-in)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import gpu_host
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    gpu_host = _benchmark("gpu_host")
     from elogitnorm_fast.kernels import logitnorm, rows
 
     real = {module: module.launcher for module in (rows, logitnorm)}

@@ -1,0 +1,104 @@
+"""Variants of the ``triton`` backend that ``gpu_losses.py`` times beside it, each answering one
+design question with a measurement on the same card, in the same run:
+
+* ``triton streamed``: rows streamed over 4096-column blocks where the launcher keeps 8192 to
+  32768 columns in one block (``MAX_SINGLE_BLOCK``);
+* ``triton host reduction``: a small LogitNorm batch's mean taken on the host from per-row losses
+  instead of in one program (``REDUCE_IN_KERNEL``);
+* ``triton, a program per tile``: the LogitNorm backward's check on one program per tile, as
+  before it grouped the column tiles of the same rows (``rows.CHECK_PROGRAMS``);
+* ``triton, fused rows of 1``: ELogitNorm's fused small-C kernel on one row per program
+  (``elogitnorm.FUSED_ROWS``).
+
+A variant that changes a module setting carries it as ``fn.context``, which the benchmark's
+runner enters around the forward and the backward both (the backward reads some of them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+
+import elogitnorm_fast as ef
+
+STREAMED_FROM, STREAMED_BLOCK = 8192, 4096
+
+
+def _with_setting(run, module: str, name: str, value):
+    """``run`` with ``run.context``: ``module.name = value`` while entered."""
+    target = importlib.import_module(module)
+
+    @contextlib.contextmanager
+    def context():
+        saved = getattr(target, name)
+        setattr(target, name, value)
+        try:
+            yield
+        finally:
+            setattr(target, name, saved)
+
+    run.context = context
+    return run
+
+
+def _logitnorm(z, w, y):
+    return ef.logitnorm_loss(z, y, backend="triton")
+
+
+def _elogitnorm(z, w, y):
+    return ef.elogitnorm_loss(z, w, y, backend="triton")
+
+
+def streamed_triton(loss: str, c: int):
+    from elogitnorm_fast.backends import triton_backend
+    from elogitnorm_fast.reference import DEFAULT_EPS, DEFAULT_TAU
+
+    if loss == "elogitnorm":
+        return lambda z, w, y: triton_backend.elogitnorm_loss(
+            z, w, y, reduction="mean", ignore_index=-100, eps=DEFAULT_EPS, divisor=c,
+            block_cols=STREAMED_BLOCK)
+    return lambda z, w, y: triton_backend.logitnorm_loss(
+        z, y, tau=DEFAULT_TAU, reduction="mean", ignore_index=-100, block_cols=STREAMED_BLOCK)
+
+
+def host_reduced_triton():
+    return _with_setting(lambda z, w, y: _logitnorm(z, w, y),
+                         "elogitnorm_fast.backends.triton_backend", "REDUCE_IN_KERNEL", False)
+
+
+def per_tile_check_triton():
+    return _with_setting(lambda z, w, y: _logitnorm(z, w, y),
+                         "elogitnorm_fast.kernels.rows", "CHECK_PROGRAMS", 1 << 40)
+
+
+def one_row_fused_triton():
+    return _with_setting(lambda z, w, y: _elogitnorm(z, w, y),
+                         "elogitnorm_fast.kernels.elogitnorm", "FUSED_ROWS", 1)
+
+
+def fuses_distances(c: int, d: int) -> bool:
+    from elogitnorm_fast.kernels import elogitnorm
+
+    return elogitnorm.fuses_distances(c, d)
+
+
+def groups_check_tiles(n: int, c: int) -> bool:
+    """Whether the LogitNorm backward's check puts several column tiles in one program here."""
+    from elogitnorm_fast.kernels import rows
+
+    return rows.grouped_tile_grid(n, c)[3] > 1
+
+
+def triton_variants(loss: str, n: int, c: int, d: int) -> dict:
+    """name -> callable(logits, weight, target) of the variants that differ from ``triton`` at
+    this size."""
+    variants = {}
+    if STREAMED_FROM <= c <= 32768:
+        variants["triton streamed"] = streamed_triton(loss, c)
+    if loss == "elogitnorm" and fuses_distances(c, d):
+        variants["triton, fused rows of 1"] = one_row_fused_triton()
+    if loss == "logitnorm" and groups_check_tiles(n, c):
+        variants["triton, a program per tile"] = per_tile_check_triton()
+    if loss == "logitnorm" and n * c <= 32768:
+        variants["triton host reduction"] = host_reduced_triton()
+    return variants
