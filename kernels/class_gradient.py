@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rows import _row_targets, launcher
+from .rows import _row_targets, launcher, next_power_of_2
 
 #: Largest C this kernel handles, and the most coefficient loads (N C^2) it is used for.
 MAX_CLASSES = 128
@@ -44,7 +44,7 @@ def pooled_config(n_cols: int) -> dict[str, int]:
     """``BLOCK`` columns, ``SCAN`` rows per scan step (at most 2048 coefficients), ``FEATURES``
     per product step (at most 4096 weights), warps: no spills on sm_90 (tests/triton_aot.py;
     32 x 128 with 4 warps took 255 registers and spilled)."""
-    block = max(16, triton.next_power_of_2(n_cols))
+    block = max(16, next_power_of_2(n_cols))
     return {"BLOCK": block, "SCAN": min(32, 2048 // block), "FEATURES": min(64, 4096 // block),
             "num_warps": 8 if block >= 128 else 4}
 

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .rows import cdiv, next_power_of_2
+
 __all__ = ["logit_row_stats"]
 
 
@@ -89,9 +91,9 @@ def _launch(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     out = torch.empty((4, n_rows), dtype=torch.float32, device=logits.device)
     if n_rows == 0:
         return out
-    block_cols = min(max(triton.next_power_of_2(n_cols), 16), 1024)
+    block_cols = min(max(next_power_of_2(n_cols), 16), 1024)
     block_rows = max(1, min(64, 4096 // block_cols))
-    grid = (triton.cdiv(n_rows, block_rows),)
+    grid = (cdiv(n_rows, block_rows),)
     _logit_row_stats_kernel[grid](
         logits,
         out,

@@ -56,6 +56,7 @@ from .rows import (
     _row_upstream,
     _tile,
     _tile_group,
+    cdiv,
     grouped_tile_grid,
     launch_config,
     launcher,
@@ -369,7 +370,7 @@ def _launch_forward(logits, target, loss, inv_tau, ignore_index, config, reduce,
         return loss, stats, grad
     unused = unused_pointer(stats, traced)
     expected_ptr, expected_value, expected_is_ptr = _expected_args(expected_upstream, unused)
-    grid = (triton.cdiv(n_rows, config["ROWS"]) if reduce == 0 else 1,)
+    grid = (cdiv(n_rows, config["ROWS"]) if reduce == 0 else 1,)
     launcher(_logitnorm_kernel, grid, traced)(
         logits, logits.stride(0), target, loss, stats, n_rows, n_cols, inv_tau, ignore_index,
         unused if grad is None else grad, expected_ptr, expected_value,

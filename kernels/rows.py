@@ -23,13 +23,25 @@ STREAM_BLOCK = 4096
 SCALE_BLOCK = 2048
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for the host's launch arithmetic. ``triton.cdiv`` and
+    ``triton.next_power_of_2`` are constexpr functions that unwrap their arguments first, a few
+    microseconds a call, and an eager CIFAR step made 7 such calls (triton 3.6 and 3.9)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= ``n`` (0 for 0), as ``triton.next_power_of_2``."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def launch_config(num_cols: int, block_cols: int | None = None) -> dict[str, int | bool]:
     """Block sizes for a row length: ``BLOCK`` columns, ``ROWS`` rows per program, warps.
 
     ``block_cols`` (a power of two) forces the column block, e.g. to test streaming at small C.
     """
     if block_cols is None:
-        single_block = triton.next_power_of_2(num_cols)
+        single_block = next_power_of_2(num_cols)
         block = single_block if single_block <= MAX_SINGLE_BLOCK else STREAM_BLOCK
     else:
         if block_cols <= 0 or block_cols & (block_cols - 1):
@@ -90,9 +102,9 @@ def _program_rows(n_rows, ROWS: tl.constexpr):
 def tile_grid(n_rows: int, n_cols: int) -> tuple[int, int, tuple[int]]:
     """``(ROWS, BLOCK, grid)`` of the elementwise backward kernels: tiles of at most
     ``SCALE_BLOCK`` elements on a 1-D grid (axes 1 and 2 stop at 65535 blocks)."""
-    block = min(triton.next_power_of_2(n_cols), SCALE_BLOCK)
+    block = min(next_power_of_2(n_cols), SCALE_BLOCK)
     rows = min(16, max(1, SCALE_BLOCK // block))
-    return rows, block, (triton.cdiv(n_rows, rows) * triton.cdiv(n_cols, block),)
+    return rows, block, (cdiv(n_rows, rows) * cdiv(n_cols, block),)
 
 
 #: Programs a checking launch (:func:`grouped_tile_grid`) keeps at least, where the tiles allow.
@@ -109,10 +121,10 @@ def grouped_tile_grid(n_rows: int, n_cols: int) -> tuple[int, int, tuple[int], i
     H100 (the forward's two passes over N x C took 0.42 ms); grouped, 4096 programs.
     """
     rows, block, _ = tile_grid(n_rows, n_cols)
-    row_blocks, col_tiles = triton.cdiv(n_rows, rows), triton.cdiv(n_cols, block)
-    groups = min(col_tiles, max(1, triton.cdiv(CHECK_PROGRAMS, row_blocks)))
-    tiles = triton.cdiv(col_tiles, groups)
-    return rows, block, (row_blocks * triton.cdiv(col_tiles, tiles),), tiles
+    row_blocks, col_tiles = cdiv(n_rows, rows), cdiv(n_cols, block)
+    groups = min(col_tiles, max(1, cdiv(CHECK_PROGRAMS, row_blocks)))
+    tiles = cdiv(col_tiles, groups)
+    return rows, block, (row_blocks * cdiv(col_tiles, tiles),), tiles
 
 
 @triton.jit

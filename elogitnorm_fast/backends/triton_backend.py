@@ -73,8 +73,15 @@ def unavailable_reason(device: torch.device | None) -> str | None:
     return f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got device {device}"
 
 
+_KERNEL_MODULES: dict = {}
+
+
 def _kernels(name: str):
-    return importlib.import_module(f"elogitnorm_fast.kernels.{name}")
+    """``elogitnorm_fast.kernels.<name>``, imported on first use (triton is optional)."""
+    module = _KERNEL_MODULES.get(name)
+    if module is None:
+        module = _KERNEL_MODULES[name] = importlib.import_module(f"elogitnorm_fast.kernels.{name}")
+    return module
 
 
 def _block(block_cols: int) -> int | None:
