@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import time
 
 import torch
 
@@ -23,7 +24,8 @@ def begin(name: str, description: str | None = None, skip_key: str = "config"):
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{name}.json")
-    machine = {"host": platform.node(), "torch": torch.__version__}
+    machine = {"host": platform.node(), "torch": torch.__version__,
+               "date": time.strftime("%Y-%m-%d", time.gmtime())}
     if not torch.cuda.is_available():
         write_rows(path, machine, [{skip_key: "all", "status": "skipped: no CUDA device"}])
         print("no CUDA device; wrote", path)

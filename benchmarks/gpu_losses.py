@@ -363,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "card": torch.cuda.get_device_name(0), "torch": torch.__version__,
         "triton": triton.__version__, "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "backends": ef.available_backends("cuda"), "quick": args.quick,
         "copy_bandwidth_GBps": bandwidth / 1e9, "dtype": "float32", "tf32": False, "rows": [],
     }

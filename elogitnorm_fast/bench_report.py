@@ -86,7 +86,9 @@ def gpu_tables(folder: Path) -> list[str]:
         keys = keys[:13]
         machine = payload.get("machine") or payload
         card = machine.get("gpu") or machine.get("device_name") or machine.get("card") or "GPU"
-        lines += [f"#### {path.stem} ({card}, torch {machine.get('torch', '?')})", ""]
+        stamp = ", ".join(str(machine[k]) for k in ("date", "commit") if machine.get(k))
+        lines += [f"#### {path.stem} ({card}, torch {machine.get('torch', '?')}"
+                  f"{', ' + stamp if stamp else ''})", ""]
         lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         lines += ["| " + " | ".join(_cell(row.get(k)) for k in keys) + " |" for row in rows]
         for name, value in (payload.get("summary") or {}).items():
