@@ -7,6 +7,8 @@
 # there) was added. Each stage runs under its own timeout and a failing stage does not stop
 # the later ones (a failed build still leaves triton/torch). GPU_CHECK_BENCHES=losses (say)
 # runs only those benchmarks.
+# It writes 8 files to $OUT (log, junit XML, 4 benchmark JSON, registers, summary): the lent
+# GPU machine of this project's workplace returns at most 8, so add a file only by merging two.
 #   usage: OUT=/some/dir bash benchmarks/gpu_check.sh [--quick]
 set -uo pipefail
 cd "$(dirname "$0")/.."
