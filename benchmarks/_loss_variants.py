@@ -24,9 +24,12 @@ import elogitnorm_fast as ef
 STREAMED_FROM, STREAMED_BLOCK = 8192, 4096
 
 
-def _with_setting(run, module: str, name: str, value):
-    """``run`` with ``run.context``: ``module.name = value`` while entered."""
+def _with_setting(loss, module: str, name: str, value):
+    """``loss`` as a new function carrying ``context``: ``module.name = value`` while entered."""
     target = importlib.import_module(module)
+
+    def run(z, w, y):
+        return loss(z, w, y)
 
     @contextlib.contextmanager
     def context():
@@ -62,17 +65,17 @@ def streamed_triton(loss: str, c: int):
 
 
 def host_reduced_triton():
-    return _with_setting(lambda z, w, y: _logitnorm(z, w, y),
+    return _with_setting(_logitnorm,
                          "elogitnorm_fast.backends.triton_backend", "REDUCE_IN_KERNEL", False)
 
 
 def per_tile_check_triton():
-    return _with_setting(lambda z, w, y: _logitnorm(z, w, y),
+    return _with_setting(_logitnorm,
                          "elogitnorm_fast.kernels.rows", "CHECK_PROGRAMS", 1 << 40)
 
 
 def one_row_fused_triton():
-    return _with_setting(lambda z, w, y: _elogitnorm(z, w, y),
+    return _with_setting(_elogitnorm,
                          "elogitnorm_fast.kernels.elogitnorm", "FUSED_ROWS", 1)
 
 

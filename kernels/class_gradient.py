@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rows import _row_targets, launcher, next_power_of_2
+from .rows import _row_upstream, launcher, next_power_of_2
 
 #: Largest C this kernel handles, and the most coefficient loads (N C^2) it is used for.
 MAX_CLASSES = 128
@@ -78,9 +78,8 @@ def _pooled_weight_gradient_kernel(
     for start in range(0, n_rows, SCAN):
         rows = start + tl.arange(0, SCAN).to(tl.int64)
         row_mask = rows < n_rows
-        _, valid, _ = _row_targets(target_ptr, rows, row_mask, n_cols, ignore_index)
-        g = tl.load(upstream_ptr + rows * upstream_stride, mask=row_mask, other=0.0)
-        g = tl.where(valid, g.to(tl.float32), 0.0)
+        _, valid, g = _row_upstream(target_ptr, upstream_ptr, upstream_stride, rows, row_mask,
+                                    n_cols, ignore_index)
         predicted = tl.load(predicted_ptr + rows, mask=row_mask, other=-1)
         row_base = coefficient_ptr + rows * coefficient_stride
         c = tl.load(row_base[:, None] + cols[None, :],

@@ -29,8 +29,10 @@ its autograd (at CIFAR sizes the step is host-bound).
 In the forward, rows with ``C <= BLOCK`` are loaded once and kept on chip; longer rows stream over
 column blocks (pass 1: norm and max; pass 2: the exponential sums) and leave the gradient to the
 backward (writing it in the forward would read them a third time there instead). The backward
-tiles rows and columns independently. Offsets are int64, arithmetic is fp32 whatever the storage
-dtype. Imported lazily (needs triton).
+tiles rows and columns independently; where it mostly checks and stops (the forward wrote the
+gradient), one program takes several column tiles of the same rows
+(``rows.grouped_tile_grid``). Offsets are int64, arithmetic is fp32 whatever the storage dtype.
+Imported lazily (needs triton).
 
 Example::
 

@@ -142,11 +142,8 @@ def _tile_group(n_rows, n_cols, tiles, ROWS: tl.constexpr, BLOCK: tl.constexpr):
 def _tile(n_rows, n_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """This program's (ROWS x BLOCK) tile of a :func:`tile_grid` launch: rows (int64), columns,
     the row mask and the tile mask (no pointer taken: see :func:`_program_rows`)."""
-    program = tl.program_id(0).to(tl.int64)
-    column_blocks = tl.cdiv(n_cols, BLOCK)
-    rows = (program // column_blocks) * ROWS + tl.arange(0, ROWS)
-    cols = (program % column_blocks) * BLOCK + tl.arange(0, BLOCK)
-    row_mask = rows < n_rows
+    rows, row_mask, first_col = _tile_group(n_rows, n_cols, 1, ROWS, BLOCK)
+    cols = first_col + tl.arange(0, BLOCK)
     return rows, cols, row_mask, row_mask[:, None] & (cols[None, :] < n_cols)
 
 

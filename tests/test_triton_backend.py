@@ -196,8 +196,7 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
     def test_fused_kernel_with_one_row_per_program(c, monkeypatch):
         """The fused small-C ELogitNorm kernel on one row per program (the variant gpu_losses
         times: longer feature tiles, fewer steps) matches the reference."""
-        from elogitnorm_fast.kernels import elogitnorm
-
+        elogitnorm = _elogitnorm_module()
         monkeypatch.setattr(elogitnorm, "FUSED_ROWS", 1)
         assert elogitnorm.fused_config(c, 40)["ROWS"] == 1
         logits, weight, target = make_case(7, c, 40, "some_ignored", dtype=torch.float32)
@@ -220,7 +219,7 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
     def test_logitnorm_rows_writes_every_statistic(expected):
         """stats[0] is the expected upstream gradient (1 when none is given), not left as the
         allocator found it: opcheck compares every element of an op's outputs."""
-        kernels = triton_backend._kernels("logitnorm")
+        kernels = _logitnorm_module()
         logits, _, target = make_case(70, 9, 1, "some_ignored", dtype=torch.float32)
         upstream = torch.tensor(0.125) if expected == "tensor" else expected
         for block_cols in (None, 4):  # rows on chip, rows streamed
@@ -273,8 +272,7 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         grouped_tile_grid; CHECK_PROGRAMS = 1 forces all 3 tiles of C = 5000 into one): the
         expected upstream still skips every tile, another still recomputes every one, bitwise as
         with one tile per program."""
-        from elogitnorm_fast.kernels import rows
-
+        rows = _rows_module()
         logits, _, target = make_case(5, 5000, 1, "some_ignored", dtype=torch.float32)
         assert rows.grouped_tile_grid(5, 5000)[3] == 1
         per_tile = _logitnorm_gradient(logits, target, "mean", weight=weight)
