@@ -3,8 +3,11 @@ design question with a measurement on the same card, in the same run:
 
 * ``triton streamed``: rows streamed over 4096-column blocks where the launcher keeps 8192 to
   32768 columns in one block (``MAX_SINGLE_BLOCK``);
-* ``triton host reduction``: a small LogitNorm batch's mean taken on the host from per-row losses
-  instead of in one program (``REDUCE_IN_KERNEL``);
+* ``triton host reduction``: LogitNorm's mean taken on the host from per-row losses instead of in
+  the kernel (``REDUCE_IN_KERNEL``);
+* ``triton, reduced in blocks``: a small LogitNorm batch's mean reduced by a block of rows per
+  program (each counting the valid rows) and a sum, as under CUDA-graph capture, instead of by
+  one program (``_capturing``);
 * ``triton, a program per tile``: the LogitNorm backward's check on one program per tile, as
   before it grouped the column tiles of the same rows (``rows.CHECK_PROGRAMS``);
 * ``triton, fused rows of 1``: ELogitNorm's fused small-C kernel on one row per program
@@ -69,6 +72,11 @@ def host_reduced_triton():
                          "elogitnorm_fast.backends.triton_backend", "REDUCE_IN_KERNEL", False)
 
 
+def blockwise_reduced_triton():
+    return _with_setting(_logitnorm,
+                         "elogitnorm_fast.backends.triton_backend", "_capturing", lambda z: True)
+
+
 def per_tile_check_triton():
     return _with_setting(_logitnorm,
                          "elogitnorm_fast.kernels.rows", "CHECK_PROGRAMS", 1 << 40)
@@ -102,6 +110,11 @@ def triton_variants(loss: str, n: int, c: int, d: int) -> dict:
         variants["triton, fused rows of 1"] = one_row_fused_triton()
     if loss == "logitnorm" and groups_check_tiles(n, c):
         variants["triton, a program per tile"] = per_tile_check_triton()
-    if loss == "logitnorm" and n * c <= 32768:
-        variants["triton host reduction"] = host_reduced_triton()
+    if loss == "logitnorm":
+        from elogitnorm_fast.kernels import logitnorm
+
+        if logitnorm.reduces_in_one_program(n, c):
+            variants["triton, reduced in blocks"] = blockwise_reduced_triton()
+        if logitnorm.reduces_in_one_program(n, c) or logitnorm.reduces_in_blocks(n, c, "mean"):
+            variants["triton host reduction"] = host_reduced_triton()
     return variants

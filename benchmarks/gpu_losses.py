@@ -313,6 +313,16 @@ def summary(rows: list[dict]) -> dict:
         if row["impl"] == "triton host reduction" and row.get("fwd_bwd_ms") and single:
             out[f"{row['loss']} {row['N']}x{row['C']} triton host / kernel reduction (fwd+bwd)"] \
                 = row["fwd_bwd_ms"] / single
+        if row["impl"] in ("triton host reduction", "triton, reduced in blocks"):
+            # Captured, the default reduces in blocks: the host reduction's graph against it.
+            kernel = ms(row["loss"], row["N"], row["C"], "triton", "fwd_bwd_graph_ms")
+            if isinstance(kernel, float) and isinstance(row.get("fwd_bwd_graph_ms"), float):
+                name = row["impl"].removeprefix("triton").strip(" ,")
+                out[f"{row['loss']} {row['N']}x{row['C']} triton {name} / default "
+                    "(CUDA graph, fwd+bwd)"] = row["fwd_bwd_graph_ms"] / kernel
+        if row["impl"] == "triton, reduced in blocks" and row.get("fwd_bwd_ms") and single:
+            out[f"{row['loss']} {row['N']}x{row['C']} triton blocks / one-program reduction "
+                "(fwd+bwd)"] = row["fwd_bwd_ms"] / single
     for loss in ("logitnorm", "elogitnorm"):
         for n, c in ((128, 10), (128, 100)):
             triton, ce = ms(loss, n, c, "triton"), ms(loss, n, c, "F.cross_entropy (pre-scaled)")

@@ -51,8 +51,10 @@ import triton
 import triton.language as tl
 
 from .rows import (
+    COUNT_BLOCK,
     _program_rows,
     _row_targets,
+    _row_weight,
     cdiv,
     launch_config,
     launcher,
@@ -177,7 +179,12 @@ def _elogitnorm_kernel(
     SINGLE: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
+    REDUCE: tl.constexpr,
+    COUNT_BLOCK: tl.constexpr,
 ):
+    # 0. Each row's share of the loss (REDUCE: .rows._row_weight), which scales everything the
+    #    kernel writes: the host sums the losses, the backward gets the loss's gradient.
+    row_weight = _row_weight(target_ptr, n_rows, n_cols, ignore_index, REDUCE, COUNT_BLOCK)
     # 1. Rows, targets, predicted class m and v = z_m; int64 offsets.
     rows, row_mask = _program_rows(n_rows, ROWS)
     cols = tl.arange(0, BLOCK)
@@ -208,11 +215,14 @@ def _elogitnorm_kernel(
         loss, grad, coefficients = _single_block(
             z, raw_distance, cols, mask, value, predicted, target, z_target, valid, eps,
             inv_divisor, WRITE_GRAD or WRITE_COEFFICIENTS)
-        tl.store(loss_ptr + rows, loss, mask=row_mask)
+        # (0 x inf = NaN: the loss of an all-ignored mean; the gradient's ignored rows stay 0.)
+        tl.store(loss_ptr + rows, loss * row_weight, mask=row_mask)
+        share = tl.where(valid, row_weight, 0.0)[:, None]
         if WRITE_GRAD:
-            tl.store(grad_base + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_base + cols[None, :], (grad * share).to(grad_ptr.dtype.element_ty),
+                     mask=mask)
         if WRITE_COEFFICIENTS:
-            tl.store(coefficient_base + cols[None, :], coefficients, mask=mask)
+            tl.store(coefficient_base + cols[None, :], coefficients * share, mask=mask)
     else:
         # 2. Scale s = max(sum_j (v - z_j) / Delta_j / divisor, eps), sum_{j in T} 1 / Delta_j.
         margin_sum = tl.zeros([ROWS], dtype=tl.float32)
@@ -243,7 +253,7 @@ def _elogitnorm_kernel(
             exp_dot += tl.sum(e * tl.where(mask, zb - value[:, None], 0.0), axis=1)
         log_sum = tl.log(exp_sum)
         loss = log_sum + (value - z_target) / scale
-        tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_mask)
+        tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0) * row_weight, mask=row_mask)
 
         # 4. ds = -(G . z) / s^2 with G . z = sum_j p_j (z_j - v) - (z_y - v); 0 on an active
         # clamp.
@@ -264,11 +274,11 @@ def _elogitnorm_kernel(
                                                        predicted, target, scale, log_sum,
                                                        k_scale, below_sum, eps)
                 if WRITE_GRAD:
-                    grad = tl.where(valid[:, None], grad, 0.0)
+                    grad = tl.where(valid[:, None], grad * row_weight, 0.0)
                     tl.store(grad_base + block_cols[None, :],
                              grad.to(grad_ptr.dtype.element_ty), mask=mask)
                 if WRITE_COEFFICIENTS:
-                    coefficients = tl.where(valid[:, None], coefficients, 0.0)
+                    coefficients = tl.where(valid[:, None], coefficients * row_weight, 0.0)
                     tl.store(coefficient_base + block_cols[None, :], coefficients, mask=mask)
 
 
@@ -305,6 +315,14 @@ def fused_config(n_cols: int, n_features: int, rows: int | None = None) -> dict[
     features = min(next_power_of_2(max(n_features, 1)),
                    max(8, FUSED_TILE // (rows * block)))
     return {"ROWS": rows, "BLOCK": block, "FEATURES": features, "num_warps": 4}
+
+
+def rows_per_program(n_cols: int, n_features: int, block_cols: int | None = None) -> int:
+    """Rows per program of the kernel that takes C = ``n_cols``, D = ``n_features`` (the fused
+    one unless ``block_cols`` forces the GEMM path's column block)."""
+    if block_cols is None and fuses_distances(n_cols, n_features):
+        return fused_config(n_cols, n_features)["ROWS"]
+    return launch_config(n_cols, block_cols)["ROWS"]
 
 
 @triton.jit
@@ -368,8 +386,12 @@ def _elogitnorm_fused_kernel(
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
     FEATURES: tl.constexpr,
+    REDUCE: tl.constexpr,
+    COUNT_BLOCK: tl.constexpr,
 ):
-    # Rows of at most BLOCK columns: argmax, distance row from W, then the one-block math.
+    # Rows of at most BLOCK columns: argmax, distance row from W, then the one-block math,
+    # everything written scaled by the row's share of the loss (as in _elogitnorm_kernel).
+    row_weight = _row_weight(target_ptr, n_rows, n_cols, ignore_index, REDUCE, COUNT_BLOCK)
     rows, row_mask = _program_rows(n_rows, ROWS)
     cols = tl.arange(0, BLOCK)
     target, valid, in_range = _row_targets(target_ptr, rows, row_mask, n_cols, ignore_index)
@@ -389,13 +411,14 @@ def _elogitnorm_fused_kernel(
     loss, grad, coefficients = _single_block(
         z, raw_distance, cols, mask, value, predicted, target, z_target, valid, eps, inv_divisor,
         WRITE_GRAD or WRITE_COEFFICIENTS)
-    tl.store(loss_ptr + rows, loss, mask=row_mask)
+    tl.store(loss_ptr + rows, loss * row_weight, mask=row_mask)
+    share = tl.where(valid, row_weight, 0.0)[:, None]  # ignored rows' gradient stays 0
     if WRITE_GRAD:
         tl.store(grad_ptr + rows[:, None] * grad_stride + cols[None, :],
-                 grad.to(grad_ptr.dtype.element_ty), mask=mask)
+                 (grad * share).to(grad_ptr.dtype.element_ty), mask=mask)
     if WRITE_COEFFICIENTS:
         tl.store(coefficient_ptr + rows[:, None] * coefficient_stride + cols[None, :],
-                 coefficients, mask=mask)
+                 coefficients * share, mask=mask)
 
 
 def elogitnorm_rows(
@@ -413,6 +436,7 @@ def elogitnorm_rows(
     write_grad: bool,
     write_coefficients: bool,
     block_cols: int | None = None,
+    reduce: int = 0,
     traced: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row ELogitNorm losses (fp32), unit-upstream logits gradient and coefficients ``c``.
@@ -422,7 +446,10 @@ def elogitnorm_rows(
     (row ``m``). The kernel turns them into distances with the fp32 ``squared_norms`` (C,) of
     ``weight`` (C, D), recomputing from ``weight`` the entries where that form cancels, and sets
     the predicted class's own distance to 1. The gradient has the logits' dtype, the
-    coefficients are fp32; each is an empty tensor when not requested. ``traced``: see
+    coefficients are fp32; each is an empty tensor when not requested. ``reduce`` 1 (``sum``)
+    or 2 (``mean``): the kernel counts the valid rows and writes each row's share of the reduced
+    loss, and the gradient and coefficients for it (their sum is the loss; see
+    :func:`.rows.counts_within_budget`). ``traced``: see
     :func:`elogitnorm_fast.kernels.rows.launcher`.
     """
     n_rows, n_cols = logits.shape
@@ -441,8 +468,8 @@ def elogitnorm_rows(
         losses, grad, grad.stride(0), coefficients, coefficients.stride(0),
         n_rows, n_cols, eps, 1.0 / divisor, ignore_index,
         PER_SAMPLE=per_sample, WRITE_GRAD=write_grad, WRITE_COEFFICIENTS=write_coefficients,
-        SINGLE=config["SINGLE"], ROWS=config["ROWS"], BLOCK=config["BLOCK"],
-        num_warps=config["num_warps"],
+        SINGLE=config["SINGLE"], ROWS=config["ROWS"], BLOCK=config["BLOCK"], REDUCE=reduce,
+        COUNT_BLOCK=COUNT_BLOCK, num_warps=config["num_warps"],
     )
     return losses, grad, coefficients
 
@@ -457,11 +484,13 @@ def elogitnorm_rows_fused(
     ignore_index: int,
     write_grad: bool,
     write_coefficients: bool,
+    reduce: int = 0,
     traced: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`elogitnorm_rows` for small C (:func:`fuses_distances`) in one launch, which also
     takes the argmax and the distance rows: returns ``(losses, grad, coefficients, predicted)``,
     ``predicted`` (N,) int64 as ``logits.argmax(1)``. ``weight`` (C, D) may have any strides.
+    ``reduce``: as in :func:`elogitnorm_rows`.
     """
     n_rows, n_cols = logits.shape
     device = logits.device
@@ -480,6 +509,6 @@ def elogitnorm_rows_fused(
         n_rows, n_cols, eps, 1.0 / divisor, ignore_index,
         WRITE_GRAD=write_grad, WRITE_COEFFICIENTS=write_coefficients,
         ROWS=config["ROWS"], BLOCK=config["BLOCK"], FEATURES=config["FEATURES"],
-        num_warps=config["num_warps"],
+        REDUCE=reduce, COUNT_BLOCK=COUNT_BLOCK, num_warps=config["num_warps"],
     )
     return losses, grad, coefficients, predicted

@@ -21,10 +21,12 @@ written once when the prediction holds (the bandwidth floor); tiles where it doe
 recomputed as above, with the same arithmetic. The price is the N x C gradient allocated in the
 forward instead of the backward.
 
-Small batches (:func:`logitnorm_reduced`) go further: one program walks every block of rows,
-counts the valid ones first, writes each row's gradient for its share of the loss (1 or
-``1 / count``) and stores the reduced loss itself, so the host runs neither the reduction nor
-its autograd (at CIFAR sizes the step is host-bound).
+A ``sum`` or ``mean`` (:func:`logitnorm_reduced`) goes further: the kernel counts the valid
+rows itself and writes each row's gradient for its share of the loss (1 or ``1 / count``), so
+the host runs neither the count nor the division, nor their autograd. Small batches (CIFAR
+sizes, where the step is host-bound) are walked by one program that stores the loss itself;
+larger ones take a block of rows per program, each program counting all N targets and writing
+its rows' shares, and one sum adds them up (deterministic: no atomics).
 
 In the forward, rows with ``C <= BLOCK`` are loaded once and kept on chip; longer rows stream over
 column blocks (pass 1: norm and max; pass 2: the exponential sums) and leave the gradient to the
@@ -53,12 +55,16 @@ import triton
 import triton.language as tl
 
 from .rows import (
+    COUNT_BLOCK,
+    COUNTED_TARGETS,
     _program_rows,
     _row_targets,
     _row_upstream,
+    _row_weight,
     _tile,
     _tile_group,
     cdiv,
+    counts_within_budget,
     grouped_tile_grid,
     launch_config,
     launcher,
@@ -92,9 +98,11 @@ def _logitnorm_kernel(
     WRITE_GRAD: tl.constexpr,
     EXPECTED_PTR: tl.constexpr,
     REDUCE: tl.constexpr,
+    ONE_PROGRAM: tl.constexpr,
     SINGLE: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
+    COUNT_BLOCK: tl.constexpr,
 ):
     if REDUCE == 0:
         # One block of ROWS rows per program; per-row losses.
@@ -106,20 +114,11 @@ def _logitnorm_kernel(
             rows, logits_ptr, logits_stride, target_ptr, stats_ptr, grad_ptr, n_rows, n_cols,
             inv_tau, ignore_index, g, WRITE_GRAD, SINGLE, ROWS, BLOCK)
         tl.store(loss_ptr + rows, loss, mask=row_mask)
-    else:
+    elif ONE_PROGRAM:
         # One program walks every block of rows and reduces the loss itself. Each valid row's
         # share of the loss (1 for sum, 1 / count for mean) is what its gradient is written for,
         # and goes to stats[0] for the backward; the count comes first, from the targets alone.
-        count = tl.zeros([ROWS], dtype=tl.float32)
-        for first in range(0, n_rows, ROWS):
-            block_rows = (first + tl.arange(0, ROWS)).to(tl.int64)
-            _, valid, _ = _row_targets(target_ptr, block_rows, block_rows < n_rows, n_cols,
-                                       ignore_index)
-            count += valid.to(tl.float32)
-        if REDUCE == 2:
-            row_weight = 1.0 / tl.sum(count, axis=0)
-        else:
-            row_weight = tl.sum(count, axis=0) * 0.0 + 1.0  # 1, a tensor like the mean's
+        row_weight = _row_weight(target_ptr, n_rows, n_cols, ignore_index, REDUCE, COUNT_BLOCK)
         tl.store(stats_ptr, row_weight)
         total = tl.zeros([ROWS], dtype=tl.float32)
         for first in range(0, n_rows, ROWS):
@@ -129,6 +128,19 @@ def _logitnorm_kernel(
                 WRITE_GRAD, SINGLE, ROWS, BLOCK)
             total += loss
         tl.store(loss_ptr, tl.sum(total, axis=0) * row_weight)
+    else:
+        # A block of rows per program, as for per-row losses, but every program counts the
+        # valid rows itself (from the targets alone: N loads, no atomics, no other launch), so
+        # it writes each row's share of the reduced loss (``loss * row_weight``) and the
+        # gradient for that share; the host adds the shares up (one sum, in a fixed order).
+        row_weight = _row_weight(target_ptr, n_rows, n_cols, ignore_index, REDUCE, COUNT_BLOCK)
+        rows, row_mask = _program_rows(n_rows, ROWS)
+        if tl.program_id(0) == 0:
+            tl.store(stats_ptr, row_weight)
+        loss = _logitnorm_block(
+            rows, logits_ptr, logits_stride, target_ptr, stats_ptr, grad_ptr, n_rows, n_cols,
+            inv_tau, ignore_index, row_weight, WRITE_GRAD, SINGLE, ROWS, BLOCK)
+        tl.store(loss_ptr + rows, loss * row_weight, mask=row_mask)
 
 
 @triton.jit
@@ -327,10 +339,18 @@ REDUCED_MAX_ELEMENTS = 32768
 
 
 def reduces_in_one_program(n_rows: int, n_cols: int) -> bool:
-    """Whether :func:`logitnorm_reduced` takes an (n_rows, n_cols) batch: small enough that one
-    program walking its rows costs less than the host work it saves (CIFAR sizes)."""
+    """Whether :func:`logitnorm_reduced` takes an (n_rows, n_cols) batch in one program: small
+    enough that one program walking its rows costs less than the host work it saves (CIFAR
+    sizes, eager)."""
     return 0 < n_rows and n_rows * n_cols <= REDUCED_MAX_ELEMENTS and bool(
         launch_config(n_cols)["SINGLE"])
+
+
+def reduces_in_blocks(n_rows: int, n_cols: int, reduction: str,
+                      block_cols: int | None = None) -> bool:
+    """Whether :func:`logitnorm_reduced` takes an (n_rows, n_cols) batch with a block of rows
+    per program (each program counting the valid rows itself, :data:`.rows.COUNTED_TARGETS`)."""
+    return counts_within_budget(n_rows, launch_config(n_cols, block_cols)["ROWS"], reduction)
 
 
 def logitnorm_reduced(
@@ -341,27 +361,40 @@ def logitnorm_reduced(
     ignore_index: int,
     reduction: str,
     write_grad: bool,
+    one_program: bool = True,
+    block_cols: int | None = None,
     traced: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The ``sum`` or ``mean`` LogitNorm loss (0-d fp32) of a small batch
-    (:func:`reduces_in_one_program`), reduced by one program that walks every block of rows,
-    with the statistics of :func:`logitnorm_rows` (``stats[0]``: each valid row's share of the
-    loss, 1 or ``1 / count``) and, when ``write_grad``, the gradient of the loss itself, which
-    :func:`logitnorm_backward_rows` with ``reduced=True`` completes in place.
+    """The ``sum`` or ``mean`` LogitNorm loss (0-d fp32), with the statistics of
+    :func:`logitnorm_rows` (``stats[0]``: each valid row's share of the loss, 1 or
+    ``1 / count``) and, when ``write_grad`` and the rows fit on chip, the gradient of the loss
+    itself, which :func:`logitnorm_backward_rows` with ``reduced=True`` completes in place.
 
-    On a host-bound small batch this saves the torch ops of the reduction and of its autograd.
+    ``one_program`` (small batches, :func:`reduces_in_one_program`): one program walks every
+    block of rows and stores the loss. Otherwise (:func:`reduces_in_blocks`) each program takes
+    a block of rows, counts the valid rows itself and writes its rows' shares of the loss, which
+    one ``sum`` adds up. Either way the host runs neither the count nor the division, and the
+    reduction has no autograd of its own. ``block_cols``: as in :func:`logitnorm_rows` (not with
+    ``one_program``).
     """
     n_rows, n_cols = logits.shape
-    if not reduces_in_one_program(n_rows, n_cols):
+    if one_program and (block_cols is not None or not reduces_in_one_program(n_rows, n_cols)):
         raise ValueError(f"logitnorm_reduced takes at most {REDUCED_MAX_ELEMENTS} elements in "
-                         f"rows kept on chip, got N = {n_rows}, C = {n_cols}")
-    loss = torch.empty((), dtype=torch.float32, device=logits.device)
-    return _launch_forward(logits, target, loss, inv_tau, ignore_index, launch_config(n_cols),
-                           {"sum": 1, "mean": 2}[reduction], write_grad, None, traced)
+                         f"rows kept on chip in one program, got N = {n_rows}, C = {n_cols}, "
+                         f"block_cols = {block_cols}")
+    if not one_program and not reduces_in_blocks(n_rows, n_cols, reduction, block_cols):
+        raise ValueError(f"logitnorm_reduced counts at most {COUNTED_TARGETS} targets over its "
+                         f"programs, got N = {n_rows}, C = {n_cols}")
+    shape = () if one_program else (n_rows,)
+    loss = torch.empty(shape, dtype=torch.float32, device=logits.device)
+    loss, stats, grad = _launch_forward(
+        logits, target, loss, inv_tau, ignore_index, launch_config(n_cols, block_cols),
+        {"sum": 1, "mean": 2}[reduction], write_grad, None, traced, one_program)
+    return (loss if one_program else loss.sum()), stats, grad
 
 
 def _launch_forward(logits, target, loss, inv_tau, ignore_index, config, reduce, write_grad,
-                    expected_upstream, traced):
+                    expected_upstream, traced, one_program=False):
     """The forward launch shared by :func:`logitnorm_rows` and :func:`logitnorm_reduced`; the
     gradient is written only where the rows stay on chip (``write_grad`` asks for it)."""
     n_rows, n_cols = logits.shape
@@ -372,13 +405,13 @@ def _launch_forward(logits, target, loss, inv_tau, ignore_index, config, reduce,
         return loss, stats, grad
     unused = unused_pointer(stats, traced)
     expected_ptr, expected_value, expected_is_ptr = _expected_args(expected_upstream, unused)
-    grid = (cdiv(n_rows, config["ROWS"]) if reduce == 0 else 1,)
+    grid = (1 if one_program else cdiv(n_rows, config["ROWS"]),)
     launcher(_logitnorm_kernel, grid, traced)(
         logits, logits.stride(0), target, loss, stats, n_rows, n_cols, inv_tau, ignore_index,
         unused if grad is None else grad, expected_ptr, expected_value,
         WRITE_GRAD=write_grad, EXPECTED_PTR=expected_is_ptr, REDUCE=reduce,
-        SINGLE=config["SINGLE"], ROWS=config["ROWS"], BLOCK=config["BLOCK"],
-        num_warps=config["num_warps"],
+        ONE_PROGRAM=one_program, SINGLE=config["SINGLE"], ROWS=config["ROWS"],
+        BLOCK=config["BLOCK"], COUNT_BLOCK=COUNT_BLOCK, num_warps=config["num_warps"],
     )
     return loss, stats, grad
 

@@ -87,6 +87,44 @@ def _row_targets(target_ptr, rows, row_mask, n_cols, ignore_index):
 
 
 @triton.jit
+def _row_weight(target_ptr, n_rows, n_cols, ignore_index, REDUCE: tl.constexpr,
+                COUNT_BLOCK: tl.constexpr):
+    """Each valid row's share of a reduced loss: 1 / (number of valid rows) for ``mean``
+    (REDUCE 2; 1 / 0 = inf when every row is ignored, so the loss is NaN and the gradient 0, as
+    with ``F.cross_entropy``), else 1 (REDUCE 1: ``sum``, 0: per-row losses). A 0-d fp32
+    tensor. Every program counts all N targets, COUNT_BLOCK at a time: no atomics, no other
+    launch (:func:`counts_within_budget` bounds the cost)."""
+    if REDUCE == 2:
+        count = tl.zeros([COUNT_BLOCK], dtype=tl.float32)
+        for first in range(0, n_rows, COUNT_BLOCK):
+            block_rows = (first + tl.arange(0, COUNT_BLOCK)).to(tl.int64)
+            _, valid, _ = _row_targets(target_ptr, block_rows, block_rows < n_rows, n_cols,
+                                       ignore_index)
+            count += valid.to(tl.float32)
+        row_weight = 1.0 / tl.sum(count, axis=0)
+    else:
+        row_weight = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0) + 1.0  # 1, 0-d
+    return row_weight
+
+
+#: Targets a program reads at a time to count the valid rows of a ``mean`` reduced in the kernel.
+COUNT_BLOCK = 1024
+#: Largest (programs x N) of a ``mean`` reduced with a block of rows per program: every program
+#: counts all N targets (2^21 int64 loads: 16 MiB from L2, ~4 % of the logits' traffic at
+#: N = 1024, C = 10,000; 4096 x 32768 would read 128 MiB and takes the host's count instead).
+COUNTED_TARGETS = 1 << 21
+
+
+def counts_within_budget(n_rows: int, rows_per_program: int, reduction: str) -> bool:
+    """Whether a ``sum`` / ``mean`` of ``n_rows`` rows may be reduced in a kernel with
+    ``rows_per_program`` rows per program (:func:`_row_weight`: a mean's programs each count
+    all N targets, :data:`COUNTED_TARGETS` at most in all); never for an empty batch."""
+    if n_rows <= 0:
+        return False
+    return reduction == "sum" or cdiv(n_rows, rows_per_program) * n_rows <= COUNTED_TARGETS
+
+
+@triton.jit
 def _program_rows(n_rows, ROWS: tl.constexpr):
     """This program's block of ROWS rows (int64, so N * C may exceed 2^31) of a row kernel and
     the in-range mask.

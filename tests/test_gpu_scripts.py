@@ -84,8 +84,9 @@ def test_losses_summary_reports_the_single_block_decision():
         row("logitnorm", 4096, 32768, "triton", 0.5, fwd_bwd_floor_fraction=0.8),
         row("logitnorm", 4096, 32768, "triton streamed", 1.0),
         row("logitnorm", 4096, 32768, "triton, a program per tile", 0.75),
-        row("logitnorm", 128, 10, "triton", 0.3),
-        row("logitnorm", 128, 10, "triton host reduction", 0.45),
+        row("logitnorm", 128, 10, "triton", 0.3, fwd_bwd_graph_ms=0.008),
+        row("logitnorm", 128, 10, "triton host reduction", 0.45, fwd_bwd_graph_ms=0.016),
+        row("logitnorm", 128, 10, "triton, reduced in blocks", 0.36, fwd_bwd_graph_ms=0.01),
         row("logitnorm", 128, 10, "F.cross_entropy (pre-scaled)", 0.2),
         row("elogitnorm", 128, 100, "triton", 0.6, fwd_bwd_graph_ms=0.08),
         row("elogitnorm", 128, 100, "triton, fused rows of 1", 0.6, fwd_bwd_graph_ms=0.04),
@@ -97,6 +98,10 @@ def test_losses_summary_reports_the_single_block_decision():
     assert out["logitnorm 4096x32768 fwd_bwd floor fraction"] == 0.8
     assert out["logitnorm 128x10 triton / cross_entropy (eager)"] == 0.3 / 0.2
     assert out["logitnorm 128x10 triton host / kernel reduction (fwd+bwd)"] == 0.45 / 0.3
+    assert out["logitnorm 128x10 triton blocks / one-program reduction (fwd+bwd)"] == 0.36 / 0.3
+    assert out["logitnorm 128x10 triton host reduction / default (CUDA graph, fwd+bwd)"] == 2.0
+    assert out["logitnorm 128x10 triton reduced in blocks / default (CUDA graph, fwd+bwd)"] \
+        == 0.01 / 0.008
     assert out["logitnorm 4096x32768 triton per-tile / grouped check (fwd+bwd)"] == 1.5
     assert variants.groups_check_tiles(4096, 32768)
     assert not variants.groups_check_tiles(128, 10)

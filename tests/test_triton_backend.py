@@ -102,11 +102,14 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
             _stream(monkeypatch, 4)
         return request.param
 
-    @pytest.fixture(params=["kernel", "host"])
+    @pytest.fixture(params=["one program", "blocks", "host"])
     def logitnorm_reduced_in(request, monkeypatch):
-        """Where eager LogitNorm reduces a small sum / mean batch: in the kernel (one program)
-        or on the host from per-row losses."""
-        monkeypatch.setattr(triton_backend, "REDUCE_IN_KERNEL", request.param == "kernel")
+        """Where eager LogitNorm reduces a sum / mean: in the kernel by one program (small
+        batches), in the kernel by a block of rows per program (larger batches, and what a CUDA
+        graph capture, faked here, takes), or on the host from per-row losses."""
+        monkeypatch.setattr(triton_backend, "REDUCE_IN_KERNEL", request.param != "host")
+        if request.param == "blocks":
+            monkeypatch.setattr(triton_backend, "_capturing", lambda logits: True)
         return request.param
 
     def _stream(monkeypatch, block):
@@ -139,6 +142,20 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         logits, _, target = make_case(n, c, 1, dtype=torch.float32)
         target[::4] = -100
         check_logitnorm("triton", logits, target, reduction, rtol=RTOL, atol=ATOL)
+
+    @pytest.mark.parametrize("reduction", ["mean", "sum"])
+    @pytest.mark.parametrize("n,c,d", [(5, 10, 6), (64, 10, 6), (5, 257, 6), (64, 257, 6)])
+    def test_elogitnorm_reduction_in_kernel_and_on_host_match(n, c, d, reduction, monkeypatch):
+        """Eager ELogitNorm's sum / mean: the kernels' row shares (the default) and the host's
+        reduction of per-row losses (REDUCE_IN_KERNEL off) both match the reference, fused
+        (C = 10) and GEMM (C = 257) paths, with ignored rows."""
+        logits, weight, target = make_case(n, c, d, "some_ignored", dtype=torch.float32)
+        for in_kernel in (True, False):
+            monkeypatch.setattr(triton_backend, "REDUCE_IN_KERNEL", in_kernel)
+            loss = ef.elogitnorm_loss(logits, weight, target, reduction=reduction,
+                                      backend="triton")
+            assert ("ELogitNorm" in type(loss.grad_fn).__name__) == in_kernel
+            check_elogitnorm("triton", logits, weight, target, reduction, rtol=RTOL, atol=ATOL)
 
     #: (N, C, column block) for rows longer than one block: partial last blocks, C = 1000.
     STREAMING = [(1, 3, 2), (5, 10, 4), (7, 257, 64), (16, 100, 32), (3, 1000, 128)]
@@ -202,17 +219,47 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         logits, weight, target = make_case(7, c, 40, "some_ignored", dtype=torch.float32)
         check_elogitnorm("triton", logits, weight, target, "mean", rtol=RTOL, atol=ATOL)
 
+    def _reductions_taken(monkeypatch):
+        """Records ``one_program`` of every ``logitnorm_reduced`` call."""
+        kernels, taken = _logitnorm_module(), []
+        reduced = kernels.logitnorm_reduced
+
+        def spy(*args, **kwargs):
+            taken.append(kwargs["one_program"])
+            return reduced(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, "logitnorm_reduced", spy)
+        return taken
+
     @pytest.mark.parametrize("capturing", [False, True])
-    def test_logitnorm_small_batch_reduces_in_kernel_only_when_not_capturing(capturing,
-                                                                           monkeypatch):
-        """Under CUDA-graph capture (faked here) the small-batch mean is taken on the host from
-        per-row losses, which replays faster; eager, in the kernel."""
+    def test_logitnorm_small_batch_reduces_in_one_program_only_when_not_capturing(capturing,
+                                                                                monkeypatch):
+        """Under CUDA-graph capture (faked here) a small batch is reduced by a block of rows per
+        program, which replays faster than one program walking every row; eager, by one
+        program."""
         monkeypatch.setattr(triton_backend, "_capturing", lambda logits: capturing)
+        taken = _reductions_taken(monkeypatch)
         logits, _, target = make_case(12, 10, 1, "some_ignored", dtype=torch.float32)
         logits.requires_grad_(True)
         loss = ef.logitnorm_loss(logits, target, backend="triton")
-        reduced = "ReducedLogitNorm" in type(loss.grad_fn).__name__
-        assert reduced == (not capturing), type(loss.grad_fn).__name__
+        assert "ReducedLogitNorm" in type(loss.grad_fn).__name__, type(loss.grad_fn).__name__
+        assert taken == [not capturing]
+        check_logitnorm("triton", logits, target, "mean", rtol=RTOL, atol=ATOL)
+
+    @pytest.mark.parametrize("budget", [1 << 21, 100])
+    def test_logitnorm_mean_counts_in_blocks_within_the_target_budget(budget, monkeypatch):
+        """A batch too large for one program is reduced by a block of rows per program while
+        programs x N stays within COUNTED_TARGETS; beyond it, the mean is taken on the host."""
+        kernels = _logitnorm_module()
+        monkeypatch.setattr(_rows_module(), "COUNTED_TARGETS", budget)
+        taken = _reductions_taken(monkeypatch)
+        logits, _, target = make_case(40, 1000, 1, "some_ignored", dtype=torch.float32)
+        assert not kernels.reduces_in_one_program(40, 1000)
+        logits.requires_grad_(True)
+        loss = ef.logitnorm_loss(logits, target, backend="triton")
+        assert taken == ([False] if budget > 100 else [])
+        assert ("ReducedLogitNorm" in type(loss.grad_fn).__name__) == (budget > 100)
+        assert kernels.reduces_in_blocks(40, 1000, "sum")  # sum counts nothing
         check_logitnorm("triton", logits, target, "mean", rtol=RTOL, atol=ATOL)
 
     @pytest.mark.parametrize("expected", [None, 0.25, "tensor"])
@@ -415,14 +462,15 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         return forward_ops, forward_launches, backward_ops, backward_launches
 
     #: Host work of the fused small-C path at the CIFAR-10 size (N=128, C=10, D=512), eager,
-    #: mean: forward = 4 output allocations + the mean (ne, 2 sums, div) and 1 launch
-    #: (was 24 ops: argmax, the distance GEMM and norms, ...); backward = the mean's autograd
-    #: (3), 2 allocations (logits and weight gradients), 2 leaf-gradient detaches and 2
-    #: launches (was 23 ops: 3 zero gradients of unused outputs, two GEMMs; then 16 with an
-    #: arange and an unsqueeze; then 14 + 1 launch with the per-class weight gradient as seven
-    #: torch ops: zeros, index_add_, t, add, sum, mul, addmm).
-    FUSED_FORWARD_OPS = 8
-    FUSED_BACKWARD_OPS = 7
+    #: mean: forward = 4 output allocations + the sum of the rows' shares and 1 launch
+    #: (was 24 ops: argmax, the distance GEMM and norms, ...; then 8 with the mean as ne, 2
+    #: sums, div); backward = autograd's seed, the loss gradient's expansion to the rows, 2
+    #: allocations (logits and weight gradients), 2 leaf-gradient detaches and 2 launches (was
+    #: 23 ops: 3 zero gradients of unused outputs, two GEMMs; then 16 with an arange and an
+    #: unsqueeze; then 14 + 1 launch with the per-class weight gradient as seven torch ops:
+    #: zeros, index_add_, t, add, sum, mul, addmm; then 7 with the mean's autograd).
+    FUSED_FORWARD_OPS = 5
+    FUSED_BACKWARD_OPS = 6
 
     def test_small_c_host_work_does_not_grow(monkeypatch):
         forward_ops, forward_launches, backward_ops, backward_launches = (
@@ -451,16 +499,36 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         assert len(backward_ops) <= 2, backward_ops  # the seed (ones_like) and a detach at most
         check_logitnorm("triton", logits, target, reduction, rtol=RTOL, atol=ATOL)
 
+    @pytest.mark.parametrize("reduction", ["mean", "sum"])
+    def test_blockwise_logitnorm_reduction_host_work(reduction, monkeypatch):
+        """A batch beyond one program (N=40, C=1000), eager: the forward is 3 allocations, 1
+        launch and the sum of the rows' shares, the backward 1 launch, where the per-row path
+        runs the count, its reciprocal and the division too (8 + 1), and their autograd."""
+        logits, _, target = make_case(40, 1000, 1, dtype=torch.float32)
+        work = _HostWork(monkeypatch)
+        with work:
+            loss = triton_backend.logitnorm_loss(logits, target, tau=0.04, reduction=reduction,
+                                                 ignore_index=-100)
+            forward_ops, forward_launches = work.take()
+            (grad,) = torch.autograd.grad(loss, logits)
+            backward_ops, backward_launches = work.take()
+        assert loss.shape == () and forward_launches == ["_logitnorm_kernel"]
+        assert len(forward_ops) <= 4, forward_ops
+        assert backward_launches == ["_logitnorm_backward_kernel"]
+        assert len(backward_ops) <= 2, backward_ops
+        check_logitnorm("triton", logits, target, reduction, rtol=RTOL, atol=ATOL)
+
     #: Host work of the GEMM path (eager, mean), N=256, C=1000 (one distance row per sample) and
     #: N=300, C=200 (one per class), D=64. Forward: argmax, index_select of the rows (N < C
     #: only), t + mm (raw inner products), mul + sum (squared norms), 3 output allocations, the
-    #: mean (4) and 1 launch: 13 / 12 (was 22: norms gathered and broadcast, addmm, clamp,
-    #: sqrt and scatter of the self-distance on the host). Backward: the mean's autograd (3), 2
-    #: allocations, the weight gradient from the forward's saved rows (per sample: 2 sums, 2
-    #: muls, t, 2 addmm, index_add_; per class: 7 as above), 2 detaches and 1 launch: 15 / 14
-    #: (was 18 / 16: the rows gathered again, an arange, 2 unsqueezes).
-    GEMM_FORWARD_OPS = 13
-    GEMM_BACKWARD_OPS = 15
+    #: sum of the rows' shares and 1 launch: 10 / 9 (was 22: norms gathered and broadcast,
+    #: addmm, clamp, sqrt and scatter of the self-distance on the host; then 13 / 12 with the
+    #: mean as 4 ops). Backward: seed and expansion (2), 2 allocations, the weight gradient from
+    #: the forward's saved rows (per sample: 2 sums, 2 muls, t, 2 addmm, index_add_; per class:
+    #: 7 as above), 2 detaches and 1 launch: 14 / 13 (was 18 / 16: the rows gathered again, an
+    #: arange, 2 unsqueezes; then 15 / 14 with the mean's autograd).
+    GEMM_FORWARD_OPS = 10
+    GEMM_BACKWARD_OPS = 14
 
     @pytest.mark.parametrize("n,c", [(256, 1000), (300, 200)])
     def test_gemm_path_host_work_does_not_grow(n, c, monkeypatch):

@@ -68,7 +68,7 @@ def loss_configs() -> list[KernelConfig]:
     """The loss kernels in the configurations ``launch_config`` picks at the protocol's sizes
     (C = 10, 1000, 10,000, 32768 kept on chip; C = 100,000 streamed), and ELogitNorm's fused
     small-C kernel (``fused_config``), fp32 and bf16 logits."""
-    from elogitnorm_fast.kernels.rows import launch_config
+    from elogitnorm_fast.kernels.rows import COUNT_BLOCK, launch_config
 
     configs = []
     for num_cols in (10, 1000, 10_000, 32768, 100_000):
@@ -79,11 +79,21 @@ def loss_configs() -> list[KernelConfig]:
             configs.append(KernelConfig(
                 "logitnorm", "_logitnorm_kernel",
                 (("WRITE_GRAD", bool(cfg["SINGLE"])), ("EXPECTED_PTR", True), ("REDUCE", 0),
-                 *shape), cfg["num_warps"], dtype))
+                 ("ONE_PROGRAM", False), *shape, ("COUNT_BLOCK", COUNT_BLOCK)),
+                cfg["num_warps"], dtype))
+            # The mean reduced by a block of rows per program, each counting the targets.
             configs.append(KernelConfig(
-                "elogitnorm", "_elogitnorm_kernel",
-                (("PER_SAMPLE", True), ("WRITE_GRAD", True), ("WRITE_COEFFICIENTS", True),
-                 *shape), cfg["num_warps"], dtype))
+                "logitnorm", "_logitnorm_kernel",
+                (("WRITE_GRAD", bool(cfg["SINGLE"])), ("EXPECTED_PTR", False), ("REDUCE", 2),
+                 ("ONE_PROGRAM", False), *shape, ("COUNT_BLOCK", COUNT_BLOCK)),
+                cfg["num_warps"], dtype))
+            # ELogitNorm per row (the op path) and eager's mean (rows' shares, counted).
+            for reduce in (0, 2) if dtype == "fp32" else (2,):
+                configs.append(KernelConfig(
+                    "elogitnorm", "_elogitnorm_kernel",
+                    (("PER_SAMPLE", True), ("WRITE_GRAD", True), ("WRITE_COEFFICIENTS", True),
+                     *shape, ("REDUCE", reduce), ("COUNT_BLOCK", COUNT_BLOCK)),
+                    cfg["num_warps"], dtype))
     # LogitNorm's one-program sum and mean at C = 10 and 100 (logitnorm_reduced).
     for num_cols in (10, 100):
         cfg = launch_config(num_cols)
@@ -91,8 +101,8 @@ def loss_configs() -> list[KernelConfig]:
             configs.append(KernelConfig(
                 "logitnorm", "_logitnorm_kernel",
                 (("WRITE_GRAD", True), ("EXPECTED_PTR", False), ("REDUCE", reduce),
-                 ("SINGLE", True), ("ROWS", cfg["ROWS"]), ("BLOCK", cfg["BLOCK"])),
-                cfg["num_warps"]))
+                 ("ONE_PROGRAM", True), ("SINGLE", True), ("ROWS", cfg["ROWS"]),
+                 ("BLOCK", cfg["BLOCK"]), ("COUNT_BLOCK", COUNT_BLOCK)), cfg["num_warps"]))
     # The fused small-C kernel (argmax and distances inside) at C = 10 and 100, D = 512.
     from elogitnorm_fast.kernels.elogitnorm import fused_config
 
@@ -103,8 +113,8 @@ def loss_configs() -> list[KernelConfig]:
                 configs.append(KernelConfig(
                     "elogitnorm", "_elogitnorm_fused_kernel",
                     (("WRITE_GRAD", True), ("WRITE_COEFFICIENTS", True), ("ROWS", cfg["ROWS"]),
-                     ("BLOCK", cfg["BLOCK"]), ("FEATURES", cfg["FEATURES"])),
-                    cfg["num_warps"], dtype))
+                     ("BLOCK", cfg["BLOCK"]), ("FEATURES", cfg["FEATURES"]), ("REDUCE", 2),
+                     ("COUNT_BLOCK", COUNT_BLOCK)), cfg["num_warps"], dtype))
     return configs
 
 

@@ -5,13 +5,15 @@ kernel recomputes the gradient from the logits and those, already times the upst
 (one launch each way). Outside torch.compile the forward also writes the gradient for the
 upstream gradient the reduction will deliver (1, or 1 / count for ``mean``) when its rows fit on
 chip, and the backward only fills in rows that received something else, so a plain
-``loss.backward()`` reads the logits once and writes the gradient once. Small ``sum`` / ``mean``
-batches (CIFAR sizes, ``REDUCE_IN_KERNEL``) are reduced by one program in the kernel, which
-returns the loss itself: no reduction ops on the host and no autograd for them.
+``loss.backward()`` reads the logits once and writes the gradient once. ``sum`` / ``mean`` are
+reduced in the kernel (``REDUCE_IN_KERNEL``): by one program for small batches (CIFAR sizes),
+else by each program counting the valid rows itself and writing its rows' shares of the loss,
+which one sum adds up: no count, division or autograd of them on the host.
 
-ELogitNorm: one launch per direction and block of rows computes the loss and, when a gradient
-will be needed, the logits gradient for an upstream gradient of 1 and the coefficients ``c`` of
-the weight gradient; the backward rescales rows by their upstream gradient and runs the
+ELogitNorm: one launch per direction and block of rows computes the loss (eager ``sum`` /
+``mean``: each row's share of it) and, when a gradient will be needed, the logits gradient for
+an upstream gradient of 1 and the coefficients ``c`` of the weight gradient (for the row's
+share); the backward rescales rows by their upstream gradient and runs the
 weight-gradient GEMMs (eager, C <= 128 and few rows: one launch pools the coefficients by
 predicted class into the weight gradient, :mod:`elogitnorm_fast.kernels.class_gradient`). For
 small C
@@ -100,12 +102,17 @@ EAGER_FAST_PATH = True
 #: to False there to keep the backward at one read of the logits and one write.
 PREDICT_UPSTREAM = True
 
-#: Eager LogitNorm with ``sum`` / ``mean`` on a small batch (``kernels.logitnorm.
-#: reduces_in_one_program``: CIFAR sizes): one program reduces the loss in the kernel, so the
-#: host runs no reduction ops and no autograd for them (a host-bound step: 3 torch ops + 1
-#: launch forward, 1 launch backward; per-row: 8 + 1 and 2 + 1, autograd's seed and leaf
-#: detach aside). Not while a CUDA graph is captured (:func:`_capturing`). False: per-row
-#: losses as elsewhere.
+#: Eager LogitNorm with ``sum`` / ``mean``: the kernel reduces the loss, so the host runs no
+#: count, no division and no autograd for them. Small batches (``kernels.logitnorm.
+#: reduces_in_one_program``: CIFAR sizes, a host-bound step) in one program: 3 torch ops + 1
+#: launch forward, 1 launch backward, where the per-row path runs 8 + 1 and 2 + 1 (autograd's
+#: seed and leaf detach aside). Otherwise, and while a CUDA graph is captured
+#: (:func:`_capturing`), a block of rows per program, each counting the valid rows itself
+#: (``kernels.logitnorm.reduces_in_blocks``), and one sum: 4 ops + 1 launch, 1 launch.
+#: ELogitNorm likewise, a block of rows per program (``kernels.rows.counts_within_budget``): its
+#: kernels write each row's share of the loss with the gradient and coefficients for it, and the
+#: Function returns their sum (no count, division or expansion on the host). False: per-row
+#: losses and the reduction on the host, as the op path does.
 REDUCE_IN_KERNEL = True
 
 
@@ -126,15 +133,18 @@ def _logitnorm_grad_impl(logits, target, stats, upstream, ignore_index, traced=T
 
 
 def _elogitnorm_forward(logits, weight, target, ignore_index, eps, divisor, write_grad,
-                        write_coefficients, block_cols, traced=True):
+                        write_coefficients, block_cols, reduce=0, traced=True):
     """The op's four outputs, and the fp32 rows ``W[predicted]`` where the GEMM path gathered
-    them (one per sample, N < C; else None): the weight gradient's GEMMs need them again."""
+    them (one per sample, N < C; else None): the weight gradient's GEMMs need them again.
+    ``reduce`` (eager only): 1 / 2, the losses are the rows' shares of the sum / mean, and the
+    gradient and coefficients are written for them (``kernels.elogitnorm.elogitnorm_rows``)."""
     kernels = _kernels("elogitnorm")
     if block_cols <= 0 and kernels.fuses_distances(logits.shape[1], weight.shape[1]):
         # Small C: argmax, distance rows, loss and gradient tiles in one launch.
         return kernels.elogitnorm_rows_fused(
             logits, target, weight, eps=eps, divisor=divisor, ignore_index=ignore_index,
-            write_grad=write_grad, write_coefficients=write_coefficients, traced=traced,
+            write_grad=write_grad, write_coefficients=write_coefficients, reduce=reduce,
+            traced=traced,
         ), None
     predicted = logits.argmax(dim=1)  # first index on ties, like torch.max
     w = weight.to(torch.float32)
@@ -145,7 +155,8 @@ def _elogitnorm_forward(logits, weight, target, ignore_index, eps, divisor, writ
     losses, grad, coefficients = kernels.elogitnorm_rows(
         logits, target, predicted, inner, w, squared_norms, per_sample=per_sample, eps=eps,
         divisor=divisor, ignore_index=ignore_index, write_grad=write_grad,
-        write_coefficients=write_coefficients, block_cols=_block(block_cols), traced=traced,
+        write_coefficients=write_coefficients, block_cols=_block(block_cols), reduce=reduce,
+        traced=traced,
     )
     return (losses, grad, coefficients, predicted), (rows if per_sample else None)
 
@@ -174,7 +185,7 @@ def _logitnorm_backward(ctx, grad_losses, *_unused):
     complete the forward's gradient in place (once: a second backward through a retained graph
     recomputes into a new tensor, so a gradient handed out is never written again)."""
     eager = getattr(ctx, "eager", False)
-    no_grads = (None,) * (5 if eager else 4)  # the inputs after the logits
+    no_grads = (None,) * getattr(ctx, "other_inputs", 4)  # the inputs after the logits
     if grad_losses is None:  # the eager Function does not materialise unused output gradients
         return None, *no_grads
     if eager:
@@ -200,13 +211,16 @@ def _elogitnorm_setup(ctx, inputs, output, rows=None):
 
 
 def _elogitnorm_backward(ctx, grad_losses, *_unused):
+    no_grads = (None,) * getattr(ctx, "other_inputs", 7)  # the inputs after logits and weight
     if grad_losses is None:  # the eager Function does not materialise unused output gradients
-        return (None,) * 9
+        return None, None, *no_grads
     eager = getattr(ctx, "eager", False)
     if eager:
         check_first_derivative(NAME, "ELogitNorm")
     weight, target, grad_unit, coefficient_unit, predicted, rows = ctx.saved_tensors
     upstream = grad_losses.float()
+    if upstream.dim() == 0:  # reduced in the kernel: every row's share gets the loss's gradient
+        upstream = upstream.expand(target.shape[0])
     if eager and ctx.needs_input_grad[1] and _kernels("class_gradient").pools(
             *coefficient_unit.shape):
         # Few classes and rows: one launch pools the unit coefficients by predicted class, times
@@ -218,7 +232,7 @@ def _elogitnorm_backward(ctx, grad_losses, *_unused):
         grad_weight = _kernels("class_gradient").pooled_weight_gradient(
             weight, coefficient_unit, predicted, upstream, target,
             ignore_index=ctx.ignore_index, traced=False).to(weight.dtype)
-        return grad_logits, grad_weight, None, None, None, None, None, None, None
+        return grad_logits, grad_weight, *no_grads
     # Everything the forward wrote is linear in the row's upstream gradient.
     scale_rows = _scale_rows_eager if eager else _scale_rows
     grad_logits, coefficients = scale_rows(grad_unit, coefficient_unit, upstream, target,
@@ -232,8 +246,7 @@ def _elogitnorm_backward(ctx, grad_losses, *_unused):
             per_sample = True
         grad_weight = weight_gradient(w, rows, per_sample, predicted, coefficients)
         grad_weight = grad_weight.to(weight.dtype)
-    return (grad_logits if ctx.needs_input_grad[0] else None, grad_weight,
-            None, None, None, None, None, None, None)
+    return grad_logits if ctx.needs_input_grad[0] else None, grad_weight, *no_grads
 
 
 class _EagerLogitNorm(torch.autograd.Function):
@@ -245,6 +258,7 @@ class _EagerLogitNorm(torch.autograd.Function):
         losses, stats, ctx.grad_buffer = _logitnorm_impl(
             *op_inputs, traced=False, expected_upstream=expected_upstream)
         ctx.expected_upstream, ctx.reduced, ctx.eager = expected_upstream, False, True
+        ctx.other_inputs = len(inputs) - 1
         ctx.mark_non_differentiable(stats)
         ctx.set_materialize_grads(False)  # no zero gradient for the statistics output
         _logitnorm_setup(ctx, inputs, (losses, stats))
@@ -254,17 +268,20 @@ class _EagerLogitNorm(torch.autograd.Function):
 
 
 class _EagerReducedLogitNorm(torch.autograd.Function):
-    """Small batches: the kernel returns the reduced loss itself (no reduction ops, no autograd
-    of them). Inputs: logits, target, 1 / tau, ignore_index, reduction, whether to write the
-    gradient in the forward."""
+    """The kernel reduces the loss (no count, division or autograd of them on the host).
+    Inputs: logits, target, 1 / tau, ignore_index, reduction, whether to write the gradient in
+    the forward, whether one program reduces (else a block of rows per program and a sum),
+    the column block (0: chosen from C)."""
 
     @staticmethod
     def forward(ctx, *inputs):
-        logits, target, inv_tau, ignore_index, reduction, write_grad = inputs
+        logits, target, inv_tau, ignore_index, reduction, write_grad, one_program, block = inputs
         loss, stats, ctx.grad_buffer = _kernels("logitnorm").logitnorm_reduced(
             logits, target, inv_tau=inv_tau, ignore_index=ignore_index, reduction=reduction,
-            write_grad=write_grad, traced=False)
+            write_grad=write_grad, one_program=one_program, block_cols=_block(block),
+            traced=False)
         ctx.expected_upstream, ctx.reduced, ctx.eager = None, True, True
+        ctx.other_inputs = len(inputs) - 1
         _logitnorm_setup(ctx, inputs, (loss, stats))
         return loss
 
@@ -272,9 +289,15 @@ class _EagerReducedLogitNorm(torch.autograd.Function):
 
 
 class _EagerELogitNorm(torch.autograd.Function):
+    """Inputs: the op's, then ``reduce`` (0: per-row losses; 1 / 2: the kernel writes the rows'
+    shares of the sum / mean and the Function returns their sum, the loss itself)."""
+
     @staticmethod
     def forward(ctx, *inputs):
         output, rows = _elogitnorm_forward(*inputs, traced=False)
+        if inputs[-1]:
+            output = (output[0].sum(), *output[1:])
+        ctx.other_inputs = len(inputs) - 2
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)  # no zero gradients for the three auxiliary outputs
         ctx.eager = True
@@ -349,9 +372,9 @@ if _HAS_TRITON_OP:
 def _capturing(logits: torch.Tensor) -> bool:
     """Whether a CUDA graph is being captured on the current stream. Replayed, a step costs no
     host work, and one program walking every row is slower on the device than a launch per row
-    block and a reduction (fwd+bwd 22 vs 16 us at N=128, C=10, 48 vs 20 us at C=100 on an H100),
-    while eager it is faster (0.33 vs 0.88 ms, 0.27 vs 0.53 ms): the in-kernel reduction is for
-    eager steps only."""
+    block and a reduction (fwd+bwd 22 vs 16 us at N=128, C=10, 48 vs 20 us at C=100 on an H100,
+    with the reduction on the host), while eager it is faster (0.33 vs 0.88 ms, 0.27 vs
+    0.53 ms): the one-program reduction is for eager steps only."""
     return logits.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
@@ -387,11 +410,19 @@ def elogitnorm_loss(
     if logits.dtype == torch.float64 or weight.dtype == torch.float64:
         return torch_backend.elogitnorm_loss(logits, weight, target, reduction=reduction,
                                              ignore_index=ignore_index, eps=eps, divisor=divisor)
-    rows = _elogitnorm_rows if _use_op() else _EagerELogitNorm.apply
-    losses, *_ = rows(
-        _unit_column_stride(logits), weight, target.contiguous(), ignore_index, float(eps),
-        int(divisor), _needs_grad(logits), _needs_grad(weight), block_cols or 0,
-    )
+    inputs = (_unit_column_stride(logits), weight, target.contiguous(), ignore_index, float(eps),
+              int(divisor), _needs_grad(logits), _needs_grad(weight), block_cols or 0)
+    if _use_op():
+        losses, *_ = _elogitnorm_rows(*inputs)
+    else:
+        reduce = 0
+        if REDUCE_IN_KERNEL and reduction != "none" and _kernels("rows").counts_within_budget(
+                target.shape[0], _kernels("elogitnorm").rows_per_program(
+                    logits.shape[1], weight.shape[1], block_cols), reduction):
+            reduce = 1 if reduction == "sum" else 2
+        losses, *_ = _EagerELogitNorm.apply(*inputs, reduce)
+        if reduce:
+            return losses.to(logits.dtype)
     count = mean_count(reduction, target, ignore_index, torch.float32)
     return reduce_rows(losses, reduction, count).to(logits.dtype)
 
@@ -410,12 +441,15 @@ def logitnorm_loss(
         return torch_backend.logitnorm_loss(logits, target, tau=tau, reduction=reduction,
                                             ignore_index=ignore_index)
     logits, target = _unit_column_stride(logits), target.contiguous()
-    if (not _use_op() and REDUCE_IN_KERNEL and reduction != "none" and block_cols is None
-            and _kernels("logitnorm").reduces_in_one_program(*logits.shape)
-            and not _capturing(logits)):
-        write_grad = PREDICT_UPSTREAM and _needs_grad(logits)
-        return _EagerReducedLogitNorm.apply(logits, target, 1.0 / tau, ignore_index, reduction,
-                                            write_grad).to(logits.dtype)
+    if not _use_op() and REDUCE_IN_KERNEL and reduction != "none":
+        kernels = _kernels("logitnorm")
+        one_program = (block_cols is None and kernels.reduces_in_one_program(*logits.shape)
+                       and not _capturing(logits))
+        if one_program or kernels.reduces_in_blocks(*logits.shape, reduction, block_cols):
+            write_grad = PREDICT_UPSTREAM and _needs_grad(logits)
+            return _EagerReducedLogitNorm.apply(
+                logits, target, 1.0 / tau, ignore_index, reduction, write_grad, one_program,
+                block_cols or 0).to(logits.dtype)
     count = mean_count(reduction, target, ignore_index, torch.float32)
     if _use_op():
         losses, _ = _logitnorm_rows(logits, target, 1.0 / tau, ignore_index, block_cols or 0)
