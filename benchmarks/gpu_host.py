@@ -27,7 +27,8 @@ import elogitnorm_fast as ef
 from _gpu_common import begin, write_rows
 
 CALLS = 50
-CASES = [("logitnorm", 128, 10, 0), ("elogitnorm", 128, 10, 512), ("elogitnorm", 256, 1000, 2048)]
+CASES = [("logitnorm", 128, 10, 0), ("logitnorm", 256, 1000, 0), ("elogitnorm", 128, 10, 512),
+         ("elogitnorm", 256, 1000, 2048)]
 KERNEL_MODULES = ("rows", "logitnorm", "elogitnorm", "class_gradient")
 
 

@@ -202,8 +202,8 @@ def test_opcheck_triton_ops():
 
 
 def test_capture_is_seen_by_the_small_batch_reduction_choice():
-    """triton_backend._capturing (which sends small LogitNorm batches to per-row losses under
-    CUDA-graph capture) is true inside a capture and false outside."""
+    """triton_backend._capturing (which sends small LogitNorm batches to the block-wise
+    reduction under CUDA-graph capture) is true inside a capture and false outside."""
     from elogitnorm_fast.backends import triton_backend
 
     x = torch.randn(4, 4, device="cuda")
