@@ -3,8 +3,8 @@ design question with a measurement on the same card, in the same run:
 
 * ``triton streamed``: rows streamed over 4096-column blocks where the launcher keeps 8192 to
   32768 columns in one block (``MAX_SINGLE_BLOCK``);
-* ``triton host reduction``: LogitNorm's mean taken on the host from per-row losses instead of in
-  the kernel (``REDUCE_IN_KERNEL``);
+* ``triton host reduction``: the mean taken on the host from per-row losses instead of in the
+  kernel (``REDUCE_IN_KERNEL``; ELogitNorm up to the ImageNet-1k size);
 * ``triton, reduced in blocks``: a small LogitNorm batch's mean reduced by a block of rows per
   program (each counting the valid rows) and a sum, as under CUDA-graph capture, instead of by
   one program (``_capturing``);
@@ -67,8 +67,8 @@ def streamed_triton(loss: str, c: int):
         z, y, tau=DEFAULT_TAU, reduction="mean", ignore_index=-100, block_cols=STREAMED_BLOCK)
 
 
-def host_reduced_triton():
-    return _with_setting(_logitnorm,
+def host_reduced_triton(loss: str = "logitnorm"):
+    return _with_setting(_logitnorm if loss == "logitnorm" else _elogitnorm,
                          "elogitnorm_fast.backends.triton_backend", "REDUCE_IN_KERNEL", False)
 
 
@@ -117,4 +117,6 @@ def triton_variants(loss: str, n: int, c: int, d: int) -> dict:
             variants["triton, reduced in blocks"] = blockwise_reduced_triton()
         if logitnorm.reduces_in_one_program(n, c) or logitnorm.reduces_in_blocks(n, c, "mean"):
             variants["triton host reduction"] = host_reduced_triton()
+    elif n * c <= 256 * 1000:
+        variants["triton host reduction"] = host_reduced_triton(loss)
     return variants
