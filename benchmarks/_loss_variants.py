@@ -11,7 +11,10 @@ design question with a measurement on the same card, in the same run:
 * ``triton, a program per tile``: the LogitNorm backward's check on one program per tile, as
   before it grouped the column tiles of the same rows (``rows.CHECK_PROGRAMS``);
 * ``triton, fused rows of 1``: ELogitNorm's fused small-C kernel on one row per program
-  (``elogitnorm.FUSED_ROWS``).
+  (``elogitnorm.FUSED_ROWS``);
+* ``triton, GEMM distances``: ELogitNorm at small C through the GEMM path (argmax, one GEMM of
+  inner products and the norms on the host, then the per-row kernel) instead of the fused
+  kernel (``elogitnorm.FUSED_MAX_CLASSES``).
 
 A variant that changes a module setting carries it as ``fn.context``, which the benchmark's
 runner enters around the forward and the backward both (the backward reads some of them).
@@ -87,6 +90,10 @@ def one_row_fused_triton():
                          "elogitnorm_fast.kernels.elogitnorm", "FUSED_ROWS", 1)
 
 
+def gemm_distances_triton():
+    return _with_setting(_elogitnorm, "elogitnorm_fast.kernels.elogitnorm", "FUSED_MAX_CLASSES", 0)
+
+
 def fuses_distances(c: int, d: int) -> bool:
     from elogitnorm_fast.kernels import elogitnorm
 
@@ -108,6 +115,7 @@ def triton_variants(loss: str, n: int, c: int, d: int) -> dict:
         variants["triton streamed"] = streamed_triton(loss, c)
     if loss == "elogitnorm" and fuses_distances(c, d):
         variants["triton, fused rows of 1"] = one_row_fused_triton()
+        variants["triton, GEMM distances"] = gemm_distances_triton()
     if loss == "logitnorm" and groups_check_tiles(n, c):
         variants["triton, a program per tile"] = per_tile_check_triton()
     if loss == "logitnorm":

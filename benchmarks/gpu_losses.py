@@ -305,10 +305,11 @@ def summary(rows: list[dict]) -> dict:
         if row["impl"] == "triton, a program per tile" and row.get("fwd_bwd_ms") and single:
             out[f"{row['loss']} {row['N']}x{row['C']} triton per-tile / grouped check "
                 "(fwd+bwd)"] = row["fwd_bwd_ms"] / single
-        if row["impl"] == "triton, fused rows of 1":
+        if row["impl"] in ("triton, fused rows of 1", "triton, GEMM distances"):
             four = ms(row["loss"], row["N"], row["C"], "triton", "fwd_bwd_graph_ms")
             if isinstance(four, float) and isinstance(row.get("fwd_bwd_graph_ms"), float):
-                out[f"{row['loss']} {row['N']}x{row['C']} triton fused rows of 1 / default "
+                name = row["impl"].removeprefix("triton, ")
+                out[f"{row['loss']} {row['N']}x{row['C']} triton {name} / default "
                     "(CUDA graph, fwd+bwd)"] = row["fwd_bwd_graph_ms"] / four
         if row["impl"] == "triton host reduction" and row.get("fwd_bwd_ms") and single:
             out[f"{row['loss']} {row['N']}x{row['C']} triton host / kernel reduction (fwd+bwd)"] \

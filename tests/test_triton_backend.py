@@ -157,6 +157,18 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
             assert ("ELogitNorm" in type(loss.grad_fn).__name__) == in_kernel
             check_elogitnorm("triton", logits, weight, target, reduction, rtol=RTOL, atol=ATOL)
 
+    def test_elogitnorm_mean_beyond_the_target_budget_reduces_on_the_host(monkeypatch):
+        """Where every program counting all N targets would read more than COUNTED_TARGETS, the
+        mean is taken on the host from per-row losses (and still matches)."""
+        logits, weight, target = make_case(64, 10, 6, "some_ignored", dtype=torch.float32)
+        rows_per_program = _elogitnorm_module().rows_per_program(10, 6)
+        assert _rows_module().counts_within_budget(64, rows_per_program, "mean")
+        monkeypatch.setattr(_rows_module(), "COUNTED_TARGETS", 64)
+        assert not _rows_module().counts_within_budget(64, rows_per_program, "mean")
+        loss = ef.elogitnorm_loss(logits, weight, target, backend="triton")
+        assert "ELogitNorm" not in type(loss.grad_fn).__name__, type(loss.grad_fn).__name__
+        check_elogitnorm("triton", logits, weight, target, "mean", rtol=RTOL, atol=ATOL)
+
     #: (N, C, column block) for rows longer than one block: partial last blocks, C = 1000.
     STREAMING = [(1, 3, 2), (5, 10, 4), (7, 257, 64), (16, 100, 32), (3, 1000, 128)]
 
