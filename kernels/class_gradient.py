@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rows import _row_upstream, launcher, next_power_of_2
+from .rows import _row_upstream, launcher, next_power_of_2, upstream_stride
 
 #: Largest C this kernel handles, and the most coefficient loads (N C^2) it is used for.
 MAX_CLASSES = 128
@@ -112,8 +112,9 @@ def pooled_weight_gradient(
     traced: bool = True,
 ) -> torch.Tensor:
     """``dL/dW`` (C, D) in fp32 from the unit coefficients (N, C) (fp32, unit column stride),
-    the predicted classes (N,) int64 and the upstream gradient (any strided (N,) tensor, 0 where
-    ``target == ignore_index``). ``weight`` (C, D) may have any strides. C <= :data:`MAX_CLASSES`.
+    the predicted classes (N,) int64 and the upstream gradient (any strided (N,) tensor, or 0-d:
+    :func:`.rows.upstream_stride`; rows where ``target == ignore_index`` get 0). ``weight``
+    (C, D) may have any strides. C <= :data:`MAX_CLASSES`.
     """
     n_rows, n_cols = coefficients.shape
     if n_cols > MAX_CLASSES:
@@ -124,7 +125,8 @@ def pooled_weight_gradient(
         return grad
     config = pooled_config(n_cols)
     launcher(_pooled_weight_gradient_kernel, (n_cols,), traced)(
-        coefficients, coefficients.stride(0), predicted, upstream, upstream.stride(0), target,
+        coefficients, coefficients.stride(0), predicted, upstream, upstream_stride(upstream),
+        target,
         weight, weight.stride(0), weight.stride(1), grad, n_rows, n_cols, n_features,
         ignore_index, SCAN=config["SCAN"], BLOCK=config["BLOCK"], FEATURES=config["FEATURES"],
         num_warps=config["num_warps"],

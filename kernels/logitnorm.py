@@ -70,6 +70,7 @@ from .rows import (
     launcher,
     tile_grid,
     unused_pointer,
+    upstream_stride,
 )
 
 
@@ -455,7 +456,7 @@ def logitnorm_backward_rows(
         rows, block, grid, tiles = grouped_tile_grid(n_rows, n_cols)
     launcher(_logitnorm_backward_kernel, grid, traced)(
         logits, logits.stride(0), target, stats, upstream,
-        0 if upstream.dim() == 0 else upstream.stride(0), grad, n_rows, n_cols, ignore_index,
+        upstream_stride(upstream), grad, n_rows, n_cols, ignore_index,
         expected_ptr, expected_value, tiles, SKIP_EXPECTED=out is not None,
         EXPECTED_PTR=expected_is_ptr, REDUCED=reduced, ROWS=rows, BLOCK=block, num_warps=4,
     )

@@ -56,6 +56,12 @@ def launch_config(num_cols: int, block_cols: int | None = None) -> dict[str, int
     return {"BLOCK": block, "ROWS": rows, "SINGLE": single, "num_warps": num_warps}
 
 
+def upstream_stride(upstream: torch.Tensor) -> int:
+    """The row stride of an upstream gradient: a strided (N,) tensor, or a 0-d one (the gradient
+    of a loss the kernel reduced, the same for every row: stride 0, no expansion op)."""
+    return upstream.stride(0) if upstream.dim() else 0
+
+
 def launcher(kernel, grid: tuple[int, ...], traced: bool):
     """``kernel[grid]``, through ``torch.library.wrap_triton`` when ``traced``.
 
@@ -240,12 +246,12 @@ def scale_rows(
 
     ``first`` / ``second`` are contiguous (N, C) (either may be empty: (0, C); ``second`` may be
     None, and then so is its result); ``upstream`` is any strided (N,) tensor, e.g. a stride-0
-    expansion. New tensors are returned, the inputs are left untouched (they may be saved for a
-    second backward). ``traced``: see :func:`launcher`.
+    expansion, or 0-d (:func:`upstream_stride`). New tensors are returned, the inputs are left
+    untouched (they may be saved for a second backward). ``traced``: see :func:`launcher`.
     """
     first_out = torch.empty_like(first)
     second_out = None if second is None else torch.empty_like(second)
-    n_rows = upstream.shape[0]
+    n_rows = target.shape[0]
     has_first = first.shape[0] > 0
     has_second = second is not None and second.shape[0] > 0
     n_cols = max(first.shape[1], 0 if second is None else second.shape[1])
@@ -255,7 +261,7 @@ def scale_rows(
     unused = None if has_second else unused_pointer(first_out, traced)
     launcher(_scale_rows_kernel, grid, traced)(  # HAS_SECOND False: the second pair unused
         first, first_out, second if has_second else unused,
-        second_out if has_second else unused, upstream, upstream.stride(0), target,
+        second_out if has_second else unused, upstream, upstream_stride(upstream), target,
         n_rows, n_cols, ignore_index,
         HAS_FIRST=has_first, HAS_SECOND=has_second, ROWS=rows, BLOCK=block, num_warps=4,
     )

@@ -218,9 +218,9 @@ def _elogitnorm_backward(ctx, grad_losses, *_unused):
     if eager:
         check_first_derivative(NAME, "ELogitNorm")
     weight, target, grad_unit, coefficient_unit, predicted, rows = ctx.saved_tensors
+    # 0-d where the kernel reduced the loss: every row's share gets the loss's gradient (the
+    # kernels read it with row stride 0).
     upstream = grad_losses.float()
-    if upstream.dim() == 0:  # reduced in the kernel: every row's share gets the loss's gradient
-        upstream = upstream.expand(target.shape[0])
     if eager and ctx.needs_input_grad[1] and _kernels("class_gradient").pools(
             *coefficient_unit.shape):
         # Few classes and rows: one launch pools the unit coefficients by predicted class, times
