@@ -9,7 +9,11 @@ forward with ``triton``: 0.60 ms eager, 0.07 ms of device time replayed from a C
 * for ``triton``, the step's top host events by CPU self time per step (torch.profiler; each
   Triton launch recorded as ``launch <kernel>``);
 * ``launch_us``: a bare launch of an empty Triton kernel and of the LogitNorm forward kernel with
-  its arguments, and one ``torch.empty`` for scale.
+  its arguments, and one ``torch.empty`` for scale;
+* ``step_ms``: an eager training step (forward, loss, backward) of a ResNet-18-sized CNN on a
+  CIFAR batch (128 x 3 x 32 x 32, C = 10 and 100) with each loss, and its ratio to the same step
+  with ``F.cross_entropy``: what a loss costs inside training, where the host runs ahead of the
+  device while the model computes (the loss benchmarks time the loss alone).
 
 Usage: ``python benchmarks/gpu_host.py --out DIR [--quick]``
 """
@@ -135,6 +139,95 @@ def launch_costs() -> list[dict]:
     return rows
 
 
+STEP_BATCH, STEP_CLASSES, STEP_STEPS = 128, (10, 100), 30
+
+
+def cifar_cnn(num_classes: int, width: int = 64) -> torch.nn.Sequential:
+    """ResNet-18's 17 convolutions for 32 x 32 inputs without its skips (3x3 conv + batch norm +
+    ReLU: a 64-channel stem, then 4 layers each of 64, 128, 256 and 512 channels, stride 2 at
+    each widening; global average pool; a linear head). Defined here: torchvision is not on the
+    GPU machine."""
+    layers, channels = [], 3
+    for index, out in enumerate((1,) + (1,) * 4 + (2,) * 4 + (4,) * 4 + (8,) * 4):
+        out *= width
+        stride = 2 if out != channels and index > 0 else 1
+        layers += [torch.nn.Conv2d(channels, out, 3, stride, 1, bias=False),
+                   torch.nn.BatchNorm2d(out), torch.nn.ReLU(inplace=True)]
+        channels = out
+    layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(channels,
+                                                                                  num_classes)]
+    return torch.nn.Sequential(*layers)
+
+
+def step_losses(backends: list[str]) -> dict:
+    """name -> loss(logits, head_weight, target) timed inside the training step."""
+    from elogitnorm_fast.reference import elogitnorm_reference
+
+    losses = {"F.cross_entropy": lambda z, w, y: F.cross_entropy(z, y)}
+    for backend in backends:
+        losses[f"logitnorm {backend}"] = (
+            lambda z, w, y, b=backend: ef.logitnorm_loss(z, y, backend=b))
+        losses[f"elogitnorm {backend}"] = (
+            lambda z, w, y, b=backend: ef.elogitnorm_loss(z, w, y, backend=b))
+    losses["elogitnorm reference"] = elogitnorm_reference
+    # Cross-entropy again last: the two agree unless the machine drifted during the run.
+    losses["F.cross_entropy, again"] = losses["F.cross_entropy"]
+    return losses
+
+
+def step_ms(model, loss, x, y, steps: int = STEP_STEPS) -> float:
+    """Milliseconds per eager training step (forward, loss, backward), ``steps`` enqueued back to
+    back between two synchronizations, after 3 warm-up steps."""
+    head = model[-1].weight
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss(model(x), head, y).backward()
+
+    def sync():
+        if x.is_cuda:
+            torch.cuda.synchronize()
+
+    for _ in range(3):
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def training_step_rows(backends: list[str], device: str = "cuda", batch: int = STEP_BATCH,
+                       classes=STEP_CLASSES, width: int = 64, steps: int = STEP_STEPS):
+    """One row per (C, loss): ``step_ms`` and ``vs_cross_entropy``; a loss that fails is
+    recorded with its error and the rest go on."""
+    rows = []
+    generator = torch.Generator(device=device)
+    generator.manual_seed(0)
+    for num_classes in classes:
+        torch.manual_seed(num_classes)
+        model = cifar_cnn(num_classes, width).to(device)
+        x = torch.randn(batch, 3, 32, 32, device=device, generator=generator)
+        y = torch.randint(0, num_classes, (batch,), device=device, generator=generator)
+        base = None
+        for name, loss in step_losses(backends).items():
+            row = {"op": "training step, ResNet-18-sized CNN", "loss": name, "N": batch,
+                   "C": num_classes}
+            try:
+                row["step_ms"] = step_ms(model, loss, x, y, steps)
+                base = row["step_ms"] if name == "F.cross_entropy" else base
+                if base:
+                    row["vs_cross_entropy"] = row["step_ms"] / base
+                row["status"] = "ok"
+            except Exception as error:  # recorded, the rest goes on
+                row["status"] = f"error: {type(error).__name__}: {str(error)[:200]}"
+            rows.append(row)
+            print(f"step C={num_classes:4d} {name:24s} {row.get('step_ms', float('nan')):8.3f} ms"
+                  f"  x{row.get('vs_cross_entropy', float('nan')):.3f}  {row['status'][:60]}")
+    return rows
+
+
 def main() -> None:
     started = begin("gpu_host", __doc__, skip_key="op")
     if started is None:
@@ -173,6 +266,10 @@ def main() -> None:
     for row in rows[-3:]:
         if "launch_us" in row:
             print(f"{row['op']:60s} {row['launch_us']:8.1f} us")
+    try:
+        rows += training_step_rows(backends)
+    except Exception as error:
+        rows.append({"op": "training step", "status": f"error: {type(error).__name__}: {error}"})
     write_rows(path, machine, rows)
     print("wrote", path)
 

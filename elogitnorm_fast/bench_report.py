@@ -20,7 +20,8 @@ GPU_KEYS = ("op", "loss", "pass", "impl", "backend", "config", "n", "c", "d", "N
             "rows", "k", "status", "ms", "median_ms", "fwd_ms", "fwd_bwd_ms", "fwd_graph_ms",
             "fwd_bwd_graph_ms",
             "speedup", "fwd_bwd_floor_fraction", "fraction_of_floor", "bandwidth_fraction",
-            "tflops", "peak_extra_MiB_fwd_bwd", "host_us_fwd", "host_us_fwd_bwd", "launch_us")
+            "tflops", "peak_extra_MiB_fwd_bwd", "host_us_fwd", "host_us_fwd_bwd", "launch_us",
+            "step_ms", "vs_cross_entropy")
 
 
 def _cell(value, width: int = 60) -> str:

@@ -160,3 +160,21 @@ def test_host_profile_records_each_triton_launch_and_undoes_its_patch():
             module.launcher = launcher
     assert launched == [(3,)]
     assert any(event.key == "launch _some_kernel" for event in prof.key_averages())
+
+
+def test_training_step_rows_time_every_loss_against_cross_entropy():
+    """gpu_host.training_step_rows on the CPU at a tiny width: one row per loss and C, each
+    step timed and compared with the cross-entropy step; the model has ResNet-18's 17
+    convolutions."""
+    gpu_host = _benchmark("gpu_host")
+    model = gpu_host.cifar_cnn(10, width=2)
+    assert sum(isinstance(layer, torch.nn.Conv2d) for layer in model) == 17
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    rows = gpu_host.training_step_rows(["torch"], device="cpu", batch=4, classes=(10,),
+                                       width=2, steps=1)
+    assert [row["loss"] for row in rows] == ["F.cross_entropy", "logitnorm torch",
+                                             "elogitnorm torch", "elogitnorm reference",
+                                             "F.cross_entropy, again"]
+    assert all(row["status"] == "ok" and row["step_ms"] > 0 for row in rows), rows
+    assert rows[0]["vs_cross_entropy"] == 1.0
+    assert rows[2]["vs_cross_entropy"] == rows[2]["step_ms"] / rows[0]["step_ms"]
