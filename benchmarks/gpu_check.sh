@@ -3,8 +3,9 @@
 # matrix, write JSON and logs to $OUT (default benchmarks/results/gpu_<date>), print a short
 # table last. Budget: under 8 minutes on one H100 / H200; measured on an H100 (2026-11-27, two
 # runs): build 54 s, GPU tests 90 s, losses 84 s, KNN 23 s, scoring 36 s, registers 44 s, about
-# 5.5 minutes in all, before gpu_host.py (host cost per step; about 15 s expected, not yet run
-# there) was added. Each stage runs under its own timeout and a failing stage does not stop
+# 5.5 minutes in all, before gpu_host.py (host cost per step and training steps with each
+# loss; about 30 s expected, not yet run there) was added; the loss matrix now stops starting
+# timings at 130 s. Each stage runs under its own timeout and a failing stage does not stop
 # the later ones (a failed build still leaves triton/torch). GPU_CHECK_BENCHES=losses (say)
 # runs only those benchmarks.
 # It writes 8 files to $OUT (log, junit XML, 4 benchmark JSON, registers, summary): the lent
@@ -51,7 +52,7 @@ for bench in ${GPU_CHECK_BENCHES:-losses knn scoring host}; do
   [ -f "$script" ] || { echo "missing $script" | tee -a "$LOG"; continue; }
   # gpu_losses.py stops starting new timings after --budget-s and still writes its JSON.
   extra=(); limit=90
-  [ "$bench" = "losses" ] && { extra=(--budget-s 150); limit=220; }
+  [ "$bench" = "losses" ] && { extra=(--budget-s 130); limit=200; }
   [ "$bench" = "scoring" ] && limit=60
   [ "$bench" = "host" ] && limit=60
   timeout "$limit" "$PY" "$script" --out "$OUT" $QUICK "${extra[@]}" >> "$LOG" 2>&1 \
