@@ -294,6 +294,12 @@ def summary(rows: list[dict]) -> dict:
         other = ms("elogitnorm", 256, 1000, base)
         if triton and other:
             out[f"elogitnorm imagenet-1k speedup vs {base}"] = other / triton
+    # Device time (the host's launch cost left out): both replayed from a CUDA graph.
+    triton_g = ms("elogitnorm", 256, 1000, "triton", "fwd_bwd_graph_ms")
+    reference_g = ms("elogitnorm", 256, 1000, "reference eager", "fwd_bwd_graph_ms")
+    if isinstance(triton_g, float) and isinstance(reference_g, float):
+        out["elogitnorm imagenet-1k speedup vs reference eager (CUDA graph)"] = \
+            reference_g / triton_g
     for row in rows:
         if (row["loss"], row["N"], row["C"], row["impl"]) == ("logitnorm", 4096, 32768, "triton"):
             out["logitnorm 4096x32768 fwd_bwd floor fraction"] = row.get("fwd_bwd_floor_fraction")
