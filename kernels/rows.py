@@ -116,8 +116,9 @@ def _row_weight(target_ptr, n_rows, n_cols, ignore_index, REDUCE: tl.constexpr,
 #: Targets a program reads at a time to count the valid rows of a ``mean`` reduced in the kernel.
 COUNT_BLOCK = 1024
 #: Largest (programs x N) of a ``mean`` reduced with a block of rows per program: every program
-#: counts all N targets (2^21 int64 loads: 16 MiB from L2, ~4 % of the logits' traffic at
-#: N = 1024, C = 10,000; 4096 x 32768 would read 128 MiB and takes the host's count instead).
+#: counts all N targets (at most 2^21 int64 loads, 16 MiB read from L2, where the N targets
+#: stay; N = 1024, C = 10,000 reads 8 MiB against the 82 MB of logits and gradient that move
+#: through DRAM; 4096 x 32768 would read 128 MiB and takes the host's count instead).
 COUNTED_TARGETS = 1 << 21
 
 
