@@ -12,12 +12,15 @@ rescaling ``c`` by ``g``. Here it is one launch that reads the unit coefficients
 directly: one program per class ``i`` scans the N rows for row ``i`` and column ``i`` of ``P``
 (N x C reads, from cache after the first program), then forms ``dW_i`` over D. For small C only
 (:func:`pools`): the work grows as C^2 (N + D). No atomics, so the result does not depend
-on scheduling. Imported lazily (needs triton).
+on scheduling. The same launch can also scale the forward's unit-upstream logits gradient by
+``g`` (each program ``N / C`` rows), so the whole small-C backward is one launch. Imported
+lazily (needs triton).
 
 Example::
 
-    grad_weight = pooled_weight_gradient(weight, coefficients, predicted, upstream, target,
-                                         ignore_index=-100)
+    grad_weight, grad_logits = pooled_gradients(weight, coefficients, predicted, upstream,
+                                                target, ignore_index=-100,
+                                                logits_unit=grad_unit)
 """
 
 from __future__ import annotations
@@ -26,7 +29,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .rows import _row_upstream, launcher, next_power_of_2, upstream_stride
+from .rows import (
+    _row_upstream,
+    cdiv,
+    launcher,
+    next_power_of_2,
+    unused_pointer,
+    upstream_stride,
+)
 
 #: Largest C this kernel handles, and the most coefficient loads (N C^2) it is used for.
 MAX_CLASSES = 128
@@ -61,10 +71,14 @@ def _pooled_weight_gradient_kernel(
     weight_stride,
     weight_col_stride,
     grad_ptr,
+    logits_unit_ptr,
+    grad_logits_ptr,
+    rows_per_program,
     n_rows,
     n_cols,
     n_features,
     ignore_index,
+    SCALE_LOGITS: tl.constexpr,
     SCAN: tl.constexpr,
     BLOCK: tl.constexpr,
     FEATURES: tl.constexpr,
@@ -72,6 +86,21 @@ def _pooled_weight_gradient_kernel(
     i = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     col_mask = cols < n_cols
+    if SCALE_LOGITS:
+        # The logits gradient rides along (one launch for the whole backward): this program's
+        # ``rows_per_program`` rows of the forward's unit-upstream gradient times g_n, the
+        # arithmetic of rows.scale_rows.
+        for start in range(0, rows_per_program, SCAN):
+            steps = start + tl.arange(0, SCAN)
+            rows = i * rows_per_program + steps.to(tl.int64)
+            row_mask = (steps < rows_per_program) & (rows < n_rows)
+            _, _, g = _row_upstream(target_ptr, upstream_ptr, upstream_stride, rows, row_mask,
+                                    n_cols, ignore_index)
+            offsets = rows[:, None] * n_cols + cols[None, :]
+            mask = row_mask[:, None] & col_mask[None, :]
+            x = tl.load(logits_unit_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            tl.store(grad_logits_ptr + offsets,
+                     (x * g[:, None]).to(grad_logits_ptr.dtype.element_ty), mask=mask)
     # Row i of S = P + P^T: sum over samples predicted i of their coefficient rows, plus each
     # sample's coefficient i added at its own predicted class.
     pooled = tl.zeros([BLOCK], dtype=tl.float32)
@@ -101,6 +130,46 @@ def _pooled_weight_gradient_kernel(
         tl.store(grad_ptr + i * n_features + features, grad, mask=feature_mask)
 
 
+def pooled_gradients(
+    weight: torch.Tensor,
+    coefficients: torch.Tensor,
+    predicted: torch.Tensor,
+    upstream: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int,
+    logits_unit: torch.Tensor | None = None,
+    traced: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(dL/dW, dL/dz)`` in one launch: ``dL/dW`` (C, D) in fp32 from the unit coefficients
+    (N, C) (fp32, unit column stride), the predicted classes (N,) int64 and the upstream
+    gradient (any strided (N,) tensor, or 0-d: :func:`.rows.upstream_stride`; rows where
+    ``target == ignore_index`` get 0); ``dL/dz`` (N, C), in ``logits_unit``'s dtype, is
+    ``logits_unit`` (the forward's contiguous unit-upstream gradient) times the same ``g_n``,
+    or None without ``logits_unit``. ``weight`` (C, D) may have any strides.
+    C <= :data:`MAX_CLASSES`.
+    """
+    n_rows, n_cols = coefficients.shape
+    if n_cols > MAX_CLASSES:
+        raise ValueError(f"pooled_weight_gradient handles C <= {MAX_CLASSES}, got C = {n_cols}")
+    n_features = weight.shape[1]
+    grad = torch.empty((n_cols, n_features), dtype=torch.float32, device=weight.device)
+    grad_logits = None if logits_unit is None else torch.empty_like(logits_unit)
+    if n_cols == 0 or (n_features == 0 and (logits_unit is None or n_rows == 0)):
+        return grad, grad_logits
+    config = pooled_config(n_cols)
+    unused = unused_pointer(grad, traced)
+    launcher(_pooled_weight_gradient_kernel, (n_cols,), traced)(
+        coefficients, coefficients.stride(0), predicted, upstream, upstream_stride(upstream),
+        target, weight, weight.stride(0), weight.stride(1), grad,
+        unused if logits_unit is None else logits_unit,
+        unused if grad_logits is None else grad_logits, cdiv(n_rows, n_cols), n_rows, n_cols,
+        n_features, ignore_index, SCALE_LOGITS=grad_logits is not None, SCAN=config["SCAN"],
+        BLOCK=config["BLOCK"], FEATURES=config["FEATURES"], num_warps=config["num_warps"],
+    )
+    return grad, grad_logits
+
+
 def pooled_weight_gradient(
     weight: torch.Tensor,
     coefficients: torch.Tensor,
@@ -111,24 +180,6 @@ def pooled_weight_gradient(
     ignore_index: int,
     traced: bool = True,
 ) -> torch.Tensor:
-    """``dL/dW`` (C, D) in fp32 from the unit coefficients (N, C) (fp32, unit column stride),
-    the predicted classes (N,) int64 and the upstream gradient (any strided (N,) tensor, or 0-d:
-    :func:`.rows.upstream_stride`; rows where ``target == ignore_index`` get 0). ``weight``
-    (C, D) may have any strides. C <= :data:`MAX_CLASSES`.
-    """
-    n_rows, n_cols = coefficients.shape
-    if n_cols > MAX_CLASSES:
-        raise ValueError(f"pooled_weight_gradient handles C <= {MAX_CLASSES}, got C = {n_cols}")
-    n_features = weight.shape[1]
-    grad = torch.empty((n_cols, n_features), dtype=torch.float32, device=weight.device)
-    if n_cols == 0 or n_features == 0:
-        return grad
-    config = pooled_config(n_cols)
-    launcher(_pooled_weight_gradient_kernel, (n_cols,), traced)(
-        coefficients, coefficients.stride(0), predicted, upstream, upstream_stride(upstream),
-        target,
-        weight, weight.stride(0), weight.stride(1), grad, n_rows, n_cols, n_features,
-        ignore_index, SCAN=config["SCAN"], BLOCK=config["BLOCK"], FEATURES=config["FEATURES"],
-        num_warps=config["num_warps"],
-    )
-    return grad
+    """``dL/dW`` alone: :func:`pooled_gradients` without the logits gradient."""
+    return pooled_gradients(weight, coefficients, predicted, upstream, target,
+                            ignore_index=ignore_index, traced=traced)[0]

@@ -414,6 +414,13 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         expected = weight_gradient(weight.double(), weight.double(), False, predicted,
                                    coefficients.double() * g[:, None])
         torch.testing.assert_close(grad.double(), expected, rtol=1e-5, atol=1e-5)
+        # The logits gradient riding along: rows.scale_rows' result, bitwise, and dW unchanged.
+        unit = torch.randn(n, c, generator=generator)
+        both, scaled = kernels.pooled_gradients(weight, coefficients, predicted, upstream,
+                                                target, ignore_index=-100, logits_unit=unit)
+        alone, _ = _rows_module().scale_rows(unit, None, upstream, target, ignore_index=-100)
+        assert torch.equal(both, grad) and torch.equal(scaled, alone)
+        assert torch.equal(scaled[target == -100], torch.zeros_like(scaled[target == -100]))
 
     def test_pooled_weight_gradient_refuses_large_c():
         with pytest.raises(ValueError, match="C <= 128"):
@@ -477,10 +484,11 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
     #: mean: forward = 4 output allocations + the sum of the rows' shares and 1 launch
     #: (was 24 ops: argmax, the distance GEMM and norms, ...; then 8 with the mean as ne, 2
     #: sums, div); backward = autograd's seed, 2 allocations (logits and weight gradients), 2
-    #: leaf-gradient detaches and 2 launches, which read the loss's gradient with row stride 0 (was
-    #: 23 ops: 3 zero gradients of unused outputs, two GEMMs; then 16 with an arange and an
-    #: unsqueeze; then 14 + 1 launch with the per-class weight gradient as seven torch ops:
-    #: zeros, index_add_, t, add, sum, mul, addmm; then 7 with the mean's autograd).
+    #: leaf-gradient detaches and 1 launch (dW, and the logits gradient on the way; it reads
+    #: the loss's gradient with row stride 0) (was 23 ops: 3 zero gradients of unused outputs,
+    #: two GEMMs; then 16 with an arange and an unsqueeze; then 14 + 1 launch with the
+    #: per-class weight gradient as seven torch ops: zeros, index_add_, t, add, sum, mul,
+    #: addmm; then 7 + 2 launches with the mean's autograd and the rescale's own launch).
     FUSED_FORWARD_OPS = 5
     FUSED_BACKWARD_OPS = 5
 
@@ -489,7 +497,7 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
             _training_step_host_work(monkeypatch, 128, 10, 512))
         assert forward_launches == ["_elogitnorm_fused_kernel"]
         assert len(forward_ops) <= FUSED_FORWARD_OPS, forward_ops
-        assert backward_launches == ["_scale_rows_kernel", "_pooled_weight_gradient_kernel"]
+        assert backward_launches == ["_pooled_weight_gradient_kernel"]
         assert len(backward_ops) <= FUSED_BACKWARD_OPS, backward_ops
 
     @pytest.mark.parametrize("reduction", ["mean", "sum"])

@@ -121,6 +121,10 @@ def _cases():
             lambda: class_gradient.pooled_weight_gradient(w, z, predicted, up, y,
                                                           ignore_index=-100),
             (w, z, predicted, up, y), {"grad_ptr"}),
+        "pooled weight and logits gradients": (
+            lambda: class_gradient.pooled_gradients(w, z, predicted, up, y, ignore_index=-100,
+                                                    logits_unit=z * 2),
+            (w, z, predicted, up, y), {"grad_ptr", "grad_logits_ptr"}),
     }
 
 

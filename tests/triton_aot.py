@@ -20,10 +20,11 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-_SCALARS_I32 = {"n_rows", "n_cols", "n_features", "ignore_index", "tiles"}
+_SCALARS_I32 = {"n_rows", "n_cols", "n_features", "ignore_index", "tiles", "rows_per_program"}
 _SCALARS_F32 = {"eps", "inv_tau", "inv_divisor", "inv_temperature", "expected_value"}
 _INDEX_POINTERS = {"target_ptr", "predicted_ptr"}
-_DATA_POINTERS = {"logits_ptr", "grad_ptr", "z_ptr"}  # the logits' dtype; other pointers fp32
+#: The logits' dtype; other pointers fp32.
+_DATA_POINTERS = {"logits_ptr", "grad_ptr", "z_ptr", "logits_unit_ptr", "grad_logits_ptr"}
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,8 @@ def loss_configs() -> list[KernelConfig]:
 
 def other_configs() -> list[KernelConfig]:
     """The backward kernels (LogitNorm's gradient, the row rescaling of ELogitNorm's, its
-    class-pooled weight gradient at C = 10 and 100) and the logit-scores kernel."""
+    class-pooled weight gradient at C = 10 and 100, the logits gradient riding along) and the
+    logit-scores kernel."""
     from elogitnorm_fast.kernels.class_gradient import pooled_config
 
     return [
@@ -129,7 +131,7 @@ def other_configs() -> list[KernelConfig]:
                         ("ROWS", 1), ("BLOCK", 2048)), 4, "bf16")
           for skip in (True, False) for reduced in (False, True)),
         *(KernelConfig("class_gradient", "_pooled_weight_gradient_kernel",
-                       (("SCAN", cfg["SCAN"]), ("BLOCK", cfg["BLOCK"]),
+                       (("SCALE_LOGITS", True), ("SCAN", cfg["SCAN"]), ("BLOCK", cfg["BLOCK"]),
                         ("FEATURES", cfg["FEATURES"])), cfg["num_warps"])
           for cfg in (pooled_config(10), pooled_config(100))),
         KernelConfig("rows", "_scale_rows_kernel",

@@ -15,7 +15,8 @@ ELogitNorm: one launch per direction and block of rows computes the loss (eager 
 an upstream gradient of 1 and the coefficients ``c`` of the weight gradient (for the row's
 share); the backward rescales rows by their upstream gradient and runs the
 weight-gradient GEMMs (eager, C <= 128 and few rows: one launch pools the coefficients by
-predicted class into the weight gradient, :mod:`elogitnorm_fast.kernels.class_gradient`). For
+predicted class into the weight gradient and rescales the logits gradient,
+:mod:`elogitnorm_fast.kernels.class_gradient`). For
 small C
 (:func:`elogitnorm_fast.kernels.elogitnorm.fuses_distances`: C <= 128, C * D <= 2^17) that
 launch also takes the argmax and computes each row's distances from ``W`` directly, so the
@@ -224,15 +225,12 @@ def _elogitnorm_backward(ctx, grad_losses, *_unused):
     if eager and ctx.needs_input_grad[1] and _kernels("class_gradient").pools(
             *coefficient_unit.shape):
         # Few classes and rows: one launch pools the unit coefficients by predicted class, times
-        # the upstream gradient, into dW (no rescaled coefficients, no torch ops).
-        grad_logits = None
-        if ctx.needs_input_grad[0]:
-            grad_logits, _ = _scale_rows_impl(grad_unit, None, upstream, target,
-                                              ctx.ignore_index, traced=False)
-        grad_weight = _kernels("class_gradient").pooled_weight_gradient(
-            weight, coefficient_unit, predicted, upstream, target,
-            ignore_index=ctx.ignore_index, traced=False).to(weight.dtype)
-        return grad_logits, grad_weight, *no_grads
+        # the upstream gradient, into dW (no rescaled coefficients, no torch ops), and scales
+        # the forward's logits gradient by the upstream gradient on the way.
+        grad_weight, grad_logits = _kernels("class_gradient").pooled_gradients(
+            weight, coefficient_unit, predicted, upstream, target, ignore_index=ctx.ignore_index,
+            logits_unit=grad_unit if ctx.needs_input_grad[0] else None, traced=False)
+        return grad_logits, grad_weight.to(weight.dtype), *no_grads
     # Everything the forward wrote is linear in the row's upstream gradient.
     scale_rows = _scale_rows_eager if eager else _scale_rows
     grad_logits, coefficients = scale_rows(grad_unit, coefficient_unit, upstream, target,
