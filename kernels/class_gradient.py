@@ -151,7 +151,7 @@ def pooled_gradients(
     """
     n_rows, n_cols = coefficients.shape
     if n_cols > MAX_CLASSES:
-        raise ValueError(f"pooled_weight_gradient handles C <= {MAX_CLASSES}, got C = {n_cols}")
+        raise ValueError(f"pooled_gradients handles C <= {MAX_CLASSES}, got C = {n_cols}")
     n_features = weight.shape[1]
     grad = torch.empty((n_cols, n_features), dtype=torch.float32, device=weight.device)
     grad_logits = None if logits_unit is None else torch.empty_like(logits_unit)
@@ -169,17 +169,3 @@ def pooled_gradients(
     )
     return grad, grad_logits
 
-
-def pooled_weight_gradient(
-    weight: torch.Tensor,
-    coefficients: torch.Tensor,
-    predicted: torch.Tensor,
-    upstream: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    ignore_index: int,
-    traced: bool = True,
-) -> torch.Tensor:
-    """``dL/dW`` alone: :func:`pooled_gradients` without the logits gradient."""
-    return pooled_gradients(weight, coefficients, predicted, upstream, target,
-                            ignore_index=ignore_index, traced=traced)[0]

@@ -408,8 +408,9 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         target = torch.randint(0, c, (n,), generator=generator)
         target[::3] = -100
         upstream = torch.randn(n, generator=generator)
-        grad = kernels.pooled_weight_gradient(weight, coefficients, predicted, upstream, target,
+        grad, none = kernels.pooled_gradients(weight, coefficients, predicted, upstream, target,
                                               ignore_index=-100)
+        assert none is None
         g = torch.where(target != -100, upstream, torch.zeros(())).double()
         expected = weight_gradient(weight.double(), weight.double(), False, predicted,
                                    coefficients.double() * g[:, None])
@@ -424,7 +425,7 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
 
     def test_pooled_weight_gradient_refuses_large_c():
         with pytest.raises(ValueError, match="C <= 128"):
-            _class_gradient_module().pooled_weight_gradient(
+            _class_gradient_module().pooled_gradients(
                 torch.zeros(129, 2), torch.zeros(3, 129), torch.zeros(3, dtype=torch.int64),
                 torch.ones(3), torch.zeros(3, dtype=torch.int64), ignore_index=-100)
 

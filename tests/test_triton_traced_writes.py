@@ -118,8 +118,7 @@ def _cases():
             lambda: rows.scale_rows(z, torch.empty(0, C), up, y, ignore_index=-100),
             (z, y, up), {"first_out_ptr"}),
         "pooled weight gradient": (
-            lambda: class_gradient.pooled_weight_gradient(w, z, predicted, up, y,
-                                                          ignore_index=-100),
+            lambda: class_gradient.pooled_gradients(w, z, predicted, up, y, ignore_index=-100),
             (w, z, predicted, up, y), {"grad_ptr"}),
         "pooled weight and logits gradients": (
             lambda: class_gradient.pooled_gradients(w, z, predicted, up, y, ignore_index=-100,
