@@ -70,7 +70,7 @@ def _pooled_weight_gradient_kernel(
     weight_ptr,
     weight_stride,
     weight_col_stride,
-    grad_ptr,
+    grad_weight_ptr,
     logits_unit_ptr,
     grad_logits_ptr,
     rows_per_program,
@@ -127,7 +127,7 @@ def _pooled_weight_gradient_kernel(
         w_i = tl.load(weight_ptr + i * weight_stride + features * weight_col_stride,
                       mask=feature_mask, other=0.0).to(tl.float32)
         grad = total * w_i - tl.sum(pooled[:, None] * w, axis=0)
-        tl.store(grad_ptr + i * n_features + features, grad, mask=feature_mask)
+        tl.store(grad_weight_ptr + i * n_features + features, grad, mask=feature_mask)
 
 
 def pooled_gradients(

@@ -119,11 +119,11 @@ def _cases():
             (z, y, up), {"first_out_ptr"}),
         "pooled weight gradient": (
             lambda: class_gradient.pooled_gradients(w, z, predicted, up, y, ignore_index=-100),
-            (w, z, predicted, up, y), {"grad_ptr"}),
+            (w, z, predicted, up, y), {"grad_weight_ptr"}),
         "pooled weight and logits gradients": (
             lambda: class_gradient.pooled_gradients(w, z, predicted, up, y, ignore_index=-100,
                                                     logits_unit=z * 2),
-            (w, z, predicted, up, y), {"grad_ptr", "grad_logits_ptr"}),
+            (w, z, predicted, up, y), {"grad_weight_ptr", "grad_logits_ptr"}),
     }
 
 

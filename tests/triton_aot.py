@@ -132,8 +132,8 @@ def other_configs() -> list[KernelConfig]:
           for skip in (True, False) for reduced in (False, True)),
         *(KernelConfig("class_gradient", "_pooled_weight_gradient_kernel",
                        (("SCALE_LOGITS", True), ("SCAN", cfg["SCAN"]), ("BLOCK", cfg["BLOCK"]),
-                        ("FEATURES", cfg["FEATURES"])), cfg["num_warps"])
-          for cfg in (pooled_config(10), pooled_config(100))),
+                        ("FEATURES", cfg["FEATURES"])), cfg["num_warps"], dtype)
+          for cfg in (pooled_config(10), pooled_config(100)) for dtype in ("fp32", "bf16")),
         KernelConfig("rows", "_scale_rows_kernel",
                      (("HAS_FIRST", True), ("HAS_SECOND", True), ("ROWS", 1), ("BLOCK", 2048)), 4),
         KernelConfig("logit_scores", "_logit_row_stats_kernel",
