@@ -20,6 +20,7 @@ Usage: ``python benchmarks/gpu_host.py --out DIR [--quick]``
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import time
 
@@ -169,6 +170,10 @@ def step_losses(backends: list[str]) -> dict:
             lambda z, w, y, b=backend: ef.logitnorm_loss(z, y, backend=b))
         losses[f"elogitnorm {backend}"] = (
             lambda z, w, y, b=backend: ef.elogitnorm_loss(z, w, y, backend=b))
+    if "triton" in backends:  # one program (the eager default) or blocks: which wins in a step
+        from _loss_variants import blockwise_reduced_triton
+
+        losses["logitnorm triton, reduced in blocks"] = blockwise_reduced_triton()
     losses["elogitnorm reference"] = elogitnorm_reference
     # Cross-entropy again last: the two agree unless the machine drifted during the run.
     losses["F.cross_entropy, again"] = losses["F.cross_entropy"]
@@ -177,12 +182,15 @@ def step_losses(backends: list[str]) -> dict:
 
 def step_ms(model, loss, x, y, steps: int = STEP_STEPS) -> float:
     """Milliseconds per eager training step (forward, loss, backward), ``steps`` enqueued back to
-    back between two synchronizations, after 3 warm-up steps."""
+    back between two synchronizations, after 3 warm-up steps; ``loss.context`` (a benchmark
+    variant's setting), where set, is entered around each step."""
     head = model[-1].weight
+    context = getattr(loss, "context", contextlib.nullcontext)
 
     def step():
         model.zero_grad(set_to_none=True)
-        loss(model(x), head, y).backward()
+        with context():
+            loss(model(x), head, y).backward()
 
     def sync():
         if x.is_cuda:
@@ -223,7 +231,7 @@ def training_step_rows(backends: list[str], device: str = "cuda", batch: int = S
             except Exception as error:  # recorded, the rest goes on
                 row["status"] = f"error: {type(error).__name__}: {str(error)[:200]}"
             rows.append(row)
-            print(f"step C={num_classes:4d} {name:24s} {row.get('step_ms', float('nan')):8.3f} ms"
+            print(f"step C={num_classes:4d} {name:36s} {row.get('step_ms', float('nan')):8.3f} ms"
                   f"  x{row.get('vs_cross_entropy', float('nan')):.3f}  {row['status'][:60]}")
     return rows
 
