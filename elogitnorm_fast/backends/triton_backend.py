@@ -13,11 +13,10 @@ which one sum adds up: no count, division or autograd of them on the host.
 ELogitNorm: one launch per direction and block of rows computes the loss (eager ``sum`` /
 ``mean``: each row's share of it) and, when a gradient will be needed, the logits gradient for
 an upstream gradient of 1 and the coefficients ``c`` of the weight gradient (for the row's
-share); the backward rescales rows by their upstream gradient and runs the
-weight-gradient GEMMs (eager, C <= 128 and few rows: one launch pools the coefficients by
-predicted class into the weight gradient and rescales the logits gradient,
-:mod:`elogitnorm_fast.kernels.class_gradient`). For
-small C
+share); the backward rescales rows by their upstream gradient and runs the weight-gradient GEMMs
+(eager, C <= 128 and few rows: one launch pools the coefficients by predicted class into the
+weight gradient and rescales the logits gradient,
+:mod:`elogitnorm_fast.kernels.class_gradient`). For small C
 (:func:`elogitnorm_fast.kernels.elogitnorm.fuses_distances`: C <= 128, C * D <= 2^17) that
 launch also takes the argmax and computes each row's distances from ``W`` directly, so the
 forward is one launch plus the output allocations. Otherwise the host runs the argmax, the
