@@ -1,4 +1,4 @@
-"""Where an eager training step's host time goes, on the GPU machine (one JSON, ~15 s).
+"""Where an eager training step's host time goes, on the GPU machine (one JSON, ~30 s).
 
 The H100 runs showed small and mid-size eager steps bound by the host (ImageNet-1k ELogitNorm
 forward with ``triton``: 0.60 ms eager, 0.07 ms of device time replayed from a CUDA graph). Rows:
@@ -49,6 +49,16 @@ def host_us(step, calls: int = CALLS) -> float:
     return enqueued / calls * 1e6
 
 
+def loss_fn(loss: str, backend: str):
+    """``(logits, weight, target) -> loss`` of ``loss`` on ``backend`` ("F.cross_entropy": the
+    baseline on the raw logits)."""
+    if backend == "F.cross_entropy":
+        return lambda z, w, y: F.cross_entropy(z, y)
+    if loss == "elogitnorm":
+        return lambda z, w, y: ef.elogitnorm_loss(z, w, y, backend=backend)
+    return lambda z, w, y: ef.logitnorm_loss(z, y, backend=backend)
+
+
 def make_step(loss: str, backend: str, n: int, c: int, d: int, backward: bool):
     generator = torch.Generator(device="cuda")
     generator.manual_seed(n + c)
@@ -57,14 +67,10 @@ def make_step(loss: str, backend: str, n: int, c: int, d: int, backward: bool):
         if loss == "elogitnorm" else None
     y = torch.randint(0, c, (n,), device="cuda", generator=generator)
     leaves = [t for t in (z, w) if t is not None]
+    fn = loss_fn(loss, backend)
 
     def step():
-        if backend == "F.cross_entropy":
-            value = F.cross_entropy(z, y)
-        elif loss == "elogitnorm":
-            value = ef.elogitnorm_loss(z, w, y, backend=backend)
-        else:
-            value = ef.logitnorm_loss(z, y, backend=backend)
+        value = fn(z, w, y)
         if backward:
             torch.autograd.grad(value, leaves, allow_unused=True)
 
@@ -164,12 +170,10 @@ def step_losses(backends: list[str]) -> dict:
     """name -> loss(logits, head_weight, target) timed inside the training step."""
     from elogitnorm_fast.reference import elogitnorm_reference
 
-    losses = {"F.cross_entropy": lambda z, w, y: F.cross_entropy(z, y)}
+    losses = {"F.cross_entropy": loss_fn("", "F.cross_entropy")}
     for backend in backends:
-        losses[f"logitnorm {backend}"] = (
-            lambda z, w, y, b=backend: ef.logitnorm_loss(z, y, backend=b))
-        losses[f"elogitnorm {backend}"] = (
-            lambda z, w, y, b=backend: ef.elogitnorm_loss(z, w, y, backend=b))
+        for loss in ("logitnorm", "elogitnorm"):
+            losses[f"{loss} {backend}"] = loss_fn(loss, backend)
     if "triton" in backends:  # one program (the eager default) or blocks: which wins in a step
         from _loss_variants import blockwise_reduced_triton
 

@@ -280,6 +280,21 @@ def bench_case(loss, n, c, d, args, triton_testing, bandwidth, deadline, compile
     return rows
 
 
+#: Variants timed eager against the default ``triton`` (> 1: the default is faster): the label
+#: of each ratio in the summary. MAX_SINGLE_BLOCK, CHECK_PROGRAMS, REDUCE_IN_KERNEL and the
+#: one-program reduction are decided by these.
+EAGER_RATIOS = {
+    "triton streamed": "triton streamed / one block",
+    "triton, a program per tile": "triton per-tile / grouped check",
+    "triton host reduction": "triton host / kernel reduction",
+    "triton, reduced in blocks": "triton blocks / one-program reduction",
+}
+#: Variants timed replayed from a CUDA graph against the default (captured, the default reduces
+#: LogitNorm in blocks): FUSED_ROWS, FUSED_MAX_CLASSES, REDUCE_IN_KERNEL.
+GRAPH_RATIOS = ("triton, fused rows of 1", "triton, GEMM distances", "triton host reduction",
+                "triton, reduced in blocks")
+
+
 def summary(rows: list[dict]) -> dict:
     """The issue's performance targets, as measured ratios."""
     def ms(loss, n, c, impl, key="fwd_bwd_ms"):
@@ -303,33 +318,18 @@ def summary(rows: list[dict]) -> dict:
     for row in rows:
         if (row["loss"], row["N"], row["C"], row["impl"]) == ("logitnorm", 4096, 32768, "triton"):
             out["logitnorm 4096x32768 fwd_bwd floor fraction"] = row.get("fwd_bwd_floor_fraction")
-    for row in rows:  # the MAX_SINGLE_BLOCK decision: > 1 means one block is faster
+    for row in rows:  # each variant against the default, the question it answers in its label
+        size = f"{row['loss']} {row['N']}x{row['C']}"
         single = ms(row["loss"], row["N"], row["C"], "triton")
-        if row["impl"] == "triton streamed" and row.get("fwd_bwd_ms") and single:
-            out[f"{row['loss']} {row['N']}x{row['C']} triton streamed / one block (fwd+bwd)"] = \
-                row["fwd_bwd_ms"] / single
-        if row["impl"] == "triton, a program per tile" and row.get("fwd_bwd_ms") and single:
-            out[f"{row['loss']} {row['N']}x{row['C']} triton per-tile / grouped check "
-                "(fwd+bwd)"] = row["fwd_bwd_ms"] / single
-        if row["impl"] in ("triton, fused rows of 1", "triton, GEMM distances"):
-            four = ms(row["loss"], row["N"], row["C"], "triton", "fwd_bwd_graph_ms")
-            if isinstance(four, float) and isinstance(row.get("fwd_bwd_graph_ms"), float):
-                name = row["impl"].removeprefix("triton, ")
-                out[f"{row['loss']} {row['N']}x{row['C']} triton {name} / default "
-                    "(CUDA graph, fwd+bwd)"] = row["fwd_bwd_graph_ms"] / four
-        if row["impl"] == "triton host reduction" and row.get("fwd_bwd_ms") and single:
-            out[f"{row['loss']} {row['N']}x{row['C']} triton host / kernel reduction (fwd+bwd)"] \
-                = row["fwd_bwd_ms"] / single
-        if row["impl"] in ("triton host reduction", "triton, reduced in blocks"):
-            # Captured, the default reduces in blocks: the host reduction's graph against it.
-            kernel = ms(row["loss"], row["N"], row["C"], "triton", "fwd_bwd_graph_ms")
-            if isinstance(kernel, float) and isinstance(row.get("fwd_bwd_graph_ms"), float):
+        label = EAGER_RATIOS.get(row["impl"])
+        if label and row.get("fwd_bwd_ms") and single:
+            out[f"{size} {label} (fwd+bwd)"] = row["fwd_bwd_ms"] / single
+        if row["impl"] in GRAPH_RATIOS:
+            default = ms(row["loss"], row["N"], row["C"], "triton", "fwd_bwd_graph_ms")
+            if isinstance(default, float) and isinstance(row.get("fwd_bwd_graph_ms"), float):
                 name = row["impl"].removeprefix("triton").strip(" ,")
-                out[f"{row['loss']} {row['N']}x{row['C']} triton {name} / default "
-                    "(CUDA graph, fwd+bwd)"] = row["fwd_bwd_graph_ms"] / kernel
-        if row["impl"] == "triton, reduced in blocks" and row.get("fwd_bwd_ms") and single:
-            out[f"{row['loss']} {row['N']}x{row['C']} triton blocks / one-program reduction "
-                "(fwd+bwd)"] = row["fwd_bwd_ms"] / single
+                out[f"{size} triton {name} / default (CUDA graph, fwd+bwd)"] = \
+                    row["fwd_bwd_graph_ms"] / default
     for loss in ("logitnorm", "elogitnorm"):
         for n, c in ((128, 10), (128, 100)):
             triton, ce = ms(loss, n, c, "triton"), ms(loss, n, c, "F.cross_entropy (pre-scaled)")

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .rows import (
     _row_upstream,
-    cdiv,
+    _scale_tile,
     launcher,
     next_power_of_2,
     unused_pointer,
@@ -73,7 +73,6 @@ def _pooled_weight_gradient_kernel(
     grad_weight_ptr,
     logits_unit_ptr,
     grad_logits_ptr,
-    rows_per_program,
     n_rows,
     n_cols,
     n_features,
@@ -88,19 +87,17 @@ def _pooled_weight_gradient_kernel(
     col_mask = cols < n_cols
     if SCALE_LOGITS:
         # The logits gradient rides along (one launch for the whole backward): this program's
-        # ``rows_per_program`` rows of the forward's unit-upstream gradient times g_n, the
-        # arithmetic of rows.scale_rows.
+        # share of the rows (N / C of them) of the forward's unit-upstream gradient times g_n,
+        # as rows.scale_rows computes it.
+        rows_per_program = tl.cdiv(n_rows, n_cols)
         for start in range(0, rows_per_program, SCAN):
             steps = start + tl.arange(0, SCAN)
             rows = i * rows_per_program + steps.to(tl.int64)
             row_mask = (steps < rows_per_program) & (rows < n_rows)
             _, _, g = _row_upstream(target_ptr, upstream_ptr, upstream_stride, rows, row_mask,
                                     n_cols, ignore_index)
-            offsets = rows[:, None] * n_cols + cols[None, :]
-            mask = row_mask[:, None] & col_mask[None, :]
-            x = tl.load(logits_unit_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            tl.store(grad_logits_ptr + offsets,
-                     (x * g[:, None]).to(grad_logits_ptr.dtype.element_ty), mask=mask)
+            _scale_tile(logits_unit_ptr, grad_logits_ptr, rows[:, None] * n_cols + cols[None, :],
+                        row_mask[:, None] & col_mask[None, :], g)
     # Row i of S = P + P^T: sum over samples predicted i of their coefficient rows, plus each
     # sample's coefficient i added at its own predicted class.
     pooled = tl.zeros([BLOCK], dtype=tl.float32)
@@ -163,9 +160,8 @@ def pooled_gradients(
         coefficients, coefficients.stride(0), predicted, upstream, upstream_stride(upstream),
         target, weight, weight.stride(0), weight.stride(1), grad,
         unused if logits_unit is None else logits_unit,
-        unused if grad_logits is None else grad_logits, cdiv(n_rows, n_cols), n_rows, n_cols,
-        n_features, ignore_index, SCALE_LOGITS=grad_logits is not None, SCAN=config["SCAN"],
-        BLOCK=config["BLOCK"], FEATURES=config["FEATURES"], num_warps=config["num_warps"],
+        unused if grad_logits is None else grad_logits, n_rows, n_cols, n_features, ignore_index,
+        SCALE_LOGITS=grad_logits is not None, SCAN=config["SCAN"], BLOCK=config["BLOCK"],
+        FEATURES=config["FEATURES"], num_warps=config["num_warps"],
     )
     return grad, grad_logits
-

@@ -120,9 +120,11 @@ def _elogitnorm_tiles(z, raw_distance, cols, mask, value, predicted, target, sca
 
 @triton.jit
 def _single_block(z, raw_distance, cols, mask, value, predicted, target, z_target, valid, eps,
-                  inv_divisor, WANT_TILES: tl.constexpr):
+                  inv_divisor, row_weight, WANT_TILES: tl.constexpr):
     """Loss (0 on invalid rows) and, when ``WANT_TILES``, the gradient and coefficient tiles of
-    rows held in one column block (steps 2-4 of the module docstring). ``raw_distance`` is the
+    rows held in one column block (steps 2-4 of the module docstring), all times ``row_weight``
+    (each row's share of a reduced loss, :func:`.rows._row_weight`; the gradient's invalid rows
+    stay 0, the loss's are 0 x inf = NaN for an all-ignored mean). ``raw_distance`` is the
     unclamped distance tile (1 on the predicted class and on masked lanes)."""
     # Scale s = max(sum_j (v - z_j) / Delta_j / divisor, eps), and sum_{j in T} 1 / Delta_j.
     distance = _clamped(raw_distance, eps)
@@ -135,7 +137,7 @@ def _single_block(z, raw_distance, cols, mask, value, predicted, target, z_targe
     exp_sum = tl.sum(e, axis=1)
     exp_dot = tl.sum(e * tl.where(mask, z - value[:, None], 0.0), axis=1)
     log_sum = tl.log(exp_sum)
-    loss = tl.where(valid, log_sum + (value - z_target) / scale, 0.0)
+    loss = tl.where(valid, log_sum + (value - z_target) / scale, 0.0) * row_weight
     grad = z
     coefficients = z
     if WANT_TILES:
@@ -145,8 +147,8 @@ def _single_block(z, raw_distance, cols, mask, value, predicted, target, z_targe
         grad, coefficients = _elogitnorm_tiles(z, raw_distance, cols, mask, value, predicted,
                                                target, scale, log_sum, grad_scale * inv_divisor,
                                                below_sum, eps)
-        grad = tl.where(valid[:, None], grad, 0.0)
-        coefficients = tl.where(valid[:, None], coefficients, 0.0)
+        grad = tl.where(valid[:, None], grad * row_weight, 0.0)
+        coefficients = tl.where(valid[:, None], coefficients * row_weight, 0.0)
     return loss, grad, coefficients
 
 
@@ -214,15 +216,12 @@ def _elogitnorm_kernel(
                                       n_features)
         loss, grad, coefficients = _single_block(
             z, raw_distance, cols, mask, value, predicted, target, z_target, valid, eps,
-            inv_divisor, WRITE_GRAD or WRITE_COEFFICIENTS)
-        # (0 x inf = NaN: the loss of an all-ignored mean; the gradient's ignored rows stay 0.)
-        tl.store(loss_ptr + rows, loss * row_weight, mask=row_mask)
-        share = tl.where(valid, row_weight, 0.0)[:, None]
+            inv_divisor, row_weight, WRITE_GRAD or WRITE_COEFFICIENTS)
+        tl.store(loss_ptr + rows, loss, mask=row_mask)
         if WRITE_GRAD:
-            tl.store(grad_base + cols[None, :], (grad * share).to(grad_ptr.dtype.element_ty),
-                     mask=mask)
+            tl.store(grad_base + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask)
         if WRITE_COEFFICIENTS:
-            tl.store(coefficient_base + cols[None, :], coefficients * share, mask=mask)
+            tl.store(coefficient_base + cols[None, :], coefficients, mask=mask)
     else:
         # 2. Scale s = max(sum_j (v - z_j) / Delta_j / divisor, eps), sum_{j in T} 1 / Delta_j.
         margin_sum = tl.zeros([ROWS], dtype=tl.float32)
@@ -410,15 +409,14 @@ def _elogitnorm_fused_kernel(
     raw_distance = tl.where(mask & (cols[None, :] != predicted[:, None]), raw_distance, 1.0)
     loss, grad, coefficients = _single_block(
         z, raw_distance, cols, mask, value, predicted, target, z_target, valid, eps, inv_divisor,
-        WRITE_GRAD or WRITE_COEFFICIENTS)
-    tl.store(loss_ptr + rows, loss * row_weight, mask=row_mask)
-    share = tl.where(valid, row_weight, 0.0)[:, None]  # ignored rows' gradient stays 0
+        row_weight, WRITE_GRAD or WRITE_COEFFICIENTS)
+    tl.store(loss_ptr + rows, loss, mask=row_mask)
     if WRITE_GRAD:
         tl.store(grad_ptr + rows[:, None] * grad_stride + cols[None, :],
-                 (grad * share).to(grad_ptr.dtype.element_ty), mask=mask)
+                 grad.to(grad_ptr.dtype.element_ty), mask=mask)
     if WRITE_COEFFICIENTS:
         tl.store(coefficient_ptr + rows[:, None] * coefficient_stride + cols[None, :],
-                 coefficients * share, mask=mask)
+                 coefficients, mask=mask)
 
 
 def elogitnorm_rows(

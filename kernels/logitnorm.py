@@ -57,6 +57,7 @@ import triton.language as tl
 from .rows import (
     COUNT_BLOCK,
     COUNTED_TARGETS,
+    REDUCE_CODES,
     _program_rows,
     _row_targets,
     _row_upstream,
@@ -105,17 +106,7 @@ def _logitnorm_kernel(
     BLOCK: tl.constexpr,
     COUNT_BLOCK: tl.constexpr,
 ):
-    if REDUCE == 0:
-        # One block of ROWS rows per program; per-row losses.
-        g = _expected_upstream(expected_ptr, expected_value, EXPECTED_PTR)
-        rows, row_mask = _program_rows(n_rows, ROWS)
-        if tl.program_id(0) == 0:  # every output element written (opcheck compares them all)
-            tl.store(stats_ptr, g.to(tl.float32))
-        loss = _logitnorm_block(
-            rows, logits_ptr, logits_stride, target_ptr, stats_ptr, grad_ptr, n_rows, n_cols,
-            inv_tau, ignore_index, g, WRITE_GRAD, SINGLE, ROWS, BLOCK)
-        tl.store(loss_ptr + rows, loss, mask=row_mask)
-    elif ONE_PROGRAM:
+    if ONE_PROGRAM:
         # One program walks every block of rows and reduces the loss itself. Each valid row's
         # share of the loss (1 for sum, 1 / count for mean) is what its gradient is written for,
         # and goes to stats[0] for the backward; the count comes first, from the targets alone.
@@ -130,18 +121,25 @@ def _logitnorm_kernel(
             total += loss
         tl.store(loss_ptr, tl.sum(total, axis=0) * row_weight)
     else:
-        # A block of rows per program, as for per-row losses, but every program counts the
-        # valid rows itself (from the targets alone: N loads, no atomics, no other launch), so
-        # it writes each row's share of the reduced loss (``loss * row_weight``) and the
-        # gradient for that share; the host adds the shares up (one sum, in a fixed order).
-        row_weight = _row_weight(target_ptr, n_rows, n_cols, ignore_index, REDUCE, COUNT_BLOCK)
+        # One block of ROWS rows per program. Per-row losses (REDUCE 0): the gradient is written
+        # for the expected upstream gradient. Reduced: every program counts the valid rows
+        # itself (from the targets alone: N loads, no atomics, no other launch) and writes each
+        # row's share of the loss (``loss * row_weight``) and the gradient for that share; the
+        # host adds the shares up (one sum, in a fixed order). stats[0] gets the value the
+        # gradient was written for (every output element written: opcheck compares them all).
+        if REDUCE == 0:
+            g = _expected_upstream(expected_ptr, expected_value, EXPECTED_PTR)
+        else:
+            g = _row_weight(target_ptr, n_rows, n_cols, ignore_index, REDUCE, COUNT_BLOCK)
         rows, row_mask = _program_rows(n_rows, ROWS)
         if tl.program_id(0) == 0:
-            tl.store(stats_ptr, row_weight)
+            tl.store(stats_ptr, g.to(tl.float32))
         loss = _logitnorm_block(
             rows, logits_ptr, logits_stride, target_ptr, stats_ptr, grad_ptr, n_rows, n_cols,
-            inv_tau, ignore_index, row_weight, WRITE_GRAD, SINGLE, ROWS, BLOCK)
-        tl.store(loss_ptr + rows, loss * row_weight, mask=row_mask)
+            inv_tau, ignore_index, g, WRITE_GRAD, SINGLE, ROWS, BLOCK)
+        if REDUCE != 0:
+            loss = loss * g
+        tl.store(loss_ptr + rows, loss, mask=row_mask)
 
 
 @triton.jit
@@ -390,7 +388,7 @@ def logitnorm_reduced(
     loss = torch.empty(shape, dtype=torch.float32, device=logits.device)
     loss, stats, grad = _launch_forward(
         logits, target, loss, inv_tau, ignore_index, launch_config(n_cols, block_cols),
-        {"sum": 1, "mean": 2}[reduction], write_grad, None, traced, one_program)
+        REDUCE_CODES[reduction], write_grad, None, traced, one_program)
     return (loss if one_program else loss.sum()), stats, grad
 
 

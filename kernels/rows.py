@@ -113,6 +113,8 @@ def _row_weight(target_ptr, n_rows, n_cols, ignore_index, REDUCE: tl.constexpr,
     return row_weight
 
 
+#: The kernels' ``REDUCE`` constexpr for each reduction (:func:`_row_weight`).
+REDUCE_CODES = {"none": 0, "sum": 1, "mean": 2}
 #: Targets a program reads at a time to count the valid rows of a ``mean`` reduced in the kernel.
 COUNT_BLOCK = 1024
 #: Largest (programs x N) of a ``mean`` reduced with a block of rows per program: every program
@@ -225,13 +227,16 @@ def _scale_rows_kernel(
                             ignore_index)
     offsets = rows[:, None] * n_cols + cols[None, :]
     if HAS_FIRST:
-        x = tl.load(first_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        tl.store(first_out_ptr + offsets, (x * g[:, None]).to(first_out_ptr.dtype.element_ty),
-                 mask=mask)
+        _scale_tile(first_ptr, first_out_ptr, offsets, mask, g)
     if HAS_SECOND:
-        x = tl.load(second_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        tl.store(second_out_ptr + offsets, (x * g[:, None]).to(second_out_ptr.dtype.element_ty),
-                 mask=mask)
+        _scale_tile(second_ptr, second_out_ptr, offsets, mask, g)
+
+
+@triton.jit
+def _scale_tile(source_ptr, out_ptr, offsets, mask, g):
+    """``out[offsets] = source[offsets] * g[:, None]``, in fp32, stored in ``out``'s dtype."""
+    x = tl.load(source_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offsets, (x * g[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def scale_rows(

@@ -421,6 +421,7 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
                                                 target, ignore_index=-100, logits_unit=unit)
         alone, _ = _rows_module().scale_rows(unit, None, upstream, target, ignore_index=-100)
         assert torch.equal(both, grad) and torch.equal(scaled, alone)
+        assert torch.equal(scaled, unit * g.float()[:, None])  # one fp32 product per element
         assert torch.equal(scaled[target == -100], torch.zeros_like(scaled[target == -100]))
 
     def test_pooled_weight_gradient_refuses_large_c():

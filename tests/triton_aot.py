@@ -20,7 +20,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-_SCALARS_I32 = {"n_rows", "n_cols", "n_features", "ignore_index", "tiles", "rows_per_program"}
+_SCALARS_I32 = {"n_rows", "n_cols", "n_features", "ignore_index", "tiles"}
 _SCALARS_F32 = {"eps", "inv_tau", "inv_divisor", "inv_temperature", "expected_value"}
 _INDEX_POINTERS = {"target_ptr", "predicted_ptr"}
 #: The logits' dtype; other pointers fp32.

@@ -412,11 +412,12 @@ def elogitnorm_loss(
     if _use_op():
         losses, *_ = _elogitnorm_rows(*inputs)
     else:
+        rows = _kernels("rows")
         reduce = 0
-        if REDUCE_IN_KERNEL and reduction != "none" and _kernels("rows").counts_within_budget(
+        if REDUCE_IN_KERNEL and reduction != "none" and rows.counts_within_budget(
                 target.shape[0], _kernels("elogitnorm").rows_per_program(
                     logits.shape[1], weight.shape[1], block_cols), reduction):
-            reduce = 1 if reduction == "sum" else 2
+            reduce = rows.REDUCE_CODES[reduction]
         losses, *_ = _EagerELogitNorm.apply(*inputs, reduce)
         if reduce:
             return losses.to(logits.dtype)
