@@ -14,7 +14,10 @@ design question with a measurement on the same card, in the same run:
   (``elogitnorm.FUSED_ROWS``);
 * ``triton, GEMM distances``: ELogitNorm at small C through the GEMM path (argmax, one GEMM of
   inner products and the norms on the host, then the per-row kernel) instead of the fused
-  kernel (``elogitnorm.FUSED_MAX_CLASSES``).
+  kernel (``elogitnorm.FUSED_MAX_CLASSES``);
+* ``triton, Python backward``: an eager sum / mean through the Python autograd Functions (a
+  Triton launch in the backward) instead of the C++ node that multiplies the forward's unit
+  gradients (``NATIVE_BACKWARD``; up to the ImageNet-1k size).
 
 A variant that changes a module setting carries it as ``fn.context``, which the benchmark's
 runner enters around the forward and the backward both (the backward reads some of them).
@@ -94,6 +97,11 @@ def gemm_distances_triton():
     return _with_setting(_elogitnorm, "elogitnorm_fast.kernels.elogitnorm", "FUSED_MAX_CLASSES", 0)
 
 
+def python_backward_triton(loss: str):
+    return _with_setting(_logitnorm if loss == "logitnorm" else _elogitnorm,
+                         "elogitnorm_fast.backends.triton_backend", "NATIVE_BACKWARD", False)
+
+
 def fuses_distances(c: int, d: int) -> bool:
     from elogitnorm_fast.kernels import elogitnorm
 
@@ -127,4 +135,20 @@ def triton_variants(loss: str, n: int, c: int, d: int) -> dict:
             variants["triton host reduction"] = host_reduced_triton()
     elif n * c <= 256 * 1000:
         variants["triton host reduction"] = host_reduced_triton(loss)
+    if n * c <= 256 * 1000 and _takes_node(loss, n, c):
+        variants["triton, Python backward"] = python_backward_triton(loss)
     return variants
+
+
+def _takes_node(loss: str, n: int, c: int) -> bool:
+    """Whether an eager mean of this size returns through the C++ node (LogitNorm: reduced in
+    the kernel, gradient written in the forward, at most NATIVE_MAX_ELEMENTS)."""
+    from elogitnorm_fast.backends import triton_backend
+
+    if loss == "elogitnorm":
+        return True
+    from elogitnorm_fast.kernels import logitnorm
+
+    reduced = logitnorm.reduces_in_one_program(n, c) or logitnorm.reduces_in_blocks(n, c, "mean")
+    return (reduced and logitnorm.writes_gradient(c)
+            and n * c <= triton_backend.NATIVE_MAX_ELEMENTS)

@@ -3,7 +3,8 @@
 The H100 runs showed small and mid-size eager steps bound by the host (ImageNet-1k ELogitNorm
 forward with ``triton``: 0.60 ms eager, 0.07 ms of device time replayed from a CUDA graph). Rows:
 
-* ``host_us``: host time per forward+backward step (and per forward), the wall time of
+* ``host_us``: host time per forward+backward step (and per forward) of each backend and of
+  ``triton, Python backward`` (the Python Functions instead of the C++ node), the wall time of
   ``CALLS`` steps enqueued back to back before one synchronize (few enough that the launch queue
   does not fill: the device keeps up, so this is the host's rate);
 * for ``triton``, the step's top host events by CPU self time per step (torch.profiler; each
@@ -49,11 +50,27 @@ def host_us(step, calls: int = CALLS) -> float:
     return enqueued / calls * 1e6
 
 
+#: The triton backend with its eager sum / mean through the Python Functions instead of the C++
+#: node (``NATIVE_BACKWARD``), beside the default in the host rows and the training steps.
+PYTHON_BACKWARD = "triton, Python backward"
+
+
 def loss_fn(loss: str, backend: str):
     """``(logits, weight, target) -> loss`` of ``loss`` on ``backend`` ("F.cross_entropy": the
-    baseline on the raw logits)."""
+    baseline on the raw logits; :data:`PYTHON_BACKWARD`: the setting entered around the forward,
+    where the path is chosen)."""
     if backend == "F.cross_entropy":
         return lambda z, w, y: F.cross_entropy(z, y)
+    if backend == PYTHON_BACKWARD:
+        from _loss_variants import python_backward_triton
+
+        variant = python_backward_triton(loss)
+
+        def forward(z, w, y):
+            with variant.context():
+                return variant(z, w, y)
+
+        return forward
     if loss == "elogitnorm":
         return lambda z, w, y: ef.elogitnorm_loss(z, w, y, backend=backend)
     return lambda z, w, y: ef.logitnorm_loss(z, y, backend=backend)
@@ -178,6 +195,8 @@ def step_losses(backends: list[str]) -> dict:
         from _loss_variants import blockwise_reduced_triton
 
         losses["logitnorm triton, reduced in blocks"] = blockwise_reduced_triton()
+        for loss in ("logitnorm", "elogitnorm"):  # the C++ node (default) or Python Functions
+            losses[f"{loss} {PYTHON_BACKWARD}"] = loss_fn(loss, PYTHON_BACKWARD)
     losses["elogitnorm reference"] = elogitnorm_reference
     # Cross-entropy again last: the two agree unless the machine drifted during the run.
     losses["F.cross_entropy, again"] = losses["F.cross_entropy"]
@@ -251,8 +270,9 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     rows: list[dict] = []
     backends = [b for b in ("triton", "cuda", "torch") if b in ef.available_backends("cuda")]
+    variants = [PYTHON_BACKWARD] if "triton" in backends else []
     for loss, n, c, d in CASES:
-        for backend in backends + ["F.cross_entropy"]:
+        for backend in backends + variants + ["F.cross_entropy"]:
             row = {"loss": loss, "N": n, "C": c, "D": d, "backend": backend}
             rows.append(row)
             try:
@@ -264,7 +284,7 @@ def main() -> None:
                 row["status"] = "ok"
             except Exception as error:  # recorded, the rest goes on
                 row["status"] = f"error: {type(error).__name__}: {str(error)[:200]}"
-            print(f"{loss:10s} {n:5d} {c:6d} {backend:16s} "
+            print(f"{loss:10s} {n:5d} {c:6d} {backend:24s} "
                   f"fwd {row.get('host_us_fwd', float('nan')):8.1f} us  "
                   f"fwd+bwd {row.get('host_us_fwd_bwd', float('nan')):8.1f} us  "
                   f"{row['status'][:60]}")

@@ -288,6 +288,7 @@ EAGER_RATIOS = {
     "triton, a program per tile": "triton per-tile / grouped check",
     "triton host reduction": "triton host / kernel reduction",
     "triton, reduced in blocks": "triton blocks / one-program reduction",
+    "triton, Python backward": "triton Python backward / C++ node",
 }
 #: Variants timed replayed from a CUDA graph against the default (captured, the default reduces
 #: LogitNorm in blocks): FUSED_ROWS, FUSED_MAX_CLASSES, REDUCE_IN_KERNEL.

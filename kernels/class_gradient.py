@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .rows import (
+    _row_targets,
     _row_upstream,
     _scale_tile,
     launcher,
@@ -78,6 +79,7 @@ def _pooled_weight_gradient_kernel(
     n_features,
     ignore_index,
     SCALE_LOGITS: tl.constexpr,
+    UNIT_UPSTREAM: tl.constexpr,
     SCAN: tl.constexpr,
     BLOCK: tl.constexpr,
     FEATURES: tl.constexpr,
@@ -104,8 +106,12 @@ def _pooled_weight_gradient_kernel(
     for start in range(0, n_rows, SCAN):
         rows = start + tl.arange(0, SCAN).to(tl.int64)
         row_mask = rows < n_rows
-        _, valid, g = _row_upstream(target_ptr, upstream_ptr, upstream_stride, rows, row_mask,
-                                    n_cols, ignore_index)
+        if UNIT_UPSTREAM:  # the forward's own unit gradient: g = 1 on valid rows
+            _, valid, _ = _row_targets(target_ptr, rows, row_mask, n_cols, ignore_index)
+            g = tl.where(valid, 1.0, 0.0)
+        else:
+            _, valid, g = _row_upstream(target_ptr, upstream_ptr, upstream_stride, rows,
+                                        row_mask, n_cols, ignore_index)
         predicted = tl.load(predicted_ptr + rows, mask=row_mask, other=-1)
         row_base = coefficient_ptr + rows * coefficient_stride
         c = tl.load(row_base[:, None] + cols[None, :],
@@ -131,7 +137,7 @@ def pooled_gradients(
     weight: torch.Tensor,
     coefficients: torch.Tensor,
     predicted: torch.Tensor,
-    upstream: torch.Tensor,
+    upstream: torch.Tensor | None,
     target: torch.Tensor,
     *,
     ignore_index: int,
@@ -143,12 +149,16 @@ def pooled_gradients(
     gradient (any strided (N,) tensor, or 0-d: :func:`.rows.upstream_stride`; rows where
     ``target == ignore_index`` get 0); ``dL/dz`` (N, C), in ``logits_unit``'s dtype, is
     ``logits_unit`` (the forward's contiguous unit-upstream gradient) times the same ``g_n``,
-    or None without ``logits_unit``. ``weight`` (C, D) may have any strides.
-    C <= :data:`MAX_CLASSES`.
+    or None without ``logits_unit``. ``upstream`` None: 1 on every valid row (the weight
+    gradient for the forward's unit upstream gradient; not with ``logits_unit``). ``weight``
+    (C, D) may have any strides. C <= :data:`MAX_CLASSES`.
     """
     n_rows, n_cols = coefficients.shape
     if n_cols > MAX_CLASSES:
         raise ValueError(f"pooled_gradients handles C <= {MAX_CLASSES}, got C = {n_cols}")
+    if upstream is None and logits_unit is not None:
+        raise ValueError("pooled_gradients scales logits_unit by an upstream gradient; got "
+                         "upstream=None")
     n_features = weight.shape[1]
     grad = torch.empty((n_cols, n_features), dtype=torch.float32, device=weight.device)
     grad_logits = None if logits_unit is None else torch.empty_like(logits_unit)
@@ -157,11 +167,14 @@ def pooled_gradients(
     config = pooled_config(n_cols)
     unused = unused_pointer(grad, traced)
     launcher(_pooled_weight_gradient_kernel, (n_cols,), traced)(
-        coefficients, coefficients.stride(0), predicted, upstream, upstream_stride(upstream),
+        coefficients, coefficients.stride(0), predicted,
+        unused if upstream is None else upstream,
+        0 if upstream is None else upstream_stride(upstream),
         target, weight, weight.stride(0), weight.stride(1), grad,
         unused if logits_unit is None else logits_unit,
         unused if grad_logits is None else grad_logits, n_rows, n_cols, n_features, ignore_index,
-        SCALE_LOGITS=grad_logits is not None, SCAN=config["SCAN"], BLOCK=config["BLOCK"],
-        FEATURES=config["FEATURES"], num_warps=config["num_warps"],
+        SCALE_LOGITS=grad_logits is not None, UNIT_UPSTREAM=upstream is None,
+        SCAN=config["SCAN"], BLOCK=config["BLOCK"], FEATURES=config["FEATURES"],
+        num_warps=config["num_warps"],
     )
     return grad, grad_logits

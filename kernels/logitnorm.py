@@ -392,10 +392,17 @@ def logitnorm_reduced(
     return (loss if one_program else loss.sum()), stats, grad
 
 
+def writes_gradient(n_cols: int, block_cols: int | None = None) -> bool:
+    """Whether the forward can write the gradient of rows of ``n_cols`` columns: only where the
+    rows stay on chip (one column block), so that the logits are still read once."""
+    return bool(launch_config(n_cols, block_cols)["SINGLE"])
+
+
 def _launch_forward(logits, target, loss, inv_tau, ignore_index, config, reduce, write_grad,
                     expected_upstream, traced, one_program=False):
     """The forward launch shared by :func:`logitnorm_rows` and :func:`logitnorm_reduced`; the
-    gradient is written only where the rows stay on chip (``write_grad`` asks for it)."""
+    gradient is written only where the rows stay on chip (:func:`writes_gradient`;
+    ``write_grad`` asks for it)."""
     n_rows, n_cols = logits.shape
     write_grad = write_grad and bool(config["SINGLE"])
     stats = torch.empty(4 * n_rows + 1, dtype=torch.float32, device=logits.device)

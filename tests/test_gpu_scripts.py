@@ -12,7 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import elogitnorm_fast as ef
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
 def _benchmark(name: str):
     """A module of benchmarks/ (the scripts import their helpers by plain name)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -89,6 +93,7 @@ def test_losses_summary_reports_the_single_block_decision():
         row("logitnorm", 128, 10, "triton", 0.3, fwd_bwd_graph_ms=0.008),
         row("logitnorm", 128, 10, "triton host reduction", 0.45, fwd_bwd_graph_ms=0.016),
         row("logitnorm", 128, 10, "triton, reduced in blocks", 0.36, fwd_bwd_graph_ms=0.01),
+        row("logitnorm", 128, 10, "triton, Python backward", 0.42, fwd_bwd_graph_ms=0.008),
         row("logitnorm", 128, 10, "F.cross_entropy (pre-scaled)", 0.2),
         row("elogitnorm", 128, 100, "triton", 0.6, fwd_bwd_graph_ms=0.08),
         row("elogitnorm", 128, 100, "triton, fused rows of 1", 0.6, fwd_bwd_graph_ms=0.04),
@@ -107,12 +112,19 @@ def test_losses_summary_reports_the_single_block_decision():
     assert out["logitnorm 128x10 triton host reduction / default (CUDA graph, fwd+bwd)"] == 2.0
     assert out["logitnorm 128x10 triton reduced in blocks / default (CUDA graph, fwd+bwd)"] \
         == 0.01 / 0.008
+    assert out["logitnorm 128x10 triton Python backward / C++ node (fwd+bwd)"] == 0.42 / 0.3
+    assert not any("Python backward / default" in key for key in out)  # same when captured
     assert out["logitnorm 4096x32768 triton per-tile / grouped check (fwd+bwd)"] == 1.5
     assert variants.groups_check_tiles(4096, 32768)
     assert not variants.groups_check_tiles(128, 10)
     assert out["elogitnorm 128x100 triton fused rows of 1 / default (CUDA graph, fwd+bwd)"] == 0.5
     assert out["elogitnorm 128x100 triton GEMM distances / default (CUDA graph, fwd+bwd)"] == 2.0
     assert variants.fuses_distances(100, 512) and not variants.fuses_distances(1000, 512)
+    # The C++-node comparison where an eager mean takes the node, up to ImageNet-1k's size.
+    for loss, n, c, timed in (("logitnorm", 128, 10, True), ("elogitnorm", 256, 1000, True),
+                              ("logitnorm", 1024, 10000, False),
+                              ("elogitnorm", 1024, 10000, False)):
+        assert ("triton, Python backward" in variants.triton_variants(loss, n, c, 512)) == timed
 
 
 def test_benchmark_runner_enters_the_context_for_forward_and_backward():
@@ -182,3 +194,21 @@ def test_training_step_rows_time_every_loss_against_cross_entropy():
     assert all(row["status"] == "ok" and row["step_ms"] > 0 for row in rows), rows
     assert rows[0]["vs_cross_entropy"] == 1.0
     assert rows[2]["vs_cross_entropy"] == rows[2]["step_ms"] / rows[0]["step_ms"]
+
+
+def test_python_backward_variant_is_set_while_the_forward_chooses_the_path(monkeypatch):
+    """gpu_host's ``triton, Python backward`` runs the forward with NATIVE_BACKWARD off (the
+    eager path is chosen there) and leaves the setting as it was."""
+    gpu_host = _benchmark("gpu_host")
+    from elogitnorm_fast.backends import triton_backend
+
+    seen = []
+
+    def fake(z, y, backend):
+        seen.append((backend, triton_backend.NATIVE_BACKWARD))
+        return z.sum()
+
+    monkeypatch.setattr(ef, "logitnorm_loss", fake)
+    loss = gpu_host.loss_fn("logitnorm", gpu_host.PYTHON_BACKWARD)
+    loss(torch.ones(2, 3), None, torch.zeros(2, dtype=torch.int64))
+    assert seen == [("triton", False)] and triton_backend.NATIVE_BACKWARD

@@ -102,15 +102,29 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
             _stream(monkeypatch, 4)
         return request.param
 
-    @pytest.fixture(params=["one program", "blocks", "host"])
+    @pytest.fixture(params=["one program", "one program, Python backward", "blocks", "host"])
     def logitnorm_reduced_in(request, monkeypatch):
         """Where eager LogitNorm reduces a sum / mean: in the kernel by one program (small
-        batches), in the kernel by a block of rows per program (larger batches, and what a CUDA
-        graph capture, faked here, takes), or on the host from per-row losses."""
+        batches; the loss comes back through the C++ node, or with NATIVE_BACKWARD off through
+        the Python Function), in the kernel by a block of rows per program (larger batches, and
+        what a CUDA graph capture, faked here, takes: the Python Function), or on the host from
+        per-row losses."""
         monkeypatch.setattr(triton_backend, "REDUCE_IN_KERNEL", request.param != "host")
+        monkeypatch.setattr(triton_backend, "NATIVE_BACKWARD", request.param == "one program")
         if request.param == "blocks":
             monkeypatch.setattr(triton_backend, "_capturing", lambda logits: True)
         return request.param
+
+    def _node(loss) -> str:
+        """Which eager path returned ``loss``: ``"native"`` (the C++ node of the kernels' unit
+        gradients), ``"python"`` (a Function around a kernel that reduced the loss) or
+        ``"host"`` (per-row losses reduced by torch ops)."""
+        name = loss.grad_fn.name()
+        if "UnitGradientNode" in name:
+            return "native"
+        if "ReducedLogitNorm" in name or "EagerELogitNorm" in name:
+            return "python"
+        return "host"
 
     def _stream(monkeypatch, block):
         rows = _rows_module()
@@ -146,15 +160,17 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
     @pytest.mark.parametrize("reduction", ["mean", "sum"])
     @pytest.mark.parametrize("n,c,d", [(5, 10, 6), (64, 10, 6), (5, 257, 6), (64, 257, 6)])
     def test_elogitnorm_reduction_in_kernel_and_on_host_match(n, c, d, reduction, monkeypatch):
-        """Eager ELogitNorm's sum / mean: the kernels' row shares (the default) and the host's
-        reduction of per-row losses (REDUCE_IN_KERNEL off) both match the reference, fused
-        (C = 10) and GEMM (C = 257) paths, with ignored rows."""
+        """Eager ELogitNorm's sum / mean: the kernels' row shares through the C++ node (the
+        default) or the Python Function (NATIVE_BACKWARD off), and the host's reduction of
+        per-row losses (REDUCE_IN_KERNEL off) all match the reference, fused (C = 10) and GEMM
+        (C = 257) paths, with ignored rows."""
         logits, weight, target = make_case(n, c, d, "some_ignored", dtype=torch.float32)
-        for in_kernel in (True, False):
-            monkeypatch.setattr(triton_backend, "REDUCE_IN_KERNEL", in_kernel)
+        for path in ("native", "python", "host"):
+            monkeypatch.setattr(triton_backend, "REDUCE_IN_KERNEL", path != "host")
+            monkeypatch.setattr(triton_backend, "NATIVE_BACKWARD", path == "native")
             loss = ef.elogitnorm_loss(logits, weight, target, reduction=reduction,
                                       backend="triton")
-            assert ("ELogitNorm" in type(loss.grad_fn).__name__) == in_kernel
+            assert _node(loss) == path
             check_elogitnorm("triton", logits, weight, target, reduction, rtol=RTOL, atol=ATOL)
 
     def test_elogitnorm_mean_beyond_the_target_budget_reduces_on_the_host(monkeypatch):
@@ -166,7 +182,7 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         monkeypatch.setattr(_rows_module(), "COUNTED_TARGETS", 64)
         assert not _rows_module().counts_within_budget(64, rows_per_program, "mean")
         loss = ef.elogitnorm_loss(logits, weight, target, backend="triton")
-        assert "ELogitNorm" not in type(loss.grad_fn).__name__, type(loss.grad_fn).__name__
+        assert _node(loss) == "host", loss.grad_fn.name()
         check_elogitnorm("triton", logits, weight, target, "mean", rtol=RTOL, atol=ATOL)
 
     #: (N, C, column block) for rows longer than one block: partial last blocks, C = 1000.
@@ -254,7 +270,8 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         logits, _, target = make_case(12, 10, 1, "some_ignored", dtype=torch.float32)
         logits.requires_grad_(True)
         loss = ef.logitnorm_loss(logits, target, backend="triton")
-        assert "ReducedLogitNorm" in type(loss.grad_fn).__name__, type(loss.grad_fn).__name__
+        # Eager through the C++ node; captured, the Python Function (no extra kernels replayed).
+        assert _node(loss) == ("python" if capturing else "native"), loss.grad_fn.name()
         assert taken == [not capturing]
         check_logitnorm("triton", logits, target, "mean", rtol=RTOL, atol=ATOL)
 
@@ -270,7 +287,7 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         logits.requires_grad_(True)
         loss = ef.logitnorm_loss(logits, target, backend="triton")
         assert taken == ([False] if budget > 100 else [])
-        assert ("ReducedLogitNorm" in type(loss.grad_fn).__name__) == (budget > 100)
+        assert _node(loss) == ("native" if budget > 100 else "host"), loss.grad_fn.name()
         assert kernels.reduces_in_blocks(40, 1000, "sum")  # sum counts nothing
         check_logitnorm("triton", logits, target, "mean", rtol=RTOL, atol=ATOL)
 
@@ -330,7 +347,8 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         """Several column tiles of the same rows in one backward program (rows.
         grouped_tile_grid; CHECK_PROGRAMS = 1 forces all 3 tiles of C = 5000 into one): the
         expected upstream still skips every tile, another still recomputes every one, bitwise as
-        with one tile per program."""
+        with one tile per program. (The Python backward: the C++ node never reads the logits.)"""
+        monkeypatch.setattr(triton_backend, "NATIVE_BACKWARD", False)
         rows = _rows_module()
         logits, _, target = make_case(5, 5000, 1, "some_ignored", dtype=torch.float32)
         assert rows.grouped_tile_grid(5, 5000)[3] == 1
@@ -358,17 +376,21 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
 
     @pytest.mark.parametrize("weight", [3.0, float("nan")])
     def test_logitnorm_other_upstream_recomputes(weight, logitnorm_reduced_in):
-        """Another upstream gradient (a loss weight, a NaN) recomputes from the logits."""
+        """Another upstream gradient (a loss weight, a NaN): the Python backward recomputes from
+        the logits, the C++ node scales the forward's gradient (and never reads the logits)."""
+        native = logitnorm_reduced_in == "one program"
         logits, _, target = make_case(9, 10, 1, "some_ignored", dtype=torch.float32)
         grad = _logitnorm_gradient(logits, target, "mean", weight=weight)
         scrambled = _logitnorm_gradient(logits, target, "mean", after_forward=_scramble,
                                         weight=weight)
         valid = target != -100
         if weight != weight:
-            assert torch.isnan(grad[valid]).all() and torch.equal(grad[~valid],
-                                                                  torch.zeros_like(grad[~valid]))
+            assert torch.isnan(grad[valid]).all()
+            # The Python backward gives ignored rows 0 whatever the upstream gradient; the
+            # node's multiply gives them 0 x NaN = NaN (IEEE), as plain autograd would.
+            assert torch.equal(grad[~valid], torch.zeros_like(grad[~valid])) != native
             return
-        assert not torch.allclose(scrambled, grad)
+        assert torch.equal(scrambled, grad) == native
         ref = logits.detach().double().requires_grad_(True)
         (expected,) = torch.autograd.grad(logitnorm_reference(ref, target) * weight, ref)
         torch.testing.assert_close(grad.double(), expected, rtol=RTOL, atol=ATOL)
@@ -385,13 +407,79 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         torch.testing.assert_close(second, 2 * kept)
         assert torch.equal(third, kept)
 
-    def test_create_graph_is_refused():
-        """No second derivative: a gradient penalty would be silently wrong, so it raises."""
+    @pytest.mark.parametrize("native", [True, False])
+    def test_create_graph_is_refused(native, monkeypatch):
+        """No second derivative: a gradient penalty would be silently wrong, so it raises (the
+        C++ node and the Python Functions alike)."""
+        monkeypatch.setattr(triton_backend, "NATIVE_BACKWARD", native)
         logits, weight, target = make_case(6, 5, 4, dtype=torch.float32)
         for loss in (ef.logitnorm_loss(logits, target, backend="triton"),
                      ef.elogitnorm_loss(logits, weight, target, backend="triton")):
             with pytest.raises(RuntimeError, match="first derivatives.*backend='reference'"):
                 torch.autograd.grad(loss, logits, create_graph=True)
+
+    @pytest.mark.parametrize("needs", ["both", "logits", "weight"])
+    @pytest.mark.parametrize("c", [10, 257])  # pooled dW (fused path), GEMM dW
+    def test_elogitnorm_node_scales_the_forward_gradients_by_any_upstream(c, needs):
+        """The C++ node: the forward's unit gradients times the upstream gradient, for a loss
+        weight and again through the retained graph with another, for either input alone; the
+        logits are never read again (scrambled in between)."""
+        logits, weight, target = make_case(12, c, 6, "some_ignored", dtype=torch.float32)
+        logits = logits.detach().requires_grad_(needs != "weight")
+        weight = weight.detach().requires_grad_(needs != "logits")
+        inputs = [t for t in (logits, weight) if t.requires_grad]
+        ref = [t.detach().double().requires_grad_(t.requires_grad) for t in (logits, weight)]
+        expected = torch.autograd.grad(elogitnorm_reference(*ref, target, reduction="sum"),
+                                       [t for t in ref if t.requires_grad])
+        loss = ef.elogitnorm_loss(logits, weight, target, reduction="sum", backend="triton")
+        assert _node(loss) == "native", loss.grad_fn.name()
+        _scramble(logits)
+        weighted = torch.autograd.grad(loss * 2.5, inputs, retain_graph=True)
+        plain = torch.autograd.grad(loss, inputs)
+        for got, half, want in zip(weighted, plain, expected, strict=True):
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), 2.5 * want, rtol=RTOL, atol=ATOL)
+            torch.testing.assert_close(half.double(), want, rtol=RTOL, atol=ATOL)
+
+    @pytest.mark.parametrize("c", [10, 257])
+    def test_node_and_python_backward_are_bitwise_equal_for_a_plain_backward(c, monkeypatch):
+        """Upstream gradient 1 (``loss.backward()`` of a mean): the node's multiply by 1 and
+        the Python backward give the same bits, for both losses and both ELogitNorm paths."""
+        logits, weight, target = make_case(20, c, 6, "some_ignored", dtype=torch.float32)
+        grads = {}
+        for native in (True, False):
+            monkeypatch.setattr(triton_backend, "NATIVE_BACKWARD", native)
+            z, w = logits.detach().requires_grad_(True), weight.detach().requires_grad_(True)
+            elogitnorm = ef.elogitnorm_loss(z, w, target, backend="triton")
+            logitnorm = ef.logitnorm_loss(z, target, backend="triton")
+            assert {_node(elogitnorm), _node(logitnorm)} == {"native" if native else "python"}
+            grads[native] = (*torch.autograd.grad(elogitnorm, (z, w)),
+                             *torch.autograd.grad(logitnorm, z))
+        for ours, theirs in zip(grads[True], grads[False], strict=True):
+            assert torch.equal(ours, theirs)
+
+    def test_node_needs_the_extension_and_no_capture(monkeypatch):
+        """Without the compiled node (an extension built before it) or while a CUDA graph is
+        captured (faked), the eager sum / mean goes through the Python Functions, and matches."""
+        logits, weight, target = make_case(9, 10, 6, "some_ignored", dtype=torch.float32)
+        for missing, capturing in ((True, False), (False, True)):
+            monkeypatch.setattr(triton_backend, "_HAS_NODE", [not missing])
+            monkeypatch.setattr(triton_backend, "_capturing",
+                                lambda logits, capturing=capturing: capturing)
+            for loss in (ef.elogitnorm_loss(logits, weight, target, backend="triton"),
+                         ef.logitnorm_loss(logits, target, backend="triton")):
+                assert _node(loss) == "python", loss.grad_fn.name()
+            check_elogitnorm("triton", logits, weight, target, "mean", rtol=RTOL, atol=ATOL)
+            check_logitnorm("triton", logits, target, "mean", rtol=RTOL, atol=ATOL)
+
+    def test_logitnorm_node_only_up_to_its_size(monkeypatch):
+        """Above NATIVE_MAX_ELEMENTS the node's multiply would cost a pass over N x C that the
+        Python backward skips: the Python Function takes over."""
+        logits, _, target = make_case(12, 10, 1, "some_ignored", dtype=torch.float32)
+        assert _node(ef.logitnorm_loss(logits, target, backend="triton")) == "native"
+        monkeypatch.setattr(triton_backend, "NATIVE_MAX_ELEMENTS", 119)
+        assert _node(ef.logitnorm_loss(logits, target, backend="triton")) == "python"
+        check_logitnorm("triton", logits, target, "sum", rtol=RTOL, atol=ATOL)
 
     @pytest.mark.parametrize("n,c,d", [(1, 1, 3), (7, 5, 70), (64, 10, 512), (40, 128, 9)])
     def test_pooled_weight_gradient_matches_the_torch_form(n, c, d):
@@ -421,6 +509,15 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
                                                 target, ignore_index=-100, logits_unit=unit)
         alone, _ = _rows_module().scale_rows(unit, None, upstream, target, ignore_index=-100)
         assert torch.equal(both, grad) and torch.equal(scaled, alone)
+        # upstream None: the forward's unit upstream gradient, 1 on every valid row.
+        unit_grad, _ = kernels.pooled_gradients(weight, coefficients, predicted, None, target,
+                                                ignore_index=-100)
+        ones, _ = kernels.pooled_gradients(weight, coefficients, predicted, torch.ones(n),
+                                           target, ignore_index=-100)
+        assert torch.equal(unit_grad, ones)
+        with pytest.raises(ValueError, match="upstream=None"):
+            kernels.pooled_gradients(weight, coefficients, predicted, None, target,
+                                     ignore_index=-100, logits_unit=unit)
         assert torch.equal(scaled, unit * g.float()[:, None])  # one fp32 product per element
         assert torch.equal(scaled[target == -100], torch.zeros_like(scaled[target == -100]))
 
@@ -483,34 +580,48 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         return forward_ops, forward_launches, backward_ops, backward_launches
 
     #: Host work of the fused small-C path at the CIFAR-10 size (N=128, C=10, D=512), eager,
-    #: mean: forward = 4 output allocations + the sum of the rows' shares and 1 launch
-    #: (was 24 ops: argmax, the distance GEMM and norms, ...; then 8 with the mean as ne, 2
-    #: sums, div); backward = autograd's seed, 2 allocations (logits and weight gradients), 2
-    #: leaf-gradient detaches and 1 launch (dW, and the logits gradient on the way; it reads
-    #: the loss's gradient with row stride 0) (was 23 ops: 3 zero gradients of unused outputs,
-    #: two GEMMs; then 16 with an arange and an unsqueeze; then 14 + 1 launch with the
-    #: per-class weight gradient as seven torch ops: zeros, index_add_, t, add, sum, mul,
-    #: addmm; then 7 + 2 launches with the mean's autograd and the rescale's own launch).
-    FUSED_FORWARD_OPS = 5
-    FUSED_BACKWARD_OPS = 5
+    #: mean, the loss through the Python Function: forward = 4 output allocations + the sum of
+    #: the rows' shares and 1 launch (was 24 ops: argmax, the distance GEMM and norms, ...; then
+    #: 8 with the mean as ne, 2 sums, div); backward = autograd's seed, 2 allocations (logits
+    #: and weight gradients), 2 leaf-gradient detaches and 1 launch (dW, and the logits gradient
+    #: on the way; it reads the loss's gradient with row stride 0) (was 23 ops: 3 zero gradients
+    #: of unused outputs, two GEMMs; then 16 with an arange and an unsqueeze; then 14 + 1 launch
+    #: with the per-class weight gradient as seven torch ops: zeros, index_add_, t, add, sum,
+    #: mul, addmm; then 7 + 2 launches with the mean's autograd and the rescale's own launch).
+    #: Through the C++ node (the default): the forward also allocates dW and launches its
+    #: pooled kernel, and the node returns a view of the loss (7 ops + 2 launches); the backward
+    #: is the seed, two multiplies and the detaches, no Python and no launch (5 ops).
+    FUSED_HOST_WORK = {
+        "python": (5, ["_elogitnorm_fused_kernel"], 5, ["_pooled_weight_gradient_kernel"]),
+        "native": (7, ["_elogitnorm_fused_kernel", "_pooled_weight_gradient_kernel"], 5, []),
+    }
 
-    def test_small_c_host_work_does_not_grow(monkeypatch):
+    @pytest.mark.parametrize("path", ["python", "native"])
+    def test_small_c_host_work_does_not_grow(path, monkeypatch):
+        monkeypatch.setattr(triton_backend, "NATIVE_BACKWARD", path == "native")
         forward_ops, forward_launches, backward_ops, backward_launches = (
             _training_step_host_work(monkeypatch, 128, 10, 512))
-        assert forward_launches == ["_elogitnorm_fused_kernel"]
-        assert len(forward_ops) <= FUSED_FORWARD_OPS, forward_ops
-        assert backward_launches == ["_pooled_weight_gradient_kernel"]
-        assert len(backward_ops) <= FUSED_BACKWARD_OPS, backward_ops
+        most_forward, launched_forward, most_backward, launched_backward = FUSED_HOST_WORK[path]
+        assert forward_launches == launched_forward
+        assert len(forward_ops) <= most_forward, forward_ops
+        assert backward_launches == launched_backward
+        assert len(backward_ops) <= most_backward, backward_ops
+        if path == "native":
+            assert backward_ops.count("aten.mul.Tensor") == 2, backward_ops
 
+    @pytest.mark.parametrize("path", ["python", "native"])
     @pytest.mark.parametrize("reduction", ["mean", "sum"])
     @pytest.mark.parametrize("n,c,forward_ops_at_most", [(128, 10, 3), (40, 1000, 4)])
     def test_logitnorm_reduced_in_the_kernel_host_work(n, c, forward_ops_at_most, reduction,
-                                                       monkeypatch):
+                                                       path, monkeypatch):
         """Eager sum / mean. CIFAR-10 size (one program): the forward is 3 allocations (loss,
         statistics, gradient) and 1 launch. Beyond one program (N=40, C=1000, blocks of rows):
-        the same and the sum of the rows' shares. The backward is 1 launch (and autograd's
-        seed and the leaf's detach). The per-row path runs the count, its reciprocal and the
-        division too (7-8 ops + 1 launch), and their autograd (3 + 1)."""
+        the same and the sum of the rows' shares. The Python Function's backward is 1 launch
+        (and autograd's seed and the leaf's detach); the C++ node's (the default) is one
+        multiply and no launch, for one view of the loss in the forward. The per-row path runs
+        the count, its reciprocal and the division too (7-8 ops + 1 launch), and their autograd
+        (3 + 1)."""
+        monkeypatch.setattr(triton_backend, "NATIVE_BACKWARD", path == "native")
         logits, _, target = make_case(n, c, 1, dtype=torch.float32)
         work = _HostWork(monkeypatch)
         with work:
@@ -519,37 +630,48 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
             forward_ops, forward_launches = work.take()
             (grad,) = torch.autograd.grad(loss, logits)
             backward_ops, backward_launches = work.take()
+        native = path == "native"
         assert loss.shape == () and forward_launches == ["_logitnorm_kernel"]
-        assert len(forward_ops) <= forward_ops_at_most, forward_ops
-        assert backward_launches == ["_logitnorm_backward_kernel"]
-        assert len(backward_ops) <= 2, backward_ops  # the seed (ones_like) and a detach at most
+        assert len(forward_ops) <= forward_ops_at_most + native, forward_ops
+        assert backward_launches == ([] if native else ["_logitnorm_backward_kernel"])
+        # The seed (ones_like) and a detach at most, or the seed and the multiply.
+        assert len(backward_ops) <= 2, backward_ops
         check_logitnorm("triton", logits, target, reduction, rtol=RTOL, atol=ATOL)
 
     #: Host work of the GEMM path (eager, mean), N=256, C=1000 (one distance row per sample) and
-    #: N=300, C=200 (one per class), D=64. Forward: argmax, index_select of the rows (N < C
-    #: only), t + mm (raw inner products), mul + sum (squared norms), 3 output allocations, the
-    #: sum of the rows' shares and 1 launch: 10 / 9 (was 22: norms gathered and broadcast,
-    #: addmm, clamp, sqrt and scatter of the self-distance on the host; then 13 / 12 with the
-    #: mean as 4 ops). Backward: autograd's seed, 2 allocations, the weight gradient from the
-    #: forward's saved rows (per sample: 2 sums, 2 muls, t, 2 addmm, index_add_; per class: 7 as
-    #: above), 2 detaches and 1 launch: 13 / 12 (was 18 / 16: the rows gathered again, an
-    #: arange, 2 unsqueezes; then 15 / 14 with the mean's autograd).
-    GEMM_FORWARD_OPS = 10
-    GEMM_BACKWARD_OPS = 13
+    #: N=300, C=200 (one per class), D=64, through the Python Function. Forward: argmax,
+    #: index_select of the rows (N < C only), t + mm (raw inner products), mul + sum (squared
+    #: norms), 3 output allocations, the sum of the rows' shares and 1 launch: 10 / 9 (was 22:
+    #: norms gathered and broadcast, addmm, clamp, sqrt and scatter of the self-distance on the
+    #: host; then 13 / 12 with the mean as 4 ops). Backward: autograd's seed, 2 allocations, the
+    #: weight gradient from the forward's saved rows (per sample: 2 sums, 2 muls, t, 2 addmm,
+    #: index_add_; per class: 7 as above), 2 detaches and 1 launch: 13 / 12 (was 18 / 16: the
+    #: rows gathered again, an arange, 2 unsqueezes; then 15 / 14 with the mean's autograd).
+    #: Through the C++ node (the default) the weight gradient's ops move to the forward (from
+    #: the unit coefficients, no rescale launch) with the node's view: 19 / 17; the backward is
+    #: the seed, two multiplies and the detaches: 5, no launch.
+    GEMM_HOST_WORK = {"python": (10, 13, ["_scale_rows_kernel"]), "native": (19, 5, [])}
 
+    @pytest.mark.parametrize("path", ["python", "native"])
     @pytest.mark.parametrize("n,c", [(256, 1000), (300, 200)])
-    def test_gemm_path_host_work_does_not_grow(n, c, monkeypatch):
+    def test_gemm_path_host_work_does_not_grow(n, c, path, monkeypatch):
+        monkeypatch.setattr(triton_backend, "NATIVE_BACKWARD", path == "native")
         forward_ops, forward_launches, backward_ops, backward_launches = (
             _training_step_host_work(monkeypatch, n, c, 64))
+        most_forward, most_backward, launched_backward = GEMM_HOST_WORK[path]
         assert forward_launches == ["_elogitnorm_kernel"]
-        assert len(forward_ops) <= GEMM_FORWARD_OPS, forward_ops
-        # The distances are formed in the kernel: one GEMM, no host-side clamp, root or scatter.
+        assert len(forward_ops) <= most_forward, forward_ops
+        # The distances are formed in the kernel: one GEMM, no host-side clamp, root or scatter
+        # (the node's forward has the weight gradient's addmm).
         assert forward_ops.count("aten.mm.default") == 1, forward_ops
         assert not any(name in op for op in forward_ops
-                       for name in ("addmm", "clamp", "sqrt", "scatter")), forward_ops
-        assert backward_launches == ["_scale_rows_kernel"]
-        assert len(backward_ops) <= GEMM_BACKWARD_OPS, backward_ops
-        assert "aten.index_select.default" not in backward_ops, backward_ops  # rows were saved
+                       for name in ("clamp", "sqrt", "scatter")), forward_ops
+        assert forward_ops.count("aten.addmm.default") == (0 if path == "python" else
+                                                           1 + (n < c)), forward_ops
+        assert backward_launches == launched_backward
+        assert len(backward_ops) <= most_backward, backward_ops
+        # The rows were kept: never gathered twice.
+        assert (forward_ops + backward_ops).count("aten.index_select.default") == (n < c)
 
     #: (C, D, fused?) around the thresholds C <= 128 and C * D <= 2^17.
     THRESHOLD_CASES = [(1, 4, True), (3, 4, True), (10, 512, True), (100, 512, True),

@@ -107,6 +107,44 @@ def test_logitnorm_backward_completes_the_forward_gradient(c, reduction):
     check_logitnorm("triton", logits, target, reduction, rtol=RTOL, atol=ATOL)
 
 
+def _gradients(native, logits, weight, target, scale, monkeypatch):
+    from elogitnorm_fast.backends import triton_backend
+
+    monkeypatch.setattr(triton_backend, "NATIVE_BACKWARD", native)
+    z = logits.detach().clone().requires_grad_(True)
+    w = weight.detach().clone().requires_grad_(True)
+    loss = (ef.elogitnorm_loss(z, w, target, backend="triton")
+            + ef.logitnorm_loss(z, target, backend="triton"))
+    assert _graph_has(loss.grad_fn, "UnitGradientNode", depth=3) == native
+    return torch.autograd.grad(loss * scale, (z, w))
+
+
+def _graph_has(node, name, depth):
+    """Whether an autograd node named ``name`` is within ``depth`` steps of ``node``."""
+    if node is None or depth < 0:
+        return False
+    return name in node.name() or any(_graph_has(child, name, depth - 1)
+                                      for child, _ in node.next_functions)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,c,d", [(128, 10, 64), (256, 1000, 64)])
+def test_cpp_node_and_python_backward_agree(n, c, d, dtype, monkeypatch):
+    """Eager mean through the C++ node (the forward's unit gradients times the upstream
+    gradient) and through the Python Functions: bitwise equal for a plain backward (upstream 1),
+    close for a loss weight; fp32 and bf16 logits (fused and GEMM paths)."""
+    logits, weight, target = make_case(n, c, d, "some_ignored", dtype=dtype, device="cuda")
+    for scale, exact in ((1.0, True), (2.5, False)):
+        native = _gradients(True, logits, weight, target, scale, monkeypatch)
+        python = _gradients(False, logits, weight, target, scale, monkeypatch)
+        for ours, theirs in zip(native, python, strict=True):
+            assert ours.dtype == theirs.dtype
+            if exact:
+                assert torch.equal(ours, theirs)
+            else:
+                torch.testing.assert_close(ours.float(), theirs.float(), rtol=1e-2, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["elogitnorm", "logitnorm"])
 @pytest.mark.parametrize("n,c,d", [(128, 10, 64), (256, 1000, 64)])
 def test_bf16_error_at_most_twice_plain_bf16(kind, n, c, d):

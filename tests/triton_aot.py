@@ -121,8 +121,9 @@ def loss_configs() -> list[KernelConfig]:
 
 def other_configs() -> list[KernelConfig]:
     """The backward kernels (LogitNorm's gradient, the row rescaling of ELogitNorm's, its
-    class-pooled weight gradient at C = 10 and 100, the logits gradient riding along) and the
-    logit-scores kernel."""
+    class-pooled weight gradient at C = 10 and 100, the logits gradient riding along, and the
+    same weight gradient for the unit upstream gradient, which the forward of the C++-node path
+    launches) and the logit-scores kernel."""
     from elogitnorm_fast.kernels.class_gradient import pooled_config
 
     return [
@@ -131,9 +132,11 @@ def other_configs() -> list[KernelConfig]:
                         ("ROWS", 1), ("BLOCK", 2048)), 4, "bf16")
           for skip in (True, False) for reduced in (False, True)),
         *(KernelConfig("class_gradient", "_pooled_weight_gradient_kernel",
-                       (("SCALE_LOGITS", True), ("SCAN", cfg["SCAN"]), ("BLOCK", cfg["BLOCK"]),
-                        ("FEATURES", cfg["FEATURES"])), cfg["num_warps"], dtype)
-          for cfg in (pooled_config(10), pooled_config(100)) for dtype in ("fp32", "bf16")),
+                       (("SCALE_LOGITS", not unit), ("UNIT_UPSTREAM", unit), ("SCAN", cfg["SCAN"]),
+                        ("BLOCK", cfg["BLOCK"]), ("FEATURES", cfg["FEATURES"])),
+                       cfg["num_warps"], dtype)
+          for cfg in (pooled_config(10), pooled_config(100))
+          for unit, dtype in ((False, "fp32"), (False, "bf16"), (True, "fp32"))),
         KernelConfig("rows", "_scale_rows_kernel",
                      (("HAS_FIRST", True), ("HAS_SECOND", True), ("ROWS", 1), ("BLOCK", 2048)), 4),
         KernelConfig("logit_scores", "_logit_row_stats_kernel",

@@ -8,7 +8,10 @@ chip, and the backward only fills in rows that received something else, so a pla
 ``loss.backward()`` reads the logits once and writes the gradient once. ``sum`` / ``mean`` are
 reduced in the kernel (``REDUCE_IN_KERNEL``): by one program for small batches (CIFAR sizes),
 else by each program counting the valid rows itself and writing its rows' shares of the loss,
-which one sum adds up: no count, division or autograd of them on the host.
+which one sum adds up: no count, division or autograd of them on the host. Eager ``sum`` /
+``mean`` (not under CUDA-graph capture) returns the loss through a C++ autograd node whose
+backward multiplies the forward's gradient by the upstream gradient (``NATIVE_BACKWARD``): no
+Python and no launch in the backward.
 
 ELogitNorm: one launch per direction and block of rows computes the loss (eager ``sum`` /
 ``mean``: each row's share of it) and, when a gradient will be needed, the logits gradient for
@@ -16,9 +19,11 @@ an upstream gradient of 1 and the coefficients ``c`` of the weight gradient (for
 share); the backward rescales rows by their upstream gradient and runs the weight-gradient GEMMs
 (eager, C <= 128 and few rows: one launch pools the coefficients by predicted class into the
 weight gradient and rescales the logits gradient,
-:mod:`elogitnorm_fast.kernels.class_gradient`). For small C
-(:func:`elogitnorm_fast.kernels.elogitnorm.fuses_distances`: C <= 128, C * D <= 2^17) that
-launch also takes the argmax and computes each row's distances from ``W`` directly, so the
+:mod:`elogitnorm_fast.kernels.class_gradient`). Eager ``sum`` / ``mean`` (not captured) forms
+the weight gradient for the unit upstream gradient in the forward instead (that launch, or the
+GEMMs) and returns the loss through the same C++ node as LogitNorm. For small C
+(:func:`elogitnorm_fast.kernels.elogitnorm.fuses_distances`: C <= 128, C * D <= 2^17) the
+forward launch also takes the argmax and computes each row's distances from ``W`` directly, so the
 forward is one launch plus the output allocations. Otherwise the host runs the argmax, the
 squared norms of ``W`` and one GEMM of raw inner products ``w_m . w_j`` for the predicted
 classes (rows as in :func:`elogitnorm_fast.geometry.predicted_rows`; TF32 follows
@@ -45,7 +50,7 @@ import importlib.util
 
 import torch
 
-from ..extension import triton_interpreting
+from ..extension import has_ops, triton_interpreting
 from ..geometry import predicted_rows, weight_gradient
 from ..reduction import mean_count, reduce_rows
 from ..validation import check_first_derivative
@@ -114,6 +119,36 @@ PREDICT_UPSTREAM = True
 #: Function returns their sum (no count, division or expansion on the host). False: per-row
 #: losses and the reduction on the host, as the op path does.
 REDUCE_IN_KERNEL = True
+
+#: Eager ``sum`` / ``mean`` steps outside CUDA-graph capture: the forward writes every gradient
+#: for an upstream gradient of one (LogitNorm's logits gradient, as above; ELogitNorm's also the
+#: weight gradient, one more launch or the GEMMs), and the loss comes back from a C++ autograd
+#: node (``unit_gradient_node``, ``csrc/unit_gradients.cpp``) whose backward multiplies them by
+#: the upstream gradient: no Python and no Triton launch in the backward (autograd's device
+#: thread runs it without the GIL). Needs the compiled extension; without it, or while a graph is
+#: captured (replayed, host work costs nothing and the node's multiplies are extra kernels), the
+#: Python Functions below run. LogitNorm: up to :data:`NATIVE_MAX_ELEMENTS`, because the
+#: multiply reads and writes the gradient once more where the Python backward only checks the
+#: upstream gradient. A NaN / inf upstream gradient reaches ignored rows as 0 x NaN = NaN (plain
+#: IEEE, as autograd's own multiply), where the Python backward gives them 0.
+NATIVE_BACKWARD = True
+NATIVE_MAX_ELEMENTS = 1 << 20
+_HAS_NODE: list[bool] = []  # whether the extension has the node (looked up once)
+
+
+def _native_backward(logits: torch.Tensor) -> bool:
+    """Whether this eager step returns its loss through the C++ node (:data:`NATIVE_BACKWARD`)."""
+    if not _HAS_NODE:
+        _HAS_NODE.append(has_ops("unit_gradient_node"))
+    return NATIVE_BACKWARD and _HAS_NODE[0] and not _capturing(logits)
+
+
+def _unit_gradient_node(loss, logits, weight, logits_grad, weight_grad, loss_name):
+    """``loss`` (0-d) with the C++ backward that gives ``logits`` / ``weight`` the gradients
+    ``logits_grad`` / ``weight_grad`` (for an upstream gradient of one; None: none) times the
+    upstream gradient."""
+    return torch.ops.elogitnorm_fast.unit_gradient_node(loss, logits, weight, logits_grad,
+                                                        weight_grad, NAME, loss_name)
 
 
 def _logitnorm_impl(logits, target, inv_tau, ignore_index, block_cols, traced=True,
@@ -236,14 +271,21 @@ def _elogitnorm_backward(ctx, grad_losses, *_unused):
                                            ctx.ignore_index)
     grad_weight = None
     if ctx.needs_input_grad[1]:
-        w = weight.to(torch.float32)
-        if rows is None:  # the op path, or one row per class (the rows are W itself)
-            rows, per_sample = predicted_rows(w, predicted)
-        else:  # the eager path saved W[predicted]
-            per_sample = True
-        grad_weight = weight_gradient(w, rows, per_sample, predicted, coefficients)
+        grad_weight = _gemm_weight_gradient(weight, rows, predicted, coefficients)
         grad_weight = grad_weight.to(weight.dtype)
     return grad_logits if ctx.needs_input_grad[0] else None, grad_weight, *no_grads
+
+
+def _gemm_weight_gradient(weight, rows, predicted, coefficients):
+    """dW (fp32) from the coefficients by :func:`elogitnorm_fast.geometry.weight_gradient`;
+    ``rows``: the forward's ``W[predicted]`` (one per sample), or None (the op path, or one row
+    per class: gathered here, or ``W`` itself)."""
+    w = weight.to(torch.float32)
+    if rows is None:
+        rows, per_sample = predicted_rows(w, predicted)
+    else:
+        per_sample = True
+    return weight_gradient(w, rows, per_sample, predicted, coefficients)
 
 
 class _EagerLogitNorm(torch.autograd.Function):
@@ -283,6 +325,26 @@ class _EagerReducedLogitNorm(torch.autograd.Function):
         return loss
 
     backward = staticmethod(_logitnorm_backward)
+
+
+def _elogitnorm_through_node(inputs, reduce):
+    """Eager ``sum`` / ``mean`` ELogitNorm through the C++ node (:data:`NATIVE_BACKWARD`): the
+    kernels' unit gradients, and the weight gradient from the unit coefficients (the pooled
+    launch for few classes and rows, else the GEMMs), formed in the forward."""
+    logits, weight, target, ignore_index = inputs[:4]
+    need_logits_grad, need_weight_grad = inputs[6:8]
+    (shares, grad_unit, coefficient_unit, predicted), rows = _elogitnorm_forward(
+        *inputs, reduce, traced=False)
+    grad_weight = None
+    if need_weight_grad:
+        if _kernels("class_gradient").pools(*coefficient_unit.shape):
+            grad_weight, _ = _kernels("class_gradient").pooled_gradients(
+                weight, coefficient_unit, predicted, None, target, ignore_index=ignore_index,
+                traced=False)
+        else:
+            grad_weight = _gemm_weight_gradient(weight, rows, predicted, coefficient_unit)
+    return _unit_gradient_node(shares.sum(), logits, weight,
+                               grad_unit if need_logits_grad else None, grad_weight, "ELogitNorm")
 
 
 class _EagerELogitNorm(torch.autograd.Function):
@@ -418,6 +480,8 @@ def elogitnorm_loss(
                 target.shape[0], _kernels("elogitnorm").rows_per_program(
                     logits.shape[1], weight.shape[1], block_cols), reduction):
             reduce = rows.REDUCE_CODES[reduction]
+            if (inputs[6] or inputs[7]) and _native_backward(logits):
+                return _elogitnorm_through_node(inputs, reduce).to(logits.dtype)
         losses, *_ = _EagerELogitNorm.apply(*inputs, reduce)
         if reduce:
             return losses.to(logits.dtype)
@@ -445,6 +509,15 @@ def logitnorm_loss(
                        and not _capturing(logits))
         if one_program or kernels.reduces_in_blocks(*logits.shape, reduction, block_cols):
             write_grad = PREDICT_UPSTREAM and _needs_grad(logits)
+            if (write_grad and logits.numel() <= NATIVE_MAX_ELEMENTS
+                    and kernels.writes_gradient(logits.shape[1], block_cols)
+                    and _native_backward(logits)):
+                loss, _, grad = kernels.logitnorm_reduced(
+                    logits, target, inv_tau=1.0 / tau, ignore_index=ignore_index,
+                    reduction=reduction, write_grad=True, one_program=one_program,
+                    block_cols=block_cols, traced=False)
+                return _unit_gradient_node(loss, logits, None, grad, None,
+                                           "LogitNorm").to(logits.dtype)
             return _EagerReducedLogitNorm.apply(
                 logits, target, 1.0 / tau, ignore_index, reduction, write_grad, one_program,
                 block_cols or 0).to(logits.dtype)

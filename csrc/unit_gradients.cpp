@@ -1,0 +1,95 @@
+// The autograd node of the triton backend's eager sum / mean steps
+// (elogitnorm_fast/backends/triton_backend.py). Its kernels reduce the loss and, in the same
+// forward, write each input's gradient for an upstream gradient of one; the loss is linear in
+// its upstream gradient g, so the backward is those gradients times g. Here that backward is
+// C++: autograd runs it on its device thread without Python (no GIL, no Python frames, no
+// kernel launch through triton's launcher), which is most of the backward's host time in a
+// host-bound step (CIFAR sizes). Device-agnostic: one multiply per input, any device.
+#include <ATen/core/grad_mode.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+
+TORCH_LIBRARY_FRAGMENT(elogitnorm_fast, m) {
+  // Returns `loss` (a view of it); its backward gives `logits` the gradient
+  // `logits_grad * g` and `weight` the gradient `(weight_grad * g).to(weight.dtype)`, where
+  // g is the loss's upstream gradient (`loss` must be 0-d). An absent gradient gives none.
+  // `backend` and `loss_name` name the refusal of create_graph=True.
+  m.def(
+      "unit_gradient_node(Tensor loss, Tensor? logits, Tensor? weight, Tensor? logits_grad, "
+      "Tensor? weight_grad, str backend, str loss_name) -> Tensor");
+}
+
+namespace elogitnorm_fast {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using Tensor = at::Tensor;
+using OptionalTensor = std::optional<Tensor>;
+
+class UnitGradientNode : public torch::autograd::Function<UnitGradientNode> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& loss, const OptionalTensor& logits,
+                        const OptionalTensor& weight, const OptionalTensor& logits_grad,
+                        const OptionalTensor& weight_grad, c10::string_view backend,
+                        c10::string_view loss_name) {
+    TORCH_CHECK(loss.dim() == 0, "unit_gradient_node: loss must be 0-d, got shape ",
+                loss.sizes());
+    ctx->save_for_backward({logits_grad.value_or(Tensor()), weight_grad.value_or(Tensor())});
+    if (weight.has_value() && weight->defined()) {
+      ctx->saved_data["weight_dtype"] = static_cast<int64_t>(weight->scalar_type());
+    }
+    ctx->saved_data["backend"] = std::string(backend);
+    ctx->saved_data["loss_name"] = std::string(loss_name);
+    return loss;  // returned input: autograd makes it a view carrying this node
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // A backward with create_graph=True (grad mode on) would get gradients without a second
+    // derivative; refuse, as the Python backward does (validation.check_first_derivative).
+    TORCH_CHECK(!at::GradMode::is_enabled(), "backend='",
+                ctx->saved_data["backend"].toStringRef(), "' computes first derivatives of ",
+                ctx->saved_data["loss_name"].toStringRef(),
+                " only, so backward with create_graph=True cannot go through it; use "
+                "backend='reference' for higher derivatives");
+    variable_list out(7);
+    const Tensor& upstream = grads[0];
+    if (!upstream.defined()) return out;
+    const variable_list saved = ctx->get_saved_variables();
+    if (saved[0].defined() && ctx->needs_input_grad(1)) out[1] = saved[0].mul(upstream);
+    if (saved[1].defined() && ctx->needs_input_grad(2)) {
+      const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["weight_dtype"].toInt());
+      out[2] = saved[1].mul(upstream).to(dtype);
+    }
+    return out;
+  }
+};
+
+Tensor unit_gradient_node_autograd(const Tensor& loss, const OptionalTensor& logits,
+                                   const OptionalTensor& weight, const OptionalTensor& logits_grad,
+                                   const OptionalTensor& weight_grad, c10::string_view backend,
+                                   c10::string_view loss_name) {
+  return UnitGradientNode::apply(loss, logits, weight, logits_grad, weight_grad, backend,
+                                 loss_name);
+}
+
+// Below autograd (inference mode, meta tensors): the loss itself, as a view.
+Tensor unit_gradient_node_plain(const Tensor& loss, const OptionalTensor&, const OptionalTensor&,
+                                const OptionalTensor&, const OptionalTensor&, c10::string_view,
+                                c10::string_view) {
+  return loss.alias();
+}
+
+}  // namespace
+}  // namespace elogitnorm_fast
+
+TORCH_LIBRARY_IMPL(elogitnorm_fast, Autograd, m) {
+  m.impl("unit_gradient_node", &elogitnorm_fast::unit_gradient_node_autograd);
+}
+
+TORCH_LIBRARY_IMPL(elogitnorm_fast, CompositeExplicitAutograd, m) {
+  m.impl("unit_gradient_node", &elogitnorm_fast::unit_gradient_node_plain);
+}
