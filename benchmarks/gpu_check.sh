@@ -5,7 +5,7 @@
 # runs): build 54 s, GPU tests 90 s, losses 84 s, KNN 23 s, scoring 36 s, registers 44 s, about
 # 5.5 minutes in all, before gpu_host.py (host cost per step and training steps with each
 # loss; about 30 s expected, not yet run there) was added; the loss matrix now stops starting
-# timings at 130 s. Each stage runs under its own timeout and a failing stage does not stop
+# timings at 130 s, its target sizes timed first. Each stage runs under its own timeout and a failing stage does not stop
 # the later ones (a failed build still leaves triton/torch). GPU_CHECK_BENCHES=losses (say)
 # runs only those benchmarks.
 # It writes 8 files to $OUT (log, junit XML, 4 benchmark JSON, registers, summary): the lent

@@ -212,3 +212,17 @@ def test_python_backward_variant_is_set_while_the_forward_chooses_the_path(monke
     loss = gpu_host.loss_fn("logitnorm", gpu_host.PYTHON_BACKWARD)
     loss(torch.ones(2, 3), None, torch.zeros(2, dtype=torch.int64))
     assert seen == [("triton", False)] and triton_backend.NATIVE_BACKWARD
+
+
+def test_loss_matrix_times_the_targets_first():
+    """The budget cuts the last cases: the issue's target sizes come first, the rest after in
+    their given order."""
+    gpu_losses = _benchmark("gpu_losses")
+    cases = [("elogitnorm", s) for s in gpu_losses.ELOGITNORM_SIZES]
+    cases += [("logitnorm", s) for s in gpu_losses.LOGITNORM_SIZES]
+    ordered = gpu_losses.ordered_cases(cases)
+    assert sorted(ordered) == sorted(cases)
+    head = [(loss, n, c) for loss, (n, c, _) in ordered[:len(gpu_losses.TARGETS_FIRST)]]
+    assert head == gpu_losses.TARGETS_FIRST
+    rest = [case for case in cases if case not in ordered[:len(head)]]
+    assert ordered[len(head):] == rest
