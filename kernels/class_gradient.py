@@ -13,8 +13,10 @@ directly: one program per class ``i`` scans the N rows for row ``i`` and column 
 (N x C reads, from cache after the first program), then forms ``dW_i`` over D. For small C only
 (:func:`pools`): the work grows as C^2 (N + D). No atomics, so the result does not depend
 on scheduling. The same launch can also scale the forward's unit-upstream logits gradient by
-``g`` (each program ``N / C`` rows), so the whole small-C backward is one launch. Imported
-lazily (needs triton).
+``g`` (each program ``N / C`` rows), so the whole small-C backward is one launch. Without an
+upstream gradient it forms dW for the unit upstream gradient (``g = 1`` on valid rows): the
+forward of the eager path whose backward is the C++ node (``triton_backend.NATIVE_BACKWARD``)
+launches it that way. Imported lazily (needs triton).
 
 Example::
 
