@@ -110,10 +110,10 @@ def test_losses_summary_reports_the_single_block_decision():
     assert out["logitnorm 128x10 triton host / kernel reduction (fwd+bwd)"] == 0.45 / 0.3
     assert out["logitnorm 128x10 triton blocks / one-program reduction (fwd+bwd)"] == 0.36 / 0.3
     assert out["logitnorm 128x10 triton host reduction / default (CUDA graph, fwd+bwd)"] == 2.0
-    assert out["logitnorm 128x10 triton reduced in blocks / default (CUDA graph, fwd+bwd)"] \
-        == 0.01 / 0.008
+    # Captured, these two variants are the default path: no graph ratio for them.
+    assert not any("reduced in blocks / default" in key for key in out)
     assert out["logitnorm 128x10 triton Python backward / C++ node (fwd+bwd)"] == 0.42 / 0.3
-    assert not any("Python backward / default" in key for key in out)  # same when captured
+    assert not any("Python backward / default" in key for key in out)
     assert out["logitnorm 4096x32768 triton per-tile / grouped check (fwd+bwd)"] == 1.5
     assert variants.groups_check_tiles(4096, 32768)
     assert not variants.groups_check_tiles(128, 10)

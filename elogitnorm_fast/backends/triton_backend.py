@@ -136,11 +136,12 @@ NATIVE_MAX_ELEMENTS = 1 << 20
 _HAS_NODE: list[bool] = []  # whether the extension has the node (looked up once)
 
 
-def _native_backward(logits: torch.Tensor) -> bool:
-    """Whether this eager step returns its loss through the C++ node (:data:`NATIVE_BACKWARD`)."""
+def _native_backward(capturing: bool) -> bool:
+    """Whether an eager step returns its loss through the C++ node (:data:`NATIVE_BACKWARD`);
+    ``capturing``: :func:`_capturing`, which the caller has already asked."""
     if not _HAS_NODE:
         _HAS_NODE.append(has_ops("unit_gradient_node"))
-    return NATIVE_BACKWARD and _HAS_NODE[0] and not _capturing(logits)
+    return NATIVE_BACKWARD and _HAS_NODE[0] and not capturing
 
 
 def _unit_gradient_node(loss, logits, weight, logits_grad, weight_grad, loss_name):
@@ -469,8 +470,9 @@ def elogitnorm_loss(
     if logits.dtype == torch.float64 or weight.dtype == torch.float64:
         return torch_backend.elogitnorm_loss(logits, weight, target, reduction=reduction,
                                              ignore_index=ignore_index, eps=eps, divisor=divisor)
+    need_logits_grad, need_weight_grad = _needs_grad(logits), _needs_grad(weight)
     inputs = (_unit_column_stride(logits), weight, target.contiguous(), ignore_index, float(eps),
-              int(divisor), _needs_grad(logits), _needs_grad(weight), block_cols or 0)
+              int(divisor), need_logits_grad, need_weight_grad, block_cols or 0)
     if _use_op():
         losses, *_ = _elogitnorm_rows(*inputs)
     else:
@@ -480,7 +482,7 @@ def elogitnorm_loss(
                 target.shape[0], _kernels("elogitnorm").rows_per_program(
                     logits.shape[1], weight.shape[1], block_cols), reduction):
             reduce = rows.REDUCE_CODES[reduction]
-            if (inputs[6] or inputs[7]) and _native_backward(logits):
+            if (need_logits_grad or need_weight_grad) and _native_backward(_capturing(logits)):
                 return _elogitnorm_through_node(inputs, reduce).to(logits.dtype)
         losses, *_ = _EagerELogitNorm.apply(*inputs, reduce)
         if reduce:
@@ -505,13 +507,14 @@ def logitnorm_loss(
     logits, target = _unit_column_stride(logits), target.contiguous()
     if not _use_op() and REDUCE_IN_KERNEL and reduction != "none":
         kernels = _kernels("logitnorm")
+        capturing = _capturing(logits)
         one_program = (block_cols is None and kernels.reduces_in_one_program(*logits.shape)
-                       and not _capturing(logits))
+                       and not capturing)
         if one_program or kernels.reduces_in_blocks(*logits.shape, reduction, block_cols):
             write_grad = PREDICT_UPSTREAM and _needs_grad(logits)
             if (write_grad and logits.numel() <= NATIVE_MAX_ELEMENTS
                     and kernels.writes_gradient(logits.shape[1], block_cols)
-                    and _native_backward(logits)):
+                    and _native_backward(capturing)):
                 loss, _, grad = kernels.logitnorm_reduced(
                     logits, target, inv_tau=1.0 / tau, ignore_index=ignore_index,
                     reduction=reduction, write_grad=True, one_program=one_program,
