@@ -10,7 +10,8 @@ forward with ``triton``: 0.60 ms eager, 0.07 ms of device time replayed from a C
 * for ``triton``, the step's top host events by CPU self time per step (torch.profiler; each
   Triton launch recorded as ``launch <kernel>``);
 * ``launch_us``: a bare launch of an empty Triton kernel and of the LogitNorm forward kernel with
-  its arguments, and one ``torch.empty`` for scale;
+  its arguments, one ``torch.empty`` for scale, and the multiply the C++ node runs instead of a
+  Triton launch;
 * ``step_ms``: an eager training step (forward, loss, backward) of a ResNet-18-sized CNN on a
   CIFAR batch (128 x 3 x 32 x 32, C = 10 and 100) with each loss, and its ratio to the same step
   with ``F.cross_entropy``: what a loss costs inside training, where the host runs ahead of the
@@ -151,6 +152,7 @@ def launch_costs() -> list[dict]:
     x = torch.empty(16, device="cuda")
     z = torch.randn(128, 10, device="cuda")
     y = torch.randint(0, 10, (128,), device="cuda")
+    scale = torch.ones((), device="cuda")
     rows = [
         {"op": "empty triton kernel launch",
          "launch_us": host_us(lambda: _empty_kernel[(1,)](x, 16, BLOCK=16), 200)},
@@ -159,6 +161,9 @@ def launch_costs() -> list[dict]:
              z, y, inv_tau=25.0, ignore_index=-100, traced=False), 200)},
         {"op": "torch.empty(16)", "launch_us": host_us(lambda: torch.empty(16, device="cuda"),
                                                         200)},
+        # What the C++ node's backward launches per input instead of a Triton kernel.
+        {"op": "torch.mul, 128 x 10 by a 0-d tensor (the C++ node's multiply)",
+         "launch_us": host_us(lambda: z.mul(scale), 200)},
     ]
     return rows
 
@@ -295,7 +300,7 @@ def main() -> None:
         rows += launch_costs()
     except Exception as error:
         rows.append({"op": "launch costs", "status": f"error: {type(error).__name__}: {error}"})
-    for row in rows[-3:]:
+    for row in rows:
         if "launch_us" in row:
             print(f"{row['op']:60s} {row['launch_us']:8.1f} us")
     try:
