@@ -178,6 +178,24 @@ def test_host_profile_records_each_triton_launch_and_undoes_its_patch():
     assert any(event.key == "launch _some_kernel" for event in prof.key_averages())
 
 
+def test_device_kernel_breakdown_is_per_step_and_sorted():
+    """gpu_host.top_device_kernels (profiled here with CPU activity, the GPU run's device
+    activity aside): each entry is one op's time and count per step, longest first."""
+    gpu_host = _benchmark("gpu_host")
+    z = torch.randn(64, 10, requires_grad=True)
+    y = torch.randint(0, 10, (64,))
+
+    def step():
+        torch.autograd.grad(torch.nn.functional.cross_entropy(z, y), [z])
+
+    kernels = gpu_host.top_device_kernels(step, steps=4, top=50, device_type="cpu")
+    times = [k["device_us_per_step"] for k in kernels]
+    assert times == sorted(times, reverse=True) and times[-1] > 0
+    by_name = {k["kernel"]: k for k in kernels}
+    assert by_name["aten::_log_softmax"]["per_step"] == 1
+    assert by_name["aten::_log_softmax_backward_data"]["per_step"] == 1
+
+
 def test_training_step_rows_time_every_loss_against_cross_entropy():
     """gpu_host.training_step_rows on the CPU at a tiny width: one row per loss and C, each
     step timed and compared with the cross-entropy step; the model has ResNet-18's 17
