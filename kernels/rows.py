@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 #: Largest row length (columns) kept on chip in one block.
 MAX_SINGLE_BLOCK = 32768  # measured on H100: 1.3x faster fwd+bwd at C=32768 than 16384
@@ -67,9 +68,28 @@ def launcher(kernel, grid: tuple[int, ...], traced: bool):
 
     ``wrap_triton`` is what lets torch.compile trace a launch inside a ``triton_op``, but in eager
     mode it costs ~370 us of host time per launch (measured, torch 2.11 on an H100 machine; the
-    bare launch takes ~22 us), so eager callers pass ``traced=False``.
+    bare launch takes ~22 us), so eager callers pass ``traced=False``. Under the interpreter
+    (``TRITON_INTERPRET=1``) torch 2.11 refuses to wrap a kernel (it takes only ``triton.jit``
+    functions, which the interpreter replaces; torch 2.13 takes both); there the launch is
+    direct, as nothing can trace an interpreted kernel anyway.
     """
-    return torch.library.wrap_triton(kernel)[grid] if traced else kernel[grid]
+    if traced and (isinstance(kernel, JITFunction) or _wraps_interpreted_kernels()):
+        return torch.library.wrap_triton(kernel)[grid]
+    return kernel[grid]
+
+
+_WRAPS_INTERPRETED: list[bool] = []  # looked up once
+
+
+def _wraps_interpreted_kernels() -> bool:
+    """Whether this torch's ``wrap_triton`` takes the interpreter's kernels."""
+    if not _WRAPS_INTERPRETED:
+        try:
+            torch.library.wrap_triton(_scale_rows_kernel)
+            _WRAPS_INTERPRETED.append(True)
+        except RuntimeError:
+            _WRAPS_INTERPRETED.append(False)
+    return _WRAPS_INTERPRETED[0]
 
 
 def unused_pointer(tensor: torch.Tensor, traced: bool) -> torch.Tensor:

@@ -237,6 +237,29 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         assert "triton_elogitnorm_rows" in type(rows.grad_fn).__name__
         check_logitnorm("triton", logits, target, reduction, rtol=RTOL, atol=ATOL)
 
+    def test_op_path_launches_directly_where_torch_refuses_interpreted_kernels(monkeypatch):
+        """torch 2.11 wraps only ``triton.jit`` functions (``wrap_triton`` raises on the
+        interpreter's kernels): the op path then launches them itself (that torch simulated)."""
+        from triton.runtime.jit import JITFunction
+
+        wrap_triton = torch.library.wrap_triton
+        refused = []
+
+        def older_wrap_triton(kernel):
+            if not isinstance(kernel, JITFunction):
+                refused.append(kernel)
+                raise RuntimeError("wrap_triton only works on functions annotated with "
+                                   "triton.jit or triton.autotune")
+            return wrap_triton(kernel)
+
+        monkeypatch.setattr(torch.library, "wrap_triton", older_wrap_triton)
+        monkeypatch.setattr(_rows_module(), "_WRAPS_INTERPRETED", [])
+        monkeypatch.setattr(triton_backend, "EAGER_FAST_PATH", False)
+        logits, weight, target = make_case(9, 7, 5, "some_ignored", dtype=torch.float32)
+        check_elogitnorm("triton", logits, weight, target, "mean", rtol=RTOL, atol=ATOL)
+        check_logitnorm("triton", logits, target, "sum", rtol=RTOL, atol=ATOL)
+        assert len(refused) == 1  # asked once, then launched directly
+
     @pytest.mark.parametrize("c", [10, 100])
     def test_fused_kernel_with_one_row_per_program(c, monkeypatch):
         """The fused small-C ELogitNorm kernel on one row per program (the variant gpu_losses
