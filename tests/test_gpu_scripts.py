@@ -4,6 +4,7 @@ fails at import or argument parsing must fail here, not on the device machine.""
 from __future__ import annotations
 
 import importlib
+import json
 import subprocess
 import sys
 import types
@@ -194,6 +195,31 @@ def test_device_kernel_breakdown_is_per_step_and_sorted():
     by_name = {k["kernel"]: k for k in kernels}
     assert by_name["aten::_log_softmax"]["per_step"] == 1
     assert by_name["aten::_log_softmax_backward_data"]["per_step"] == 1
+
+
+def test_cpu_host_path_counts_each_paths_work(tmp_path):
+    """benchmarks/cpu_host_path.py (quick, in its own process: it sets TRITON_INTERPRET before
+    importing triton): per case the node path, the Python Functions and F.cross_entropy, each
+    with its ops and stand-in launches; the C++ node's backward launches nothing and multiplies,
+    the Python backward launches once, and no CPU-only target check is counted."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_host_path.py"),
+                           "--quick", "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = json.loads((tmp_path / "cpu_host_path.json").read_text())["rows"]
+    by_path = {}
+    for row in rows:
+        by_path.setdefault(row["path"], []).append(row)
+        assert len(row["us_per_step"]) == 1 and row["us_per_step"][0] > 0
+        assert not any("aminmax" in op for op in row["forward_ops"]), row["forward_ops"]
+    assert {len(group) for group in by_path.values()} == {6}
+    for row in by_path["triton"]:
+        assert row["forward_launches"] and row["backward_launches"] == []
+        assert "aten.mul.Tensor" in row["backward_ops"]
+    for row in by_path["triton, Python backward"]:
+        assert len(row["backward_launches"]) == 1
+    for row in by_path["F.cross_entropy"]:
+        assert row["forward_launches"] == row["backward_launches"] == []
 
 
 def test_training_step_rows_time_every_loss_against_cross_entropy():
