@@ -441,6 +441,26 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
             with pytest.raises(RuntimeError, match="first derivatives.*backend='reference'"):
                 torch.autograd.grad(loss, logits, create_graph=True)
 
+    @pytest.mark.parametrize("c", [10, 257])  # pooled dW (fused path), GEMM dW
+    def test_elogitnorm_node_forward_records_no_autograd_history(c, monkeypatch):
+        """Through the C++ node, the forward's host ops (argmax, gather, GEMMs of the distances
+        and of the weight gradient) run without autograd: the gradients the node keeps carry no
+        graph, so nothing (the coefficients, the gathered rows) stays alive for the backward
+        beyond them, and no op pays for recording."""
+        handed = {}
+        node = triton_backend._unit_gradient_node
+
+        def spy(loss, logits, weight, logits_grad, weight_grad, loss_name):
+            handed.update(loss=loss, logits_grad=logits_grad, weight_grad=weight_grad)
+            return node(loss, logits, weight, logits_grad, weight_grad, loss_name)
+
+        monkeypatch.setattr(triton_backend, "_unit_gradient_node", spy)
+        logits, weight, target = make_case(12, c, 6, "some_ignored", dtype=torch.float32)
+        loss = ef.elogitnorm_loss(logits, weight, target, backend="triton")
+        assert _node(loss) == "native" and set(handed) == {"loss", "logits_grad", "weight_grad"}
+        for name, tensor in handed.items():
+            assert tensor.grad_fn is None and not tensor.requires_grad, name
+
     @pytest.mark.parametrize("needs", ["both", "logits", "weight"])
     @pytest.mark.parametrize("c", [10, 257])  # pooled dW (fused path), GEMM dW
     def test_elogitnorm_node_scales_the_forward_gradients_by_any_upstream(c, needs):

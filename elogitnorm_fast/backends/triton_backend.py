@@ -182,12 +182,16 @@ def _elogitnorm_forward(logits, weight, target, ignore_index, eps, divisor, writ
             write_grad=write_grad, write_coefficients=write_coefficients, reduce=reduce,
             traced=traced,
         ), None
-    predicted = logits.argmax(dim=1)  # first index on ties, like torch.max
-    w = weight.to(torch.float32)
-    rows, per_sample = predicted_rows(w, predicted)
-    # Raw inner products only (R x C, fp32 accumulation); the kernel forms the distances.
-    inner = torch.mm(rows, w.t())
-    squared_norms = torch.linalg.vecdot(w, w)  # mul + sum: the precision of (w * w).sum(1)
+    # Without autograd: the C++ node's path (:func:`_elogitnorm_through_node`) calls this with
+    # grad mode on, and recording these ops would keep their inputs (W[predicted]) alive until
+    # the backward and record a node per op (the other callers run without autograd already).
+    with torch.no_grad():
+        predicted = logits.argmax(dim=1)  # first index on ties, like torch.max
+        w = weight.to(torch.float32)
+        rows, per_sample = predicted_rows(w, predicted)
+        # Raw inner products only (R x C, fp32 accumulation); the kernel forms the distances.
+        inner = torch.mm(rows, w.t())
+        squared_norms = torch.linalg.vecdot(w, w)  # mul + sum: the precision of (w * w).sum(1)
     losses, grad, coefficients = kernels.elogitnorm_rows(
         logits, target, predicted, inner, w, squared_norms, per_sample=per_sample, eps=eps,
         divisor=divisor, ignore_index=ignore_index, write_grad=write_grad,
@@ -277,6 +281,7 @@ def _elogitnorm_backward(ctx, grad_losses, *_unused):
     return grad_logits if ctx.needs_input_grad[0] else None, grad_weight, *no_grads
 
 
+@torch.no_grad()  # the C++ node's forward calls it with grad mode on (see _elogitnorm_forward)
 def _gemm_weight_gradient(weight, rows, predicted, coefficients):
     """dW (fp32) from the coefficients by :func:`elogitnorm_fast.geometry.weight_gradient`;
     ``rows``: the forward's ``W[predicted]`` (one per sample), or None (the op path, or one row
