@@ -162,6 +162,25 @@ def top_device_kernels(step, steps: int = 20, top: int = 8, device_type: str = "
              "device_us_per_step": getattr(e, key) / steps} for e in events[:top]]
 
 
+def add_device_kernels(rows: list[dict]) -> None:
+    """``top_device_kernels`` of the ``triton`` and ``F.cross_entropy`` host rows, added after
+    every host timing: a profiler with device activity loads CUPTI, which could stay behind and
+    slow the launches timed after it."""
+    for row in rows:
+        if row.get("status") != "ok" or row.get("backend") not in ("triton", "F.cross_entropy"):
+            continue
+        try:
+            row["top_device_kernels"] = top_device_kernels(
+                make_step(row["loss"], row["backend"], row["N"], row["C"], row["D"], True))
+        except Exception as error:  # the host rows stand without it
+            row["device_kernels_error"] = f"{type(error).__name__}: {str(error)[:200]}"
+            continue
+        print(f"{row['loss']:10s} {row['N']:5d} {row['C']:6d} {row['backend']:24s} device time")
+        for kernel in row["top_device_kernels"][:6]:
+            print(f"      {kernel['device_us_per_step']:8.1f} us  x{kernel['per_step']:.0f}  "
+                  f"{kernel['kernel'][:66]}")
+
+
 def launch_costs() -> list[dict]:
     import triton
     import triton.language as tl
@@ -312,12 +331,6 @@ def main() -> None:
                 row["status"] = "ok"
             except Exception as error:  # recorded, the rest goes on
                 row["status"] = f"error: {type(error).__name__}: {str(error)[:200]}"
-            if row["status"] == "ok" and backend in ("triton", "F.cross_entropy"):
-                try:
-                    row["top_device_kernels"] = top_device_kernels(
-                        make_step(loss, backend, n, c, d, True))
-                except Exception as error:  # the host rows stand without it
-                    row["device_kernels_error"] = f"{type(error).__name__}: {str(error)[:200]}"
             print(f"{loss:10s} {n:5d} {c:6d} {backend:24s} "
                   f"fwd {row.get('host_us_fwd', float('nan')):8.1f} us  "
                   f"fwd+bwd {row.get('host_us_fwd_bwd', float('nan')):8.1f} us  "
@@ -325,9 +338,6 @@ def main() -> None:
             for event in row.get("top_host_events", [])[:8]:
                 print(f"      {event['self_us_per_step']:8.1f} us  x{event['per_step']:.0f}  "
                       f"{event['event'][:70]}")
-            for kernel in row.get("top_device_kernels", [])[:6]:
-                print(f"      device {kernel['device_us_per_step']:8.1f} us  "
-                      f"x{kernel['per_step']:.0f}  {kernel['kernel'][:62]}")
     try:
         rows += launch_costs()
     except Exception as error:
@@ -339,6 +349,7 @@ def main() -> None:
         rows += training_step_rows(backends)
     except Exception as error:
         rows.append({"op": "training step", "status": f"error: {type(error).__name__}: {error}"})
+    add_device_kernels(rows)
     write_rows(path, machine, rows)
     print("wrote", path)
 

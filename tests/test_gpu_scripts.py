@@ -197,6 +197,37 @@ def test_device_kernel_breakdown_is_per_step_and_sorted():
     assert by_name["aten::_log_softmax_backward_data"]["per_step"] == 1
 
 
+def test_device_kernels_profile_only_the_ok_triton_and_cross_entropy_rows(monkeypatch):
+    """gpu_host.add_device_kernels (run after every host timing) profiles the ``triton`` and
+    ``F.cross_entropy`` rows that timed, and records a failed profile without dropping the
+    row's host times."""
+    gpu_host = _benchmark("gpu_host")
+    profiled = []
+
+    def fake_profile(step):
+        if step == ("elogitnorm", "F.cross_entropy"):
+            raise RuntimeError("no CUPTI")
+        profiled.append(step)
+        return [{"kernel": "k", "per_step": 1.0, "device_us_per_step": 2.0}]
+
+    monkeypatch.setattr(gpu_host, "make_step", lambda loss, backend, *_: (loss, backend))
+    monkeypatch.setattr(gpu_host, "top_device_kernels", fake_profile)
+
+    def row(loss, backend, status="ok"):
+        return {"loss": loss, "N": 4, "C": 3, "D": 2, "backend": backend, "status": status,
+                "host_us_fwd_bwd": 1.0}
+
+    rows = [row("logitnorm", "triton"), row("logitnorm", "cuda"),
+            row("logitnorm", "F.cross_entropy"), row("elogitnorm", "triton", "error: x"),
+            row("elogitnorm", "F.cross_entropy"), {"op": "torch.empty(16)", "launch_us": 1.0}]
+    gpu_host.add_device_kernels(rows)
+    assert profiled == [("logitnorm", "triton"), ("logitnorm", "F.cross_entropy")]
+    assert rows[0]["top_device_kernels"][0]["device_us_per_step"] == 2.0
+    assert "top_device_kernels" not in rows[1] and "top_device_kernels" not in rows[3]
+    assert rows[4]["device_kernels_error"] == "RuntimeError: no CUPTI"
+    assert rows[4]["host_us_fwd_bwd"] == 1.0
+
+
 def test_cpu_host_path_counts_each_paths_work(tmp_path):
     """benchmarks/cpu_host_path.py (quick, in its own process: it sets TRITON_INTERPRET before
     importing triton): per case the node path, the Python Functions and F.cross_entropy, each
