@@ -66,11 +66,15 @@ def stand_in_launches(launched: list[str]):
 
     for module in modules:
         module.launcher = launcher
+    checks = triton_backend.__dict__.get("CHECKS_TARGET_VALUES")
     triton_backend.CHECKS_TARGET_VALUES = True
     try:
         yield
     finally:
-        del triton_backend.CHECKS_TARGET_VALUES
+        if checks is None:
+            del triton_backend.CHECKS_TARGET_VALUES
+        else:
+            triton_backend.CHECKS_TARGET_VALUES = checks
         for module, original in originals.items():
             module.launcher = original
 
