@@ -142,13 +142,10 @@ def triton_variants(loss: str, n: int, c: int, d: int) -> dict:
 
 def _takes_node(loss: str, n: int, c: int) -> bool:
     """Whether an eager mean of this size returns through the C++ node (LogitNorm: reduced in
-    the kernel, gradient written in the forward, at most NATIVE_MAX_ELEMENTS)."""
+    the kernel and small enough, as the backend decides it)."""
     from elogitnorm_fast.backends import triton_backend
 
     if loss == "elogitnorm":
         return True
-    from elogitnorm_fast.kernels import logitnorm
-
-    reduced = logitnorm.reduces_in_one_program(n, c) or logitnorm.reduces_in_blocks(n, c, "mean")
-    return (reduced and logitnorm.writes_gradient(c)
-            and n * c <= triton_backend.NATIVE_MAX_ELEMENTS)
+    return (triton_backend.logitnorm_kernel_reduction(n, c, "mean") is not None
+            and triton_backend.node_carries_logitnorm(n, c))

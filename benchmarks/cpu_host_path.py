@@ -31,12 +31,11 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
-import importlib  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
-from gpu_host import KERNEL_MODULES, PYTHON_BACKWARD, loss_fn  # noqa: E402
+from gpu_host import PYTHON_BACKWARD, launchers_replaced, loss_fn, make_inputs  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from elogitnorm_fast.backends import triton_backend  # noqa: E402
@@ -57,26 +56,20 @@ def stand_in_launches(launched: list[str]):
     """Every Triton launch of the kernel modules only appends the kernel's name; and the public
     API skips the target-range pass it runs on CPU tensors only (on a GPU it would be a host
     sync), so the ops counted are a GPU step's."""
-    modules = [importlib.import_module(f"elogitnorm_fast.kernels.{name}")
-               for name in KERNEL_MODULES]
-    originals = {module: module.launcher for module in modules}
+    def stand_in(original):
+        return lambda kernel, grid, traced: lambda *args, **kwargs: launched.append(
+            kernel.__name__)
 
-    def launcher(kernel, grid, traced):
-        return lambda *args, **kwargs: launched.append(kernel.__name__)
-
-    for module in modules:
-        module.launcher = launcher
     checks = triton_backend.__dict__.get("CHECKS_TARGET_VALUES")
     triton_backend.CHECKS_TARGET_VALUES = True
     try:
-        yield
+        with launchers_replaced(stand_in):
+            yield
     finally:
         if checks is None:
             del triton_backend.CHECKS_TARGET_VALUES
         else:
             triton_backend.CHECKS_TARGET_VALUES = checks
-        for module, original in originals.items():
-            module.launcher = original
 
 
 class CountOps(TorchDispatchMode):
@@ -93,12 +86,7 @@ class CountOps(TorchDispatchMode):
 
 def make_step(loss: str, path: str, n: int, c: int, d: int):
     """One training step's loss and backward on fixed random inputs (gradients reset first)."""
-    generator = torch.Generator().manual_seed(n + c)
-    z = torch.randn(n, c, generator=generator).requires_grad_()
-    w = (torch.randn(c, d, generator=generator) / d ** 0.5).requires_grad_() \
-        if loss == "elogitnorm" else None
-    y = torch.randint(0, c, (n,), generator=generator)
-    leaves = [t for t in (z, w) if t is not None]
+    z, w, y, leaves = make_inputs(loss, n, c, d, device="cpu")
     forward = loss_fn(loss, path)
 
     def step(count: CountOps | None = None, launched: list[str] | None = None) -> tuple:

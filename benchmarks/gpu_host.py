@@ -78,14 +78,20 @@ def loss_fn(loss: str, backend: str):
     return lambda z, w, y: ef.logitnorm_loss(z, y, backend=backend)
 
 
-def make_step(loss: str, backend: str, n: int, c: int, d: int, backward: bool):
-    generator = torch.Generator(device="cuda")
+def make_inputs(loss: str, n: int, c: int, d: int, device: str = "cuda"):
+    """``(logits, weight or None, target, leaves)``: fixed random inputs of one case, the
+    logits (and ELogitNorm's weight) requiring gradients."""
+    generator = torch.Generator(device=device)
     generator.manual_seed(n + c)
-    z = torch.randn(n, c, device="cuda", generator=generator).requires_grad_(True)
-    w = (torch.randn(c, d, device="cuda", generator=generator) / d ** 0.5).requires_grad_(True) \
+    z = torch.randn(n, c, device=device, generator=generator).requires_grad_(True)
+    w = (torch.randn(c, d, device=device, generator=generator) / d ** 0.5).requires_grad_(True) \
         if loss == "elogitnorm" else None
-    y = torch.randint(0, c, (n,), device="cuda", generator=generator)
-    leaves = [t for t in (z, w) if t is not None]
+    y = torch.randint(0, c, (n,), device=device, generator=generator)
+    return z, w, y, [t for t in (z, w) if t is not None]
+
+
+def make_step(loss: str, backend: str, n: int, c: int, d: int, backward: bool):
+    z, w, y, leaves = make_inputs(loss, n, c, d)
     fn = loss_fn(loss, backend)
 
     def step():
@@ -96,12 +102,23 @@ def make_step(loss: str, backend: str, n: int, c: int, d: int, backward: bool):
     return step
 
 
-def recorded_launches():
-    """Patches the kernels' launchers so each launch is a profiler event; returns the undo."""
+@contextlib.contextmanager
+def launchers_replaced(replacement):
+    """While entered, each kernel module's ``launcher`` is ``replacement(original)``."""
     modules = [importlib.import_module(f"elogitnorm_fast.kernels.{name}")
                for name in KERNEL_MODULES]
     originals = {module: module.launcher for module in modules}
+    for module, original in originals.items():
+        module.launcher = replacement(original)
+    try:
+        yield
+    finally:
+        for module, original in originals.items():
+            module.launcher = original
 
+
+def recorded_launches():
+    """Each Triton launch a profiler event ``launch <kernel>`` while entered."""
     def recording(original):
         def launcher(kernel, grid, traced):
             launch = original(kernel, grid, traced)
@@ -114,27 +131,17 @@ def recorded_launches():
 
         return launcher
 
-    for module, original in originals.items():
-        module.launcher = recording(original)
-
-    def undo():
-        for module, original in originals.items():
-            module.launcher = original
-
-    return undo
+    return launchers_replaced(recording)
 
 
 def top_host_events(step, steps: int = 20, top: int = 12) -> list[dict]:
-    undo = recorded_launches()
-    try:
+    with recorded_launches():
         step()
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
                 step()
         torch.cuda.synchronize()
-    finally:
-        undo()
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     return [{"event": e.key, "per_step": e.count / steps,
              "self_us_per_step": e.self_cpu_time_total / steps} for e in events[:top]]

@@ -151,8 +151,8 @@ def test_benchmark_runner_enters_the_context_for_forward_and_backward():
 
 
 def test_host_profile_records_each_triton_launch_and_undoes_its_patch():
-    """gpu_host.recorded_launches makes every kernel launch a profiler event and puts the
-    launchers back (no GPU: the launch itself is a stand-in)."""
+    """gpu_host.recorded_launches makes every kernel launch a profiler event while entered and
+    puts the launchers back (no GPU: the launch itself is a stand-in)."""
     gpu_host = _benchmark("gpu_host")
     from elogitnorm_fast.kernels import logitnorm, rows
 
@@ -167,10 +167,9 @@ def test_host_profile_records_each_triton_launch_and_undoes_its_patch():
     for module in real:
         module.launcher = stand_in
     try:
-        undo = gpu_host.recorded_launches()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with gpu_host.recorded_launches(), torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             logitnorm.launcher(kernel, (3,), False)(1, 2)
-        undo()
         assert all(module.launcher is stand_in for module in real)
     finally:
         for module, launcher in real.items():

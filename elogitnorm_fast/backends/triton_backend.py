@@ -144,6 +144,25 @@ def _native_backward(capturing: bool) -> bool:
     return NATIVE_BACKWARD and _HAS_NODE[0] and not capturing
 
 
+def logitnorm_kernel_reduction(n_rows: int, n_cols: int, reduction: str,
+                               block_cols: int | None = None,
+                               capturing: bool = False) -> str | None:
+    """Where an eager ``sum`` / ``mean`` LogitNorm of this shape is reduced in the kernel:
+    ``"one program"`` (small batches, not while a CUDA graph is captured: :func:`_capturing`),
+    ``"blocks"`` (a block of rows per program), or None (per-row losses, reduced on the host)."""
+    kernels = _kernels("logitnorm")
+    if block_cols is None and not capturing and kernels.reduces_in_one_program(n_rows, n_cols):
+        return "one program"
+    return "blocks" if kernels.reduces_in_blocks(n_rows, n_cols, reduction, block_cols) else None
+
+
+def node_carries_logitnorm(n_rows: int, n_cols: int, block_cols: int | None = None) -> bool:
+    """Whether a LogitNorm of this shape, reduced in the kernel, may come back through the C++
+    node: its forward writes the gradient (rows on chip) and N C <= :data:`NATIVE_MAX_ELEMENTS`."""
+    return (n_rows * n_cols <= NATIVE_MAX_ELEMENTS
+            and _kernels("logitnorm").writes_gradient(n_cols, block_cols))
+
+
 def _unit_gradient_node(loss, logits, weight, logits_grad, weight_grad, loss_name):
     """``loss`` (0-d) with the C++ backward that gives ``logits`` / ``weight`` the gradients
     ``logits_grad`` / ``weight_grad`` (for an upstream gradient of one; None: none) times the
@@ -513,12 +532,11 @@ def logitnorm_loss(
     if not _use_op() and REDUCE_IN_KERNEL and reduction != "none":
         kernels = _kernels("logitnorm")
         capturing = _capturing(logits)
-        one_program = (block_cols is None and kernels.reduces_in_one_program(*logits.shape)
-                       and not capturing)
-        if one_program or kernels.reduces_in_blocks(*logits.shape, reduction, block_cols):
+        reduced_in = logitnorm_kernel_reduction(*logits.shape, reduction, block_cols, capturing)
+        if reduced_in is not None:
+            one_program = reduced_in == "one program"
             write_grad = PREDICT_UPSTREAM and _needs_grad(logits)
-            if (write_grad and logits.numel() <= NATIVE_MAX_ELEMENTS
-                    and kernels.writes_gradient(logits.shape[1], block_cols)
+            if (write_grad and node_carries_logitnorm(*logits.shape, block_cols)
                     and _native_backward(capturing)):
                 loss, _, grad = kernels.logitnorm_reduced(
                     logits, target, inv_tau=1.0 / tau, ignore_index=ignore_index,
