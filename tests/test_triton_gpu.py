@@ -131,18 +131,29 @@ def _graph_has(node, name, depth):
 @pytest.mark.parametrize("n,c,d", [(128, 10, 64), (256, 1000, 64)])
 def test_cpp_node_and_python_backward_agree(n, c, d, dtype, monkeypatch):
     """Eager mean through the C++ node (the forward's unit gradients times the upstream
-    gradient) and through the Python Functions: bitwise equal for a plain backward (upstream 1),
-    close for a loss weight; fp32 and bf16 logits (fused and GEMM paths)."""
+    gradient) and through the Python Functions; fp32 and bf16 logits (fused and GEMM paths).
+
+    A plain backward (upstream 1) gives bitwise equal gradients, except the GEMM path's weight
+    gradient: its ``index_add_`` adds rows of the same predicted class in whatever order the
+    device's atomics take, so it is only fp32-close. With a loss weight the node rounds the unit
+    gradient, then its product (twice in bf16, where the Python path rounds once), so the two
+    agree to a few units in the last place of the gradient's largest entry."""
+    from elogitnorm_fast.kernels import class_gradient
+
     logits, weight, target = make_case(n, c, d, "some_ignored", dtype=dtype, device="cuda")
-    for scale, exact in ((1.0, True), (2.5, False)):
+    atomics = not class_gradient.pools(n, c)  # the weight gradient from the GEMMs
+    for scale in (1.0, 2.5):
         native = _gradients(True, logits, weight, target, scale, monkeypatch)
         python = _gradients(False, logits, weight, target, scale, monkeypatch)
-        for ours, theirs in zip(native, python, strict=True):
-            assert ours.dtype == theirs.dtype
-            if exact:
-                assert torch.equal(ours, theirs)
-            else:
-                torch.testing.assert_close(ours.float(), theirs.float(), rtol=1e-2, atol=1e-5)
+        for name, ours, theirs in zip(("logits", "weight"), native, python, strict=True):
+            assert ours.dtype == theirs.dtype, name
+            if scale == 1.0 and not (name == "weight" and atomics):
+                assert torch.equal(ours, theirs), name
+                continue
+            ulps = 4 * torch.finfo(ours.dtype).eps * theirs.float().abs().max().item()
+            rtol = 1e-2 if ours.dtype == torch.bfloat16 else 1e-4
+            torch.testing.assert_close(ours.float(), theirs.float(), rtol=rtol, atol=ulps,
+                                       msg=lambda text, name=name: f"{name}: {text}")
 
 
 @pytest.mark.parametrize("kind", ["elogitnorm", "logitnorm"])
