@@ -290,8 +290,12 @@ def _elogitnorm_kernel(
 #: (2^17 FMAs, 0.5 G for N = 4096: a few us on an H100, an estimate, not measured).
 FUSED_MAX_CLASSES = 128
 FUSED_MAX_WEIGHT = 1 << 17
-#: Rows per program of the fused kernel and elements of its difference tile.
-FUSED_ROWS = 4
+#: Rows per program of the fused kernel and elements of its difference tile. One row: on an H100
+#: (torch 2.11, triton 3.6) a CUDA-graph replay of fwd+bwd at N = 128, D = 512 took 15.9 us at
+#: C = 10 and 43.4 us at C = 100, against 23.4 us and 73.1 us with 4 rows (``gpu_losses.py``,
+#: ``benchmarks/results/gpu_losses_h100.json``): a program per row runs 128 programs where 4
+#: rows ran 32 on 132 SMs, and takes 4x longer feature tiles.
+FUSED_ROWS = 1
 FUSED_TILE = 4096
 
 
@@ -306,9 +310,8 @@ def fused_config(n_cols: int, n_features: int, rows: int | None = None) -> dict[
     ``FUSED_TILE`` elements).
 
     The distances loop over D in steps of ``FEATURES``, one dependent load after another: at
-    C = 100, D = 512 that is 64 steps with 4 rows (the forward took 56 us of device time on an
-    H100 at N = 128, against 18 us at C = 10 in 8 steps); 1 row gives 16 steps of 32 features,
-    and ``gpu_losses.py`` times both."""
+    C = 100, D = 512 that is 16 steps of 32 features with 1 row and 64 steps with 4 rows
+    (``gpu_losses.py`` times both)."""
     rows = FUSED_ROWS if rows is None else rows
     block = max(16, next_power_of_2(n_cols))
     features = min(next_power_of_2(max(n_features, 1)),

@@ -97,7 +97,7 @@ def test_losses_summary_reports_the_single_block_decision():
         row("logitnorm", 128, 10, "triton, Python backward", 0.42, fwd_bwd_graph_ms=0.008),
         row("logitnorm", 128, 10, "F.cross_entropy (pre-scaled)", 0.2),
         row("elogitnorm", 128, 100, "triton", 0.6, fwd_bwd_graph_ms=0.08),
-        row("elogitnorm", 128, 100, "triton, fused rows of 1", 0.6, fwd_bwd_graph_ms=0.04),
+        row("elogitnorm", 128, 100, "triton, fused rows of 4", 0.6, fwd_bwd_graph_ms=0.04),
         row("elogitnorm", 128, 100, "triton, GEMM distances", 0.7, fwd_bwd_graph_ms=0.16),
     ]
     variants = _benchmark("_loss_variants")
@@ -118,7 +118,7 @@ def test_losses_summary_reports_the_single_block_decision():
     assert out["logitnorm 4096x32768 triton per-tile / grouped check (fwd+bwd)"] == 1.5
     assert variants.groups_check_tiles(4096, 32768)
     assert not variants.groups_check_tiles(128, 10)
-    assert out["elogitnorm 128x100 triton fused rows of 1 / default (CUDA graph, fwd+bwd)"] == 0.5
+    assert out["elogitnorm 128x100 triton fused rows of 4 / default (CUDA graph, fwd+bwd)"] == 0.5
     assert out["elogitnorm 128x100 triton GEMM distances / default (CUDA graph, fwd+bwd)"] == 2.0
     assert variants.fuses_distances(100, 512) and not variants.fuses_distances(1000, 512)
     # The C++-node comparison where an eager mean takes the node, up to ImageNet-1k's size.
