@@ -7,7 +7,7 @@ design question with a measurement on the same card, in the same run:
   kernel (``REDUCE_IN_KERNEL``; ELogitNorm up to the ImageNet-1k size);
 * ``triton, reduced in blocks``: a small LogitNorm batch's mean reduced by a block of rows per
   program (each counting the valid rows) and a sum, as under CUDA-graph capture, instead of by
-  one program (``_capturing``);
+  one program (``logitnorm.reduces_in_one_program``), still through the C++ node;
 * ``triton, a program per tile``: the LogitNorm backward's check on one program per tile, as
   before it grouped the column tiles of the same rows (``rows.CHECK_PROGRAMS``);
 * ``triton, fused rows of 4``: ELogitNorm's fused small-C kernel on 4 rows per program, where
@@ -79,8 +79,11 @@ def host_reduced_triton(loss: str = "logitnorm"):
 
 
 def blockwise_reduced_triton():
-    return _with_setting(_logitnorm,
-                         "elogitnorm_fast.backends.triton_backend", "_capturing", lambda z: True)
+    """Only the reduction changes: the step still returns through the C++ node. (Until
+    42073b4 this variant posed as a CUDA-graph capture, which also turned the node off, so its
+    H100 rows compared blocks + Python backward with one program + node.)"""
+    return _with_setting(_logitnorm, "elogitnorm_fast.kernels.logitnorm",
+                         "reduces_in_one_program", lambda n_rows, n_cols: False)
 
 
 def per_tile_check_triton():

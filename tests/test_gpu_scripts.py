@@ -128,6 +128,23 @@ def test_losses_summary_reports_the_single_block_decision():
         assert ("triton, Python backward" in variants.triton_variants(loss, n, c, 512)) == timed
 
 
+def test_blockwise_variant_changes_only_the_reduction():
+    """``triton, reduced in blocks`` reduces a CIFAR-sized LogitNorm by blocks of rows while
+    entered, and the step still returns through the C++ node; one program again afterwards."""
+    variants = _benchmark("_loss_variants")
+    from elogitnorm_fast.backends import triton_backend
+
+    def path():
+        return (triton_backend.logitnorm_kernel_reduction(128, 10, "mean"),
+                triton_backend._native_backward(triton_backend._capturing(torch.ones(1))),
+                triton_backend.node_carries_logitnorm(128, 10))
+
+    default = path()
+    with variants.blockwise_reduced_triton().context():
+        assert path() == ("blocks", *default[1:])
+    assert path() == default and default[0] == "one program"
+
+
 def test_benchmark_runner_enters_the_context_for_forward_and_backward():
     """A variant's setting (``fn.context``) holds while the backward runs too."""
     gpu_losses, variants = _benchmark("gpu_losses"), _benchmark("_loss_variants")
