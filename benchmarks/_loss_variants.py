@@ -12,6 +12,8 @@ design question with a measurement on the same card, in the same run:
   before it grouped the column tiles of the same rows (``rows.CHECK_PROGRAMS``);
 * ``triton, fused rows of 4``: ELogitNorm's fused small-C kernel on 4 rows per program, where
   the default (``elogitnorm.FUSED_ROWS``) has one;
+* ``triton, dW by class``: the small-C weight gradient on one program per class, where the
+  default splits D between several (``class_gradient.TARGET_PROGRAMS``);
 * ``triton, GEMM distances``: ELogitNorm at small C through the GEMM path (argmax, one GEMM of
   inner products and the norms on the host, then the per-row kernel) instead of the fused
   kernel (``elogitnorm.FUSED_MAX_CLASSES``);
@@ -96,6 +98,17 @@ def four_rows_fused_triton():
                          "elogitnorm_fast.kernels.elogitnorm", "FUSED_ROWS", 4)
 
 
+def per_class_pooled_triton():
+    return _with_setting(_elogitnorm,
+                         "elogitnorm_fast.kernels.class_gradient", "TARGET_PROGRAMS", 0)
+
+
+def pools_weight_gradient(n: int, c: int) -> bool:
+    from elogitnorm_fast.kernels import class_gradient
+
+    return class_gradient.pools(n, c)
+
+
 def gemm_distances_triton():
     return _with_setting(_elogitnorm, "elogitnorm_fast.kernels.elogitnorm", "FUSED_MAX_CLASSES", 0)
 
@@ -127,6 +140,8 @@ def triton_variants(loss: str, n: int, c: int, d: int) -> dict:
     if loss == "elogitnorm" and fuses_distances(c, d):
         variants["triton, fused rows of 4"] = four_rows_fused_triton()
         variants["triton, GEMM distances"] = gemm_distances_triton()
+        if pools_weight_gradient(n, c):
+            variants["triton, dW by class"] = per_class_pooled_triton()
     if loss == "logitnorm" and groups_check_tiles(n, c):
         variants["triton, a program per tile"] = per_tile_check_triton()
     if loss == "logitnorm":

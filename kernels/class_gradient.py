@@ -9,14 +9,15 @@ pooled by predicted class ``P[i, j] = sum_{n : m_n = i} g_n c_nj`` and ``S = P +
 
 The eager path does this in seven torch ops (zeros, index_add_, t, add, sum, mul, addmm) after
 rescaling ``c`` by ``g``. Here it is one launch that reads the unit coefficients and ``g``
-directly: one program per class ``i`` scans the N rows for row ``i`` and column ``i`` of ``P``
-(N x C reads, from cache after the first program), then forms ``dW_i`` over D. For small C only
-(:func:`pools`): the work grows as C^2 (N + D). No atomics, so the result does not depend
+directly: the programs of class ``i`` each scan the N rows for row ``i`` and column ``i`` of
+``P`` (N x C reads, from cache after the first program), then form ``dW_i`` over their share of
+D (:func:`feature_splits` programs per class: 80 programs at C = 10, D = 512, not 10). For small
+C only (:func:`pools`): the work grows as C^2 (N + D). No atomics, so the result does not depend
 on scheduling. The same launch can also scale the forward's unit-upstream logits gradient by
-``g`` (each program ``N / C`` rows), so the whole small-C backward is one launch. Without an
-upstream gradient it forms dW for the unit upstream gradient (``g = 1`` on valid rows): the
-forward of the eager path whose backward is the C++ node (``triton_backend.NATIVE_BACKWARD``)
-launches it that way. Imported lazily (needs triton).
+``g`` (each program an equal share of the rows), so the whole small-C backward is one launch.
+Without an upstream gradient it forms dW for the unit upstream gradient (``g = 1`` on valid
+rows): the forward of the eager path whose backward is the C++ node
+(``triton_backend.NATIVE_BACKWARD``) launches it that way. Imported lazily (needs triton).
 
 Example::
 
@@ -44,6 +45,10 @@ from .rows import (
 #: Largest C this kernel handles, and the most coefficient loads (N C^2) it is used for.
 MAX_CLASSES = 128
 MAX_LOADS = 1 << 22
+#: Programs the launch aims for (about two per SM of an H100) by splitting D between programs of
+#: one class: with one program per class, C = 10 ran 10 programs, each 4 scan steps and then 8
+#: dependent feature steps (8.4 us of device time per step at N = 128, D = 512 on an H100).
+TARGET_PROGRAMS = 256
 
 
 def pools(n_rows: int, n_cols: int) -> bool:
@@ -60,6 +65,13 @@ def pooled_config(n_cols: int) -> dict[str, int]:
     block = max(16, next_power_of_2(n_cols))
     return {"BLOCK": block, "SCAN": min(32, 2048 // block), "FEATURES": min(64, 4096 // block),
             "num_warps": 8 if block >= 128 else 4}
+
+
+def feature_splits(n_cols: int, n_features: int, features: int) -> int:
+    """Programs per class: D is cut into this many runs of whole ``features``-wide tiles, at
+    most :data:`TARGET_PROGRAMS` programs in all (at least one per class)."""
+    tiles = -(-n_features // features) if n_features > 0 else 1
+    return max(1, min(tiles, TARGET_PROGRAMS // max(n_cols, 1)))
 
 
 @triton.jit
@@ -79,6 +91,7 @@ def _pooled_weight_gradient_kernel(
     n_rows,
     n_cols,
     n_features,
+    feature_run,
     ignore_index,
     SCALE_LOGITS: tl.constexpr,
     UNIT_UPSTREAM: tl.constexpr,
@@ -87,16 +100,19 @@ def _pooled_weight_gradient_kernel(
     FEATURES: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     col_mask = cols < n_cols
     if SCALE_LOGITS:
         # The logits gradient rides along (one launch for the whole backward): this program's
-        # share of the rows (N / C of them) of the forward's unit-upstream gradient times g_n,
+        # share of the rows (N / programs) of the forward's unit-upstream gradient times g_n,
         # as rows.scale_rows computes it.
-        rows_per_program = tl.cdiv(n_rows, n_cols)
+        splits = tl.num_programs(1)
+        rows_per_program = tl.cdiv(n_rows, n_cols * splits)
+        first_row = (i * splits + split) * rows_per_program
         for start in range(0, rows_per_program, SCAN):
             steps = start + tl.arange(0, SCAN)
-            rows = i * rows_per_program + steps.to(tl.int64)
+            rows = first_row + steps.to(tl.int64)
             row_mask = (steps < rows_per_program) & (rows < n_rows)
             _, _, g = _row_upstream(target_ptr, upstream_ptr, upstream_stride, rows, row_mask,
                                     n_cols, ignore_index)
@@ -122,8 +138,11 @@ def _pooled_weight_gradient_kernel(
         c_i = tl.load(row_base + i, mask=valid, other=0.0) * g
         pooled += tl.sum(tl.where(predicted[:, None] == cols[None, :], c_i[:, None], 0.0), axis=0)
     total = tl.sum(pooled, axis=0)
-    # dW_i = (sum_j S_ij) w_i - sum_j S_ij w_j, FEATURES columns at a time.
-    for start in range(0, n_features, FEATURES):
+    # dW_i = (sum_j S_ij) w_i - sum_j S_ij w_j over this program's run of D, FEATURES columns
+    # at a time (feature_run: a multiple of FEATURES).
+    first_feature = split * feature_run
+    for start in range(first_feature, tl.minimum(first_feature + feature_run, n_features),
+                       FEATURES):
         features = start + tl.arange(0, FEATURES)
         feature_mask = features < n_features
         w = tl.load(weight_ptr + cols[:, None] * weight_stride
@@ -167,14 +186,17 @@ def pooled_gradients(
     if n_cols == 0 or (n_features == 0 and (logits_unit is None or n_rows == 0)):
         return grad, grad_logits
     config = pooled_config(n_cols)
+    splits = feature_splits(n_cols, n_features, config["FEATURES"])
+    tiles = -(-n_features // config["FEATURES"])
     unused = unused_pointer(grad, traced)
-    launcher(_pooled_weight_gradient_kernel, (n_cols,), traced)(
+    launcher(_pooled_weight_gradient_kernel, (n_cols, splits), traced)(
         coefficients, coefficients.stride(0), predicted,
         unused if upstream is None else upstream,
         0 if upstream is None else upstream_stride(upstream),
         target, weight, weight.stride(0), weight.stride(1), grad,
         unused if logits_unit is None else logits_unit,
-        unused if grad_logits is None else grad_logits, n_rows, n_cols, n_features, ignore_index,
+        unused if grad_logits is None else grad_logits, n_rows, n_cols, n_features,
+        -(-tiles // splits) * config["FEATURES"], ignore_index,
         SCALE_LOGITS=grad_logits is not None, UNIT_UPSTREAM=upstream is None,
         SCAN=config["SCAN"], BLOCK=config["BLOCK"], FEATURES=config["FEATURES"],
         num_warps=config["num_warps"],

@@ -524,11 +524,13 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         assert _node(ef.logitnorm_loss(logits, target, backend="triton")) == "python"
         check_logitnorm("triton", logits, target, "sum", rtol=RTOL, atol=ATOL)
 
-    @pytest.mark.parametrize("n,c,d", [(1, 1, 3), (7, 5, 70), (64, 10, 512), (40, 128, 9)])
+    @pytest.mark.parametrize("n,c,d", [(1, 1, 3), (7, 5, 70), (64, 10, 512), (40, 128, 9),
+                                       (20, 100, 70)])
     def test_pooled_weight_gradient_matches_the_torch_form(n, c, d):
         """The one-launch class-pooled dW against geometry.weight_gradient (float64) on random
         coefficients, predicted classes, upstream gradients and ignored rows; W transposed
-        (strided)."""
+        (strided). D split between the programs of a class: 8 runs of one tile (C = 10,
+        D = 512), 2 runs of two tiles and of a partial one (C = 100, D = 70)."""
         from elogitnorm_fast.geometry import weight_gradient
 
         kernels = _class_gradient_module()

@@ -20,7 +20,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-_SCALARS_I32 = {"n_rows", "n_cols", "n_features", "ignore_index", "tiles"}
+_SCALARS_I32 = {"n_rows", "n_cols", "n_features", "feature_run", "ignore_index", "tiles"}
 _SCALARS_F32 = {"eps", "inv_tau", "inv_divisor", "inv_temperature", "expected_value"}
 _INDEX_POINTERS = {"target_ptr", "predicted_ptr"}
 #: The logits' dtype; other pointers fp32.
@@ -108,7 +108,7 @@ def loss_configs() -> list[KernelConfig]:
     from elogitnorm_fast.kernels.elogitnorm import fused_config
 
     for num_cols in (10, 100):
-        for rows in (None, 1):  # the default, and one row per program (gpu_losses times both)
+        for rows in (None, 4):  # the default, and 4 rows per program (gpu_losses times both)
             cfg = fused_config(num_cols, 512, rows)
             for dtype in ("fp32", "bf16") if rows is None else ("fp32",):
                 configs.append(KernelConfig(
