@@ -88,6 +88,8 @@ def gpu_tables(folder: Path) -> list[str]:
         machine = payload.get("machine") or payload
         card = machine.get("gpu") or machine.get("device_name") or machine.get("card") or "GPU"
         stamp = ", ".join(str(machine[k]) for k in ("date", "commit") if machine.get(k))
+        if machine.get("extension"):  # a run without the usual build says what that changed
+            stamp += f"; extension {machine['extension']}"
         lines += [f"#### {path.stem} ({card}, torch {machine.get('torch', '?')}"
                   f"{', ' + stamp if stamp else ''})", ""]
         lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]

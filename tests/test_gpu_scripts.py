@@ -75,6 +75,21 @@ def test_gpu_tables_keep_one_row_per_line_and_every_column(tmp_path):
     assert "line two" in table[-1]
 
 
+def test_gpu_table_heading_says_how_the_run_differed(tmp_path):
+    """A run's ``extension`` note (a run without the usual build) reaches its table's heading."""
+    import json
+
+    from elogitnorm_fast.bench_report import gpu_tables
+
+    rows = [{"loss": "logitnorm", "impl": "triton", "fwd_bwd_ms": 0.5, "status": "ok"}]
+    payload = {"card": "GPU", "date": "2026-11-27", "commit": "abc1234", "rows": rows}
+    (tmp_path / "gpu_plain.json").write_text(json.dumps(payload))
+    (tmp_path / "gpu_unbuilt.json").write_text(json.dumps({**payload, "extension": "not built"}))
+    headings = [line for line in gpu_tables(tmp_path) if line.startswith("####")]
+    assert headings == ["#### gpu_plain (GPU, torch ?, 2026-11-27, abc1234)",
+                        "#### gpu_unbuilt (GPU, torch ?, 2026-11-27, abc1234; extension not built)"]
+
+
 def test_losses_summary_reports_the_single_block_decision():
     """gpu_losses.summary turns the rows into the targets' ratios, including the comparisons
     that decide MAX_SINGLE_BLOCK and REDUCE_IN_KERNEL (synthetic rows: no GPU needed)."""
