@@ -46,8 +46,10 @@ from .rows import (
 MAX_CLASSES = 128
 MAX_LOADS = 1 << 22
 #: Programs the launch aims for (about two per SM of an H100) by splitting D between programs of
-#: one class: with one program per class, C = 10 ran 10 programs, each 4 scan steps and then 8
-#: dependent feature steps (8.4 us of device time per step at N = 128, D = 512 on an H100).
+#: one class. With one program per class, C = 10 ran 10 programs, each 4 scan steps and then 8
+#: dependent feature steps: 8.4 us of device time per step at N = 128, D = 512 on an H100, and
+#: 5.7 us split 8 ways; a CUDA-graph fwd+bwd took 16.3 vs 13.3 us at C = 10, 43.4 vs 41.4 us at
+#: C = 100 (split 2 ways; ``benchmarks/results/gpu_losses_cifar_h100.json``).
 TARGET_PROGRAMS = 256
 
 
