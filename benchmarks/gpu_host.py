@@ -258,10 +258,9 @@ def step_losses(backends: list[str]) -> dict:
     return losses
 
 
-def step_ms(model, loss, x, y, steps: int = STEP_STEPS) -> float:
-    """Milliseconds per eager training step (forward, loss, backward), ``steps`` enqueued back to
-    back between two synchronizations, after 3 warm-up steps; ``loss.context`` (a benchmark
-    variant's setting), where set, is entered around each step."""
+def train_step(model, loss, x, y):
+    """One eager training step (forward, loss, backward) as a callable; ``loss.context`` (a
+    benchmark variant's setting), where set, is entered around it."""
     head = model[-1].weight
     context = getattr(loss, "context", contextlib.nullcontext)
 
@@ -269,6 +268,14 @@ def step_ms(model, loss, x, y, steps: int = STEP_STEPS) -> float:
         model.zero_grad(set_to_none=True)
         with context():
             loss(model(x), head, y).backward()
+
+    return step
+
+
+def step_ms(model, loss, x, y, steps: int = STEP_STEPS) -> float:
+    """Milliseconds per eager training step (:func:`train_step`), ``steps`` enqueued back to back
+    between two synchronizations, after 3 warm-up steps."""
+    step = train_step(model, loss, x, y)
 
     def sync():
         if x.is_cuda:
@@ -284,10 +291,18 @@ def step_ms(model, loss, x, y, steps: int = STEP_STEPS) -> float:
     return (time.perf_counter() - start) / steps * 1e3
 
 
+#: Training steps whose device time :func:`add_step_device_time` measures (at the first C): is
+#: ELogitNorm's extra 1.5-2 ms per step on the H100 device work, or host work the device waits
+#: for? (Its own eager fwd+bwd took about 0.4 ms.)
+PROFILED_STEPS = ("F.cross_entropy", "logitnorm triton", "elogitnorm triton")
+
+
 def training_step_rows(backends: list[str], device: str = "cuda", batch: int = STEP_BATCH,
-                       classes=STEP_CLASSES, width: int = 64, steps: int = STEP_STEPS):
+                       classes=STEP_CLASSES, width: int = 64, steps: int = STEP_STEPS,
+                       profiled=PROFILED_STEPS):
     """One row per (C, loss): ``step_ms`` and ``vs_cross_entropy``; a loss that fails is
-    recorded with its error and the rest go on."""
+    recorded with its error and the rest go on. The rows of ``profiled`` losses at the first C
+    carry their step as ``_step`` for :func:`add_step_device_time`."""
     rows = []
     generator = torch.Generator(device=device)
     generator.manual_seed(0)
@@ -302,6 +317,8 @@ def training_step_rows(backends: list[str], device: str = "cuda", batch: int = S
                    "C": num_classes}
             try:
                 row["step_ms"] = step_ms(model, loss, x, y, steps)
+                if name in profiled and num_classes == classes[0]:
+                    row["_step"] = train_step(model, loss, x, y)
                 base = row["step_ms"] if name == "F.cross_entropy" else base
                 if base:
                     row["vs_cross_entropy"] = row["step_ms"] / base
@@ -312,6 +329,25 @@ def training_step_rows(backends: list[str], device: str = "cuda", batch: int = S
             print(f"step C={num_classes:4d} {name:36s} {row.get('step_ms', float('nan')):8.3f} ms"
                   f"  x{row.get('vs_cross_entropy', float('nan')):.3f}  {row['status'][:60]}")
     return rows
+
+
+def add_step_device_time(rows: list[dict], device_type: str = "cuda", steps: int = 5) -> None:
+    """Device time and kernels per step of the rows that carry a ``_step`` (which it removes),
+    profiled after every timing (see :func:`add_device_kernels`). ``device_type`` "cpu" sums
+    CPU op time instead (the tests)."""
+    for row in rows:
+        step = row.pop("_step", None)
+        if step is None:
+            continue
+        try:
+            kernels = top_device_kernels(step, steps=steps, top=1 << 30, device_type=device_type)
+        except Exception as error:  # the step time stands without it
+            row["device_time_error"] = f"{type(error).__name__}: {str(error)[:200]}"
+            continue
+        row["device_ms_per_step"] = sum(k["device_us_per_step"] for k in kernels) / 1e3
+        row["kernels_per_step"] = sum(k["per_step"] for k in kernels)
+        print(f"step C={row['C']:4d} {row['loss']:36s} device {row['device_ms_per_step']:8.3f} ms"
+              f"  {row['kernels_per_step']:.0f} kernels")
 
 
 def main() -> None:
@@ -358,6 +394,7 @@ def main() -> None:
     except Exception as error:
         rows.append({"op": "training step", "status": f"error: {type(error).__name__}: {error}"})
     add_device_kernels(rows)
+    add_step_device_time(rows)
     write_rows(path, machine, rows)
     print("wrote", path)
 

@@ -308,6 +308,28 @@ def test_training_step_rows_time_every_loss_against_cross_entropy():
     assert all(row["status"] == "ok" and row["step_ms"] > 0 for row in rows), rows
     assert rows[0]["vs_cross_entropy"] == 1.0
     assert rows[2]["vs_cross_entropy"] == rows[2]["step_ms"] / rows[0]["step_ms"]
+    # Of the default profiled steps only cross-entropy's is here (no triton backend).
+    assert [row["loss"] for row in rows if "_step" in row] == ["F.cross_entropy"]
+
+
+def test_step_device_time_profiles_the_chosen_steps_and_drops_them():
+    """The profiled rows (first C only) get the summed op time and count per step (CPU
+    activity here), and lose the step callable that would not serialise."""
+    gpu_host = _benchmark("gpu_host")
+    rows = gpu_host.training_step_rows(["torch"], device="cpu", batch=4, classes=(10, 3),
+                                       width=2, steps=1,
+                                       profiled=("F.cross_entropy", "elogitnorm torch"))
+    marked = [(row["loss"], row["C"]) for row in rows if "_step" in row]
+    assert marked == [("F.cross_entropy", 10), ("elogitnorm torch", 10)]
+    gpu_host.add_step_device_time(rows, device_type="cpu", steps=1)
+    assert not any("_step" in row for row in rows)
+    profiled = [row for row in rows if "device_ms_per_step" in row]
+    assert [(row["loss"], row["C"]) for row in profiled] == marked
+    # 17 convolutions forward and backward at least, and more ops with ELogitNorm than with
+    # cross-entropy.
+    assert all(row["device_ms_per_step"] > 0 and row["kernels_per_step"] >= 34
+               for row in profiled)
+    assert profiled[1]["kernels_per_step"] > profiled[0]["kernels_per_step"]
 
 
 def test_python_backward_variant_is_set_while_the_forward_chooses_the_path(monkeypatch):
