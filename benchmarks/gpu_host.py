@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import statistics
 import time
 
 import torch
@@ -219,6 +220,7 @@ def launch_costs() -> list[dict]:
 
 
 STEP_BATCH, STEP_CLASSES, STEP_STEPS = 128, (10, 100), 30
+STEP_ROUNDS = 3
 
 
 def cifar_cnn(num_classes: int, width: int = 64) -> torch.nn.Sequential:
@@ -299,9 +301,12 @@ PROFILED_STEPS = ("F.cross_entropy", "logitnorm triton", "elogitnorm triton")
 
 def training_step_rows(backends: list[str], device: str = "cuda", batch: int = STEP_BATCH,
                        classes=STEP_CLASSES, width: int = 64, steps: int = STEP_STEPS,
-                       profiled=PROFILED_STEPS):
-    """One row per (C, loss): ``step_ms`` and ``vs_cross_entropy``; a loss that fails is
-    recorded with its error and the rest go on. The rows of ``profiled`` losses at the first C
+                       profiled=PROFILED_STEPS, rounds: int = STEP_ROUNDS):
+    """One row per (C, loss). The losses are timed in turn, ``rounds`` times over, so that a
+    drift of the machine reaches all of them alike: ``step_ms`` is the median of the rounds'
+    :func:`step_ms` (each in ``step_ms_rounds``), ``vs_cross_entropy`` the median of each
+    round's ratio to that round's cross-entropy step. A loss that fails is recorded with its
+    error and not timed again; the rest go on. The rows of ``profiled`` losses at the first C
     carry their step as ``_step`` for :func:`add_step_device_time`."""
     rows = []
     generator = torch.Generator(device=device)
@@ -311,20 +316,29 @@ def training_step_rows(backends: list[str], device: str = "cuda", batch: int = S
         model = cifar_cnn(num_classes, width).to(device)
         x = torch.randn(batch, 3, 32, 32, device=device, generator=generator)
         y = torch.randint(0, num_classes, (batch,), device=device, generator=generator)
-        base = None
-        for name, loss in step_losses(backends).items():
-            row = {"op": "training step, ResNet-18-sized CNN", "loss": name, "N": batch,
-                   "C": num_classes}
-            try:
-                row["step_ms"] = step_ms(model, loss, x, y, steps)
+        losses = step_losses(backends)
+        case = {name: {"op": "training step, ResNet-18-sized CNN", "loss": name, "N": batch,
+                       "C": num_classes, "step_ms_rounds": [], "status": "ok"}
+                for name in losses}
+        for _ in range(rounds):
+            for name, loss in losses.items():
+                row = case[name]
+                if row["status"] != "ok":
+                    continue
+                try:
+                    row["step_ms_rounds"].append(step_ms(model, loss, x, y, steps))
+                except Exception as error:  # recorded, the rest goes on
+                    row["status"] = f"error: {type(error).__name__}: {str(error)[:200]}"
+        base = case["F.cross_entropy"]["step_ms_rounds"]
+        for name, row in case.items():
+            times = row["step_ms_rounds"]
+            if row["status"] == "ok":
+                row["step_ms"] = statistics.median(times)
+                if len(base) == len(times):
+                    row["vs_cross_entropy"] = statistics.median(
+                        time_ / first for time_, first in zip(times, base, strict=True))
                 if name in profiled and num_classes == classes[0]:
-                    row["_step"] = train_step(model, loss, x, y)
-                base = row["step_ms"] if name == "F.cross_entropy" else base
-                if base:
-                    row["vs_cross_entropy"] = row["step_ms"] / base
-                row["status"] = "ok"
-            except Exception as error:  # recorded, the rest goes on
-                row["status"] = f"error: {type(error).__name__}: {str(error)[:200]}"
+                    row["_step"] = train_step(model, losses[name], x, y)
             rows.append(row)
             print(f"step C={num_classes:4d} {name:36s} {row.get('step_ms', float('nan')):8.3f} ms"
                   f"  x{row.get('vs_cross_entropy', float('nan')):.3f}  {row['status'][:60]}")
