@@ -13,7 +13,9 @@ design question with a measurement on the same card, in the same run:
 * ``triton, fused rows of 4``: ELogitNorm's fused small-C kernel on 4 rows per program, where
   the default (``elogitnorm.FUSED_ROWS``) has one;
 * ``triton, dW by class``: the small-C weight gradient on one program per class, where the
-  default splits D between several (``class_gradient.TARGET_PROGRAMS``);
+  default splits D between several (``class_gradient.TARGET_PROGRAMS``); ``triton, dW over
+  1024 programs``: split 4x finer (at C = 100, 10 runs of D where the default has 2; half of the
+  CIFAR-100 step's device time was this kernel);
 * ``triton, GEMM distances``: ELogitNorm at small C through the GEMM path (argmax, one GEMM of
   inner products and the norms on the host, then the per-row kernel) instead of the fused
   kernel (``elogitnorm.FUSED_MAX_CLASSES``);
@@ -103,6 +105,11 @@ def per_class_pooled_triton():
                          "elogitnorm_fast.kernels.class_gradient", "TARGET_PROGRAMS", 0)
 
 
+def finer_pooled_triton():
+    return _with_setting(_elogitnorm,
+                         "elogitnorm_fast.kernels.class_gradient", "TARGET_PROGRAMS", 1024)
+
+
 def pools_weight_gradient(n: int, c: int) -> bool:
     from elogitnorm_fast.kernels import class_gradient
 
@@ -142,6 +149,7 @@ def triton_variants(loss: str, n: int, c: int, d: int) -> dict:
         variants["triton, GEMM distances"] = gemm_distances_triton()
         if pools_weight_gradient(n, c):
             variants["triton, dW by class"] = per_class_pooled_triton()
+            variants["triton, dW over 1024 programs"] = finer_pooled_triton()
     if loss == "logitnorm" and groups_check_tiles(n, c):
         variants["triton, a program per tile"] = per_tile_check_triton()
     if loss == "logitnorm":

@@ -302,7 +302,7 @@ EAGER_ONLY = ("triton, Python backward", "triton, reduced in blocks")
 #: Variants timed replayed from a CUDA graph against the default: FUSED_ROWS,
 #: FUSED_MAX_CLASSES, class_gradient.TARGET_PROGRAMS, REDUCE_IN_KERNEL.
 GRAPH_RATIOS = ("triton, fused rows of 4", "triton, GEMM distances", "triton, dW by class",
-                "triton host reduction")
+                "triton, dW over 1024 programs", "triton host reduction")
 
 
 def summary(rows: list[dict]) -> dict:

@@ -117,6 +117,7 @@ def test_losses_summary_reports_the_single_block_decision():
         row("elogitnorm", 128, 100, "triton, fused rows of 4", 0.6, fwd_bwd_graph_ms=0.04),
         row("elogitnorm", 128, 100, "triton, GEMM distances", 0.7, fwd_bwd_graph_ms=0.16),
         row("elogitnorm", 128, 100, "triton, dW by class", 0.6, fwd_bwd_graph_ms=0.12),
+        row("elogitnorm", 128, 100, "triton, dW over 1024 programs", 0.6, fwd_bwd_graph_ms=0.06),
     ]
     variants = _benchmark("_loss_variants")
     out = gpu_losses.summary(rows)
@@ -141,6 +142,8 @@ def test_losses_summary_reports_the_single_block_decision():
     assert out["elogitnorm 128x100 triton fused rows of 4 / default (CUDA graph, fwd+bwd)"] == 0.5
     assert out["elogitnorm 128x100 triton GEMM distances / default (CUDA graph, fwd+bwd)"] == 2.0
     assert out["elogitnorm 128x100 triton dW by class / default (CUDA graph, fwd+bwd)"] == 1.5
+    assert out["elogitnorm 128x100 triton dW over 1024 programs / default (CUDA graph, "
+               "fwd+bwd)"] == 0.75
     assert "triton, dW by class" in variants.triton_variants("elogitnorm", 128, 100, 512)
     assert "triton, dW by class" not in variants.triton_variants("elogitnorm", 4096, 100, 512)
     assert variants.fuses_distances(100, 512) and not variants.fuses_distances(1000, 512)
