@@ -14,8 +14,8 @@ design question with a measurement on the same card, in the same run:
   the default (``elogitnorm.FUSED_ROWS``) has one;
 * ``triton, dW by class``: the small-C weight gradient on one program per class, where the
   default splits D between several (``class_gradient.TARGET_PROGRAMS``); ``triton, dW over
-  1024 programs``: split 4x finer (at C = 100, 10 runs of D where the default has 2; half of the
-  CIFAR-100 step's device time was this kernel);
+  1024 programs``: 4x the default's target (at C = 100, 10 runs of D where the default has 2;
+  half of the CIFAR-100 step's device time was this kernel);
 * ``triton, GEMM distances``: ELogitNorm at small C through the GEMM path (argmax, one GEMM of
   inner products and the norms on the host, then the per-row kernel) instead of the fused
   kernel (``elogitnorm.FUSED_MAX_CLASSES``);
