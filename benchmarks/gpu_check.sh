@@ -5,8 +5,9 @@
 # build 54-59 s, GPU tests 90-109 s, traced writes 10 s, losses and host (gpu_host.py) 152 s
 # together with the loss matrix stopping new timings at 130 s (now 110 s; its target sizes
 # are timed first), KNN 23 s, scoring 36 s, registers 44 s. The registers table is opt-in
-# (GPU_CHECK_REGISTERS=1; tests/triton_aot.py writes it on any machine with ptxas), which
-# leaves about 7 minutes for the default run (not yet timed as a whole). Each stage runs under
+# (GPU_CHECK_REGISTERS=1; tests/triton_aot.py writes it on any machine with ptxas). gpu_host.py
+# has since grown (training steps in 3 rounds, step profiles, LogitNorm 4096 x 32768; about 60 s
+# expected), which leaves about 7.5 minutes for the default run (not yet timed as a whole). Each stage runs under
 # its own timeout and a failing stage does not stop the later ones (a failed build still leaves
 # triton/torch). GPU_CHECK_BENCHES="losses host" (say) runs only those benchmarks.
 # It writes up to 8 files to $OUT (log, junit XML, 4 benchmark JSON, registers, summary): the lent
