@@ -29,8 +29,8 @@ runner enters around the forward and the backward both (the backward reads some 
 
 from __future__ import annotations
 
-import contextlib
 import importlib
+from unittest import mock
 
 import elogitnorm_fast as ef
 
@@ -44,16 +44,7 @@ def _with_setting(loss, module: str, name: str, value):
     def run(z, w, y):
         return loss(z, w, y)
 
-    @contextlib.contextmanager
-    def context():
-        saved = getattr(target, name)
-        setattr(target, name, value)
-        try:
-            yield
-        finally:
-            setattr(target, name, saved)
-
-    run.context = context
+    run.context = lambda: mock.patch.object(target, name, value)
     return run
 
 

@@ -158,9 +158,8 @@ def top_host_events(step, steps: int = 20, top: int = 12) -> list[dict]:
 def top_device_kernels(step, steps: int = 20, top: int = 8, device_type: str = "cuda"
                        ) -> list[dict]:
     """The step's kernels by device time per step (torch.profiler with device activity only, so
-    no host tracing perturbs it): where a CUDA-graph step's microseconds go (CIFAR LogitNorm took
-    16-22 us against 10 us for ``F.cross_entropy`` on the H100). ``device_type`` "cpu" profiles
-    CPU activity instead (the tests run it without a GPU)."""
+    no host tracing perturbs it): where a CUDA-graph step's microseconds go. ``device_type``
+    "cpu" profiles CPU activity instead (the tests run it without a GPU)."""
     activity = (torch.profiler.ProfilerActivity.CUDA if device_type == "cuda"
                 else torch.profiler.ProfilerActivity.CPU)
     sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)

@@ -12,12 +12,13 @@
 // CIFAR sizes; the backward is still a registered op (fake kernel included), so torch.compile
 // and opcheck see both directions. Other files add their own ops with TORCH_LIBRARY_FRAGMENT.
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/core/grad_mode.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <string>
 #include <tuple>
+
+#include "first_derivative.h"
 
 TORCH_LIBRARY(elogitnorm_fast, m) {
   m.set_python_module("elogitnorm_fast.backends._extension_ops");
@@ -67,13 +68,10 @@ ELogitNormOutputs call_elogitnorm_forward(const Tensor& logits, const Tensor& we
                  need_weight_grad);
 }
 
-// A backward run with create_graph=True (grad mode on) would return gradients without a second
-// derivative; refuse instead of letting a gradient penalty come out silently wrong.
-void check_first_derivative(const char* loss) {
-  TORCH_CHECK(!at::GradMode::is_enabled(),
-              "the cpu and cuda backends compute first derivatives of ", loss,
-              " only, so backward with create_graph=True cannot go through them; use "
-              "backend='reference' for higher derivatives");
+// The backend these ops ran as, for check_first_derivative's message: the device of the
+// upstream gradient.
+const char* backend_of(const Tensor& upstream) {
+  return upstream.defined() && upstream.is_cuda() ? "cuda" : "cpu";
 }
 
 std::tuple<Tensor, Tensor> call_elogitnorm_backward(const variable_list& saved,
@@ -114,7 +112,7 @@ class ELogitNormFunction : public torch::autograd::Function<ELogitNormFunction> 
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    check_first_derivative("ELogitNorm");
+    check_first_derivative(backend_of(grads[0]), "ELogitNorm");
     const bool need_logits_grad = ctx->saved_data["need_logits_grad"].toBool();
     const bool need_weight_grad = ctx->saved_data["need_weight_grad"].toBool();
     variable_list out(9);
@@ -166,7 +164,7 @@ class LogitNormFunction : public torch::autograd::Function<LogitNormFunction> {
             .findSchemaOrThrow("elogitnorm_fast::logitnorm_backward", "")
             .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                           const Tensor&, c10::string_view, int64_t)>();
-    check_first_derivative("LogitNorm");
+    check_first_derivative(backend_of(grads[0]), "LogitNorm");
     variable_list out(6);
     if (!grads[0].defined() || !ctx->saved_data["need_grad"].toBool()) return out;
     const variable_list saved = ctx->get_saved_variables();

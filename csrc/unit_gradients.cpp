@@ -6,12 +6,13 @@
 // kernel launch through triton's launcher), the host work of the Python backward it replaces
 // in a host-bound step (CIFAR sizes; gpu_losses.py times both). Device-agnostic: one multiply
 // per input, any device.
-#include <ATen/core/grad_mode.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <string>
+
+#include "first_derivative.h"
 
 TORCH_LIBRARY_FRAGMENT(elogitnorm_fast, m) {
   // Returns `loss` (a view of it); its backward gives `logits` the gradient
@@ -49,13 +50,8 @@ class UnitGradientNode : public torch::autograd::Function<UnitGradientNode> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    // A backward with create_graph=True (grad mode on) would get gradients without a second
-    // derivative; refuse, as the Python backward does (validation.check_first_derivative).
-    TORCH_CHECK(!at::GradMode::is_enabled(), "backend='",
-                ctx->saved_data["backend"].toStringRef(), "' computes first derivatives of ",
-                ctx->saved_data["loss_name"].toStringRef(),
-                " only, so backward with create_graph=True cannot go through it; use "
-                "backend='reference' for higher derivatives");
+    check_first_derivative(ctx->saved_data["backend"].toStringRef(),
+                           ctx->saved_data["loss_name"].toStringRef());
     variable_list out(7);
     const Tensor& upstream = grads[0];
     if (!upstream.defined()) return out;

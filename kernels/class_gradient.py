@@ -11,7 +11,7 @@ The eager path does this in seven torch ops (zeros, index_add_, t, add, sum, mul
 rescaling ``c`` by ``g``. Here it is one launch that reads the unit coefficients and ``g``
 directly: the programs of class ``i`` each scan the N rows for row ``i`` and column ``i`` of
 ``P`` (N x C reads, from cache after the first program), then form ``dW_i`` over their share of
-D (:func:`feature_splits` programs per class: 80 programs at C = 10, D = 512, not 10). For small
+D (:func:`feature_runs`: 80 programs at C = 10, D = 512, not 10). For small
 C only (:func:`pools`): the work grows as C^2 (N + D). No atomics, so the result does not depend
 on scheduling. The same launch can also scale the forward's unit-upstream logits gradient by
 ``g`` (each program an equal share of the rows), so the whole small-C backward is one launch.
@@ -69,11 +69,13 @@ def pooled_config(n_cols: int) -> dict[str, int]:
             "num_warps": 8 if block >= 128 else 4}
 
 
-def feature_splits(n_cols: int, n_features: int, features: int) -> int:
-    """Programs per class: D is cut into this many runs of whole ``features``-wide tiles, at
-    most :data:`TARGET_PROGRAMS` programs in all (at least one per class)."""
-    tiles = -(-n_features // features) if n_features > 0 else 1
-    return max(1, min(tiles, TARGET_PROGRAMS // max(n_cols, 1)))
+def feature_runs(n_cols: int, n_features: int, features: int) -> tuple[int, int]:
+    """``(programs per class, features per program)``: D cut into runs of whole
+    ``features``-wide tiles, at most :data:`TARGET_PROGRAMS` programs in all (at least one per
+    class)."""
+    tiles = max(1, -(-n_features // features))
+    splits = max(1, min(tiles, TARGET_PROGRAMS // max(n_cols, 1)))
+    return splits, -(-tiles // splits) * features
 
 
 @triton.jit
@@ -188,8 +190,7 @@ def pooled_gradients(
     if n_cols == 0 or (n_features == 0 and (logits_unit is None or n_rows == 0)):
         return grad, grad_logits
     config = pooled_config(n_cols)
-    splits = feature_splits(n_cols, n_features, config["FEATURES"])
-    tiles = -(-n_features // config["FEATURES"])
+    splits, feature_run = feature_runs(n_cols, n_features, config["FEATURES"])
     unused = unused_pointer(grad, traced)
     launcher(_pooled_weight_gradient_kernel, (n_cols, splits), traced)(
         coefficients, coefficients.stride(0), predicted,
@@ -197,8 +198,8 @@ def pooled_gradients(
         0 if upstream is None else upstream_stride(upstream),
         target, weight, weight.stride(0), weight.stride(1), grad,
         unused if logits_unit is None else logits_unit,
-        unused if grad_logits is None else grad_logits, n_rows, n_cols, n_features,
-        -(-tiles // splits) * config["FEATURES"], ignore_index,
+        unused if grad_logits is None else grad_logits, n_rows, n_cols, n_features, feature_run,
+        ignore_index,
         SCALE_LOGITS=grad_logits is not None, UNIT_UPSTREAM=upstream is None,
         SCAN=config["SCAN"], BLOCK=config["BLOCK"], FEATURES=config["FEATURES"],
         num_warps=config["num_warps"],
