@@ -109,6 +109,8 @@ def weight_gradient(
     per_sample: bool,
     predicted: torch.Tensor,
     coefficients: torch.Tensor,
+    *,
+    rows_sum_to_zero: bool = False,
 ) -> torch.Tensor:
     """Gradient of the loss with respect to ``W`` through the distances (design.md section 2.1).
 
@@ -122,6 +124,11 @@ def weight_gradient(
     ``rows`` and ``per_sample`` as in :class:`DistanceRows` (one row per sample: ``W[predicted]``;
     one per class: ``W`` itself, and then it is one GEMM: ``S = R + R^T``,
     ``dW = rowsum(S) * W - S W``).
+
+    ``c_nm`` at a sample's own predicted class multiplies ``w_m - w_m = 0``, so any value there
+    gives the same dW. ``rows_sum_to_zero``: the caller put minus the rest of the row there (the
+    Triton kernels do), so ``rowsum(R) = 0`` and the per-sample form drops that term (a sum and
+    a multiply): ``dW = colsum(R) * W - R^T W_rows - scatter_rows(R W)``.
     """
     w = weight.to(coefficients.dtype)
     if per_sample:
@@ -132,7 +139,9 @@ def weight_gradient(
         ).index_add_(0, predicted, coefficients)
         symmetric = pooled + pooled.t()
         return torch.addmm(symmetric.sum(dim=1, keepdim=True) * w, symmetric, w, alpha=-1.0)
-    row_part = torch.addmm(pooled.sum(dim=1, keepdim=True) * rows, pooled, w, alpha=-1.0)
     transposed = pooled.t()
     grad = torch.addmm(transposed.sum(dim=1, keepdim=True) * w, transposed, rows, alpha=-1.0)
+    if rows_sum_to_zero:
+        return grad.index_add_(0, predicted, torch.mm(pooled, w), alpha=-1.0)
+    row_part = torch.addmm(pooled.sum(dim=1, keepdim=True) * rows, pooled, w, alpha=-1.0)
     return grad.index_add_(0, predicted, row_part)

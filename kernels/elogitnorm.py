@@ -15,14 +15,18 @@ with ``p = softmax(z / s)``, ``G = p - onehot(y)``, ``ds = -(G . z) / s^2`` (0 w
     c_j  = -[j in T] k_j (v - z_j) / Delta_j^2      (0 where the clamp on Delta_j is active)
 
 ``c`` feeds the two weight-gradient GEMMs (:func:`elogitnorm_fast.geometry.weight_gradient`).
+Its entry at the predicted class multiplies ``w_m - w_m = 0`` there, so the kernels write minus
+the row's sum into it instead of 0: the rows of ``c`` sum to zero, and the GEMMs skip the term
+``(sum_j c_j) w_m`` (``rows_sum_to_zero=True``), two torch ops and an N x D pass fewer.
 The max of ``z / s`` is ``v / s``, known before the row is read, so no online max is needed.
 Rows with ``C <= BLOCK`` are read once; longer rows stream over column blocks (pass 1: the
 scale; pass 2: the exponential sums; pass 3: gradient and coefficients). int64 offsets, fp32
 arithmetic. Imported lazily (needs triton).
 
 GEMM path (:func:`elogitnorm_rows`): the host runs only the argmax, one GEMM of raw inner
-products ``w_m . w_j`` (one row per sample for N < C, one per class otherwise) and the squared
-norms; the kernel forms ``|w_m|^2 + |w_j|^2 - 2 w_m . w_j``, clamps it at 0, takes the root,
+products ``w_m . w_j`` (one row per sample for N < C, one per class otherwise) and the row
+norms (one reduction); the kernel forms ``|w_m|^2 + |w_j|^2 - 2 w_m . w_j``, clamps it at 0,
+takes the root,
 sets ``Delta_m = 1`` and recomputes cancelled entries exactly (:func:`_distance_tile`), in every
 pass that needs the distances.
 
@@ -34,7 +38,7 @@ host runs no argmax, GEMM or norms: at CIFAR-10 sizes the forward is host-bound.
 Example::
 
     inner = weight.index_select(0, predicted) @ weight.t()
-    norms = torch.linalg.vecdot(weight, weight)
+    norms = torch.linalg.vector_norm(weight, dim=1)
     losses, grad, coeff = elogitnorm_rows(logits, target, predicted, inner, weight,
                                           norms, per_sample=True,
                                           eps=1e-6, divisor=10, ignore_index=-100,
@@ -75,15 +79,16 @@ def _distance_tile(inner_base, cols, col_mask, mask, predicted, row_squared, nor
     (``inner_base`` points at each row's inner-product row), 1 on the predicted class and on
     masked lanes (the released code adds the identity).
 
-    ``|a|^2 + |b|^2 - 2 a.b`` (``row_squared`` = ``|w_m|^2``, ``norms_ptr`` the squared norms),
-    clamped at 0 (NaN kept). In fp32 that form has an absolute error near
+    ``|a|^2 + |b|^2 - 2 a.b`` (``row_squared`` = ``|w_m|^2``, ``norms_ptr`` the norms ``|w_j|``,
+    squared here), clamped at 0 (NaN kept). In fp32 that form has an absolute error near
     ``eps_32 * (|a|^2 + |b|^2)``, so (near-)duplicate weight rows would get distances of ~1e-3
     instead of ~0: entries whose squared value is below
     :data:`elogitnorm_fast.geometry.CANCELLATION_RATIO` of ``|a|^2 + |b|^2`` are recomputed
     from the difference; tiles without one (the normal case) skip the loop.
     """
     inner = tl.load(inner_base + cols[None, :], mask=mask, other=0.0)
-    col_squared = tl.load(norms_ptr + cols, mask=col_mask, other=0.0)
+    col_norm = tl.load(norms_ptr + cols, mask=col_mask, other=0.0)
+    col_squared = col_norm * col_norm
     norm_sum = row_squared[:, None] + col_squared[None, :]
     squared = norm_sum - 2.0 * inner
     lanes = mask & (cols[None, :] != predicted[:, None])
@@ -149,6 +154,10 @@ def _single_block(z, raw_distance, cols, mask, value, predicted, target, z_targe
                                                below_sum, eps)
         grad = tl.where(valid[:, None], grad * row_weight, 0.0)
         coefficients = tl.where(valid[:, None], coefficients * row_weight, 0.0)
+        # Minus the row's sum at the predicted class (where it multiplies w_m - w_m = 0).
+        row_sum = tl.sum(tl.where(mask, coefficients, 0.0), axis=1)
+        coefficients = tl.where(cols[None, :] == predicted[:, None], -row_sum[:, None],
+                                coefficients)
     return loss, grad, coefficients
 
 
@@ -202,7 +211,8 @@ def _elogitnorm_kernel(
         inner_base = inner_ptr + rows[:, None] * inner_stride
     else:
         inner_base = inner_ptr + predicted[:, None] * inner_stride
-    row_squared = tl.load(norms_ptr + predicted)
+    row_norm = tl.load(norms_ptr + predicted)
+    row_squared = row_norm * row_norm
 
     grad_base = grad_ptr + rows[:, None] * grad_stride
     coefficient_base = coefficient_ptr + rows[:, None] * coefficient_stride
@@ -223,9 +233,12 @@ def _elogitnorm_kernel(
         if WRITE_COEFFICIENTS:
             tl.store(coefficient_base + cols[None, :], coefficients, mask=mask)
     else:
-        # 2. Scale s = max(sum_j (v - z_j) / Delta_j / divisor, eps), sum_{j in T} 1 / Delta_j.
+        # 2. Scale s = max(sum_j (v - z_j) / Delta_j / divisor, eps), sum_{j in T} 1 / Delta_j,
+        #    and sum_{j in T, unclamped} (v - z_j) / Delta_j^3 (minus the coefficients' sum
+        #    over k_scale: the predicted class's coefficient).
         margin_sum = tl.zeros([ROWS], dtype=tl.float32)
         below_sum = tl.zeros([ROWS], dtype=tl.float32)
+        cubic_sum = tl.zeros([ROWS], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
             block_cols = start + cols
             col_mask = block_cols < n_cols
@@ -234,9 +247,13 @@ def _elogitnorm_kernel(
             db = _distance_tile(inner_base, block_cols, col_mask, mask, predicted, row_squared,
                                 norms_ptr, weight_ptr, weight_stride, weight_col_stride,
                                 n_features)
+            unclamped = db >= eps
             db = _clamped(db, eps)
-            margin_sum += tl.sum(tl.where(mask, (value[:, None] - zb) / db, 0.0), axis=1)
-            below_sum += tl.sum(tl.where(mask & (zb < value[:, None]), 1.0 / db, 0.0), axis=1)
+            margin = value[:, None] - zb
+            below = mask & (zb < value[:, None])
+            margin_sum += tl.sum(tl.where(mask, margin / db, 0.0), axis=1)
+            below_sum += tl.sum(tl.where(below, 1.0 / db, 0.0), axis=1)
+            cubic_sum += tl.sum(tl.where(below & unclamped, margin / (db * db * db), 0.0), axis=1)
         raw_scale = margin_sum * inv_divisor
         scale = _clamped(raw_scale, eps)
 
@@ -277,6 +294,8 @@ def _elogitnorm_kernel(
                     tl.store(grad_base + block_cols[None, :],
                              grad.to(grad_ptr.dtype.element_ty), mask=mask)
                 if WRITE_COEFFICIENTS:
+                    coefficients = tl.where(block_cols[None, :] == predicted[:, None],
+                                            (k_scale * cubic_sum)[:, None], coefficients)
                     coefficients = tl.where(valid[:, None], coefficients * row_weight, 0.0)
                     tl.store(coefficient_base + block_cols[None, :], coefficients, mask=mask)
 
@@ -430,7 +449,7 @@ def elogitnorm_rows(
     predicted: torch.Tensor,
     inner: torch.Tensor,
     weight: torch.Tensor,
-    squared_norms: torch.Tensor,
+    norms: torch.Tensor,
     *,
     per_sample: bool,
     eps: float,
@@ -446,12 +465,13 @@ def elogitnorm_rows(
 
     ``inner`` (fp32, unit column stride) holds the raw inner products ``w_m . w_j`` of one GEMM:
     one row per sample (``per_sample``, row ``n`` for ``m = predicted[n]``) or one per class
-    (row ``m``). The kernel turns them into distances with the fp32 ``squared_norms`` (C,) of
+    (row ``m``). The kernel turns them into distances with the fp32 row ``norms`` (C,) of
     ``weight`` (C, D), recomputing from ``weight`` the entries where that form cancels, and sets
     the predicted class's own distance to 1. The gradient has the logits' dtype, the
-    coefficients are fp32; each is an empty tensor when not requested. ``reduce`` 1 (``sum``)
-    or 2 (``mean``): the kernel counts the valid rows and writes each row's share of the reduced
-    loss, and the gradient and coefficients for it (their sum is the loss; see
+    coefficients are fp32 (each row's entry at its predicted class is minus the sum of the
+    others: see the module docstring); each is an empty tensor when not requested. ``reduce`` 1
+    (``sum``) or 2 (``mean``): the kernel counts the valid rows and writes each row's share of
+    the reduced loss, and the gradient and coefficients for it (their sum is the loss; see
     :func:`.rows.counts_within_budget`). ``traced``: see
     :func:`elogitnorm_fast.kernels.rows.launcher`.
     """
@@ -467,7 +487,7 @@ def elogitnorm_rows(
     grid = (cdiv(n_rows, config["ROWS"]),)
     launcher(_elogitnorm_kernel, grid, traced)(
         logits, logits.stride(0), target, predicted, inner, inner.stride(0),
-        weight, weight.stride(0), weight.stride(1), weight.shape[1], squared_norms,
+        weight, weight.stride(0), weight.stride(1), weight.shape[1], norms,
         losses, grad, grad.stride(0), coefficients, coefficients.stride(0),
         n_rows, n_cols, eps, 1.0 / divisor, ignore_index,
         PER_SAMPLE=per_sample, WRITE_GRAD=write_grad, WRITE_COEFFICIENTS=write_coefficients,

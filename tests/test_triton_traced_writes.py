@@ -93,7 +93,7 @@ def _cases():
     predicted = z.argmax(1)
     w_rows, per_sample = predicted_rows(w, predicted)
     inner = w_rows @ w.t()
-    norms = (w * w).sum(1)
+    norms = torch.linalg.vector_norm(w, dim=1)
     options = {"eps": 1e-6, "divisor": C, "ignore_index": -100, "write_grad": True,
                "write_coefficients": True}
     return {

@@ -210,9 +210,9 @@ def _elogitnorm_forward(logits, weight, target, ignore_index, eps, divisor, writ
         rows, per_sample = predicted_rows(w, predicted)
         # Raw inner products only (R x C, fp32 accumulation); the kernel forms the distances.
         inner = torch.mm(rows, w.t())
-        squared_norms = torch.linalg.vecdot(w, w)  # mul + sum: the precision of (w * w).sum(1)
+        norms = torch.linalg.vector_norm(w, dim=1)  # one reduction; the kernel squares them
     losses, grad, coefficients = kernels.elogitnorm_rows(
-        logits, target, predicted, inner, w, squared_norms, per_sample=per_sample, eps=eps,
+        logits, target, predicted, inner, w, norms, per_sample=per_sample, eps=eps,
         divisor=divisor, ignore_index=ignore_index, write_grad=write_grad,
         write_coefficients=write_coefficients, block_cols=_block(block_cols), reduce=reduce,
         traced=traced,
@@ -310,7 +310,7 @@ def _gemm_weight_gradient(weight, rows, predicted, coefficients):
         rows, per_sample = predicted_rows(w, predicted)
     else:
         per_sample = True
-    return weight_gradient(w, rows, per_sample, predicted, coefficients)
+    return weight_gradient(w, rows, per_sample, predicted, coefficients, rows_sum_to_zero=True)
 
 
 class _EagerLogitNorm(torch.autograd.Function):
