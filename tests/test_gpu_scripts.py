@@ -105,7 +105,8 @@ def test_losses_summary_reports_the_single_block_decision():
         row("elogitnorm", 256, 1000, "triton compiled", 0.5),
         row("elogitnorm", 1024, 10000, "triton", 0.5),
         row("elogitnorm", 1024, 10000, "triton streamed", 0.4),
-        row("logitnorm", 4096, 32768, "triton", 0.5, fwd_bwd_floor_fraction=0.8),
+        row("logitnorm", 4096, 32768, "triton", 0.5, fwd_bwd_floor_fraction=0.8,
+            fwd_bwd_graph_floor_fraction=0.9),
         row("logitnorm", 4096, 32768, "triton streamed", 1.0),
         row("logitnorm", 4096, 32768, "triton, a program per tile", 0.75),
         row("logitnorm", 128, 10, "triton", 0.3, fwd_bwd_graph_ms=0.008),
@@ -128,6 +129,7 @@ def test_losses_summary_reports_the_single_block_decision():
     assert out["elogitnorm 1024x10000 triton streamed / one block (fwd+bwd)"] == 0.4 / 0.5
     assert out["logitnorm 4096x32768 triton streamed / one block (fwd+bwd)"] == 2.0
     assert out["logitnorm 4096x32768 fwd_bwd floor fraction"] == 0.8
+    assert out["logitnorm 4096x32768 fwd_bwd floor fraction (CUDA graph)"] == 0.9
     assert out["logitnorm 128x10 triton / cross_entropy (eager)"] == 0.3 / 0.2
     assert out["logitnorm 128x10 triton host / kernel reduction (fwd+bwd)"] == 0.45 / 0.3
     assert out["logitnorm 128x10 triton blocks / one-program reduction (fwd+bwd)"] == 0.36 / 0.3
@@ -152,6 +154,21 @@ def test_losses_summary_reports_the_single_block_decision():
                               ("logitnorm", 1024, 10000, False),
                               ("elogitnorm", 1024, 10000, False)):
         assert ("triton, Python backward" in variants.triton_variants(loss, n, c, 512)) == timed
+
+
+def test_graph_timing_covers_small_sizes_and_the_bandwidth_case():
+    """Which rows ``gpu_losses`` also replays from a CUDA graph: small sizes (not compiled, not
+    eager-only variants) and, at the bandwidth case, the default and the cross-entropy floor
+    only (a graph per variant there would eat the time budget of the CIFAR rows after it)."""
+    times_graph = _benchmark("gpu_losses").times_graph
+    assert times_graph("logitnorm", 128, 10, "triton", 0.3)
+    assert times_graph("elogitnorm", 1024, 10000, "triton", 0.03)  # under 50 us
+    assert not times_graph("logitnorm", 128, 10, "triton compiled", 0.3)
+    assert not times_graph("logitnorm", 128, 10, "triton, Python backward", 0.3)
+    assert not times_graph("elogitnorm", 1024, 10000, "triton", 0.5)
+    for impl, timed in (("triton", True), ("F.cross_entropy (pre-scaled)", True),
+                        ("triton streamed", False), ("torch", False)):
+        assert times_graph("logitnorm", 4096, 32768, impl, 0.5) == timed
 
 
 def test_blockwise_variant_changes_only_the_reduction():
