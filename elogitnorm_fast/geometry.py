@@ -126,9 +126,9 @@ def weight_gradient(
     ``dW = rowsum(S) * W - S W``).
 
     ``c_nm`` at a sample's own predicted class multiplies ``w_m - w_m = 0``, so any value there
-    gives the same dW. ``rows_sum_to_zero``: the caller put minus the rest of the row there (the
-    Triton kernels do), so ``rowsum(R) = 0`` and the per-sample form drops that term (a sum and
-    a multiply): ``dW = colsum(R) * W - R^T W_rows - scatter_rows(R W)``.
+    gives the same dW. ``rows_sum_to_zero`` (per sample only): the caller put minus the rest of
+    the row there (the Triton kernels do for N < C), so ``rowsum(R) = 0`` and the form drops
+    that term (a sum and a multiply): ``dW = colsum(R) * W - R^T W_rows - scatter_rows(R W)``.
     """
     w = weight.to(coefficients.dtype)
     if per_sample:

@@ -15,9 +15,12 @@ with ``p = softmax(z / s)``, ``G = p - onehot(y)``, ``ds = -(G . z) / s^2`` (0 w
     c_j  = -[j in T] k_j (v - z_j) / Delta_j^2      (0 where the clamp on Delta_j is active)
 
 ``c`` feeds the two weight-gradient GEMMs (:func:`elogitnorm_fast.geometry.weight_gradient`).
-Its entry at the predicted class multiplies ``w_m - w_m = 0`` there, so the kernels write minus
-the row's sum into it instead of 0: the rows of ``c`` sum to zero, and the GEMMs skip the term
-``(sum_j c_j) w_m`` (``rows_sum_to_zero=True``), two torch ops and an N x D pass fewer.
+Its entry at the predicted class multiplies ``w_m - w_m = 0`` there. Where those GEMMs take one
+row per sample (N < C, ``FOLD``), the kernels write minus the row's sum into it instead of 0:
+the rows of ``c`` sum to zero, and the GEMMs skip the term ``(sum_j c_j) w_m``
+(``rows_sum_to_zero=True``), two torch ops and an N x D pass fewer, for about twice the
+rounding error in dW (fp32: relative 4e-7 against 2e-7 at N = 64, C = 1000). With one row per
+class (N >= C) the entry stays 0: the pooled form would only gain that rounding.
 The max of ``z / s`` is ``v / s``, known before the row is read, so no online max is needed.
 Rows with ``C <= BLOCK`` are read once; longer rows stream over column blocks (pass 1: the
 scale; pass 2: the exponential sums; pass 3: gradient and coefficients). int64 offsets, fp32
@@ -125,12 +128,13 @@ def _elogitnorm_tiles(z, raw_distance, cols, mask, value, predicted, target, sca
 
 @triton.jit
 def _single_block(z, raw_distance, cols, mask, value, predicted, target, z_target, valid, eps,
-                  inv_divisor, row_weight, WANT_TILES: tl.constexpr):
+                  inv_divisor, row_weight, WANT_TILES: tl.constexpr, FOLD: tl.constexpr):
     """Loss (0 on invalid rows) and, when ``WANT_TILES``, the gradient and coefficient tiles of
     rows held in one column block (steps 2-4 of the module docstring), all times ``row_weight``
     (each row's share of a reduced loss, :func:`.rows._row_weight`; the gradient's invalid rows
     stay 0, the loss's are 0 x inf = NaN for an all-ignored mean). ``raw_distance`` is the
-    unclamped distance tile (1 on the predicted class and on masked lanes)."""
+    unclamped distance tile (1 on the predicted class and on masked lanes). ``FOLD``: the
+    predicted class's coefficient is minus the rest of the row (module docstring)."""
     # Scale s = max(sum_j (v - z_j) / Delta_j / divisor, eps), and sum_{j in T} 1 / Delta_j.
     distance = _clamped(raw_distance, eps)
     margin_sum = tl.sum(tl.where(mask, (value[:, None] - z) / distance, 0.0), axis=1)
@@ -154,10 +158,10 @@ def _single_block(z, raw_distance, cols, mask, value, predicted, target, z_targe
                                                below_sum, eps)
         grad = tl.where(valid[:, None], grad * row_weight, 0.0)
         coefficients = tl.where(valid[:, None], coefficients * row_weight, 0.0)
-        # Minus the row's sum at the predicted class (where it multiplies w_m - w_m = 0).
-        row_sum = tl.sum(tl.where(mask, coefficients, 0.0), axis=1)
-        coefficients = tl.where(cols[None, :] == predicted[:, None], -row_sum[:, None],
-                                coefficients)
+        if FOLD:  # minus the row's sum at the predicted class (module docstring)
+            row_sum = tl.sum(tl.where(mask, coefficients, 0.0), axis=1)
+            coefficients = tl.where(cols[None, :] == predicted[:, None], -row_sum[:, None],
+                                    coefficients)
     return loss, grad, coefficients
 
 
@@ -226,7 +230,8 @@ def _elogitnorm_kernel(
                                       n_features)
         loss, grad, coefficients = _single_block(
             z, raw_distance, cols, mask, value, predicted, target, z_target, valid, eps,
-            inv_divisor, row_weight, WRITE_GRAD or WRITE_COEFFICIENTS)
+            inv_divisor, row_weight, WRITE_GRAD or WRITE_COEFFICIENTS,
+            PER_SAMPLE and WRITE_COEFFICIENTS)
         tl.store(loss_ptr + rows, loss, mask=row_mask)
         if WRITE_GRAD:
             tl.store(grad_base + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask)
@@ -234,8 +239,8 @@ def _elogitnorm_kernel(
             tl.store(coefficient_base + cols[None, :], coefficients, mask=mask)
     else:
         # 2. Scale s = max(sum_j (v - z_j) / Delta_j / divisor, eps), sum_{j in T} 1 / Delta_j,
-        #    and sum_{j in T, unclamped} (v - z_j) / Delta_j^3 (minus the coefficients' sum
-        #    over k_scale: the predicted class's coefficient).
+        #    and per sample sum_{j in T, unclamped} (v - z_j) / Delta_j^3 (the coefficients'
+        #    sum is -k_scale times it: the predicted class's coefficient, folded).
         margin_sum = tl.zeros([ROWS], dtype=tl.float32)
         below_sum = tl.zeros([ROWS], dtype=tl.float32)
         cubic_sum = tl.zeros([ROWS], dtype=tl.float32)
@@ -253,7 +258,9 @@ def _elogitnorm_kernel(
             below = mask & (zb < value[:, None])
             margin_sum += tl.sum(tl.where(mask, margin / db, 0.0), axis=1)
             below_sum += tl.sum(tl.where(below, 1.0 / db, 0.0), axis=1)
-            cubic_sum += tl.sum(tl.where(below & unclamped, margin / (db * db * db), 0.0), axis=1)
+            if PER_SAMPLE:
+                cubic_sum += tl.sum(tl.where(below & unclamped, margin / (db * db * db), 0.0),
+                                    axis=1)
         raw_scale = margin_sum * inv_divisor
         scale = _clamped(raw_scale, eps)
 
@@ -294,8 +301,9 @@ def _elogitnorm_kernel(
                     tl.store(grad_base + block_cols[None, :],
                              grad.to(grad_ptr.dtype.element_ty), mask=mask)
                 if WRITE_COEFFICIENTS:
-                    coefficients = tl.where(block_cols[None, :] == predicted[:, None],
-                                            (k_scale * cubic_sum)[:, None], coefficients)
+                    if PER_SAMPLE:
+                        coefficients = tl.where(block_cols[None, :] == predicted[:, None],
+                                                (k_scale * cubic_sum)[:, None], coefficients)
                     coefficients = tl.where(valid[:, None], coefficients * row_weight, 0.0)
                     tl.store(coefficient_base + block_cols[None, :], coefficients, mask=mask)
 
@@ -411,6 +419,7 @@ def _elogitnorm_fused_kernel(
     FEATURES: tl.constexpr,
     REDUCE: tl.constexpr,
     COUNT_BLOCK: tl.constexpr,
+    FOLD: tl.constexpr,
 ):
     # Rows of at most BLOCK columns: argmax, distance row from W, then the one-block math,
     # everything written scaled by the row's share of the loss (as in _elogitnorm_kernel).
@@ -433,7 +442,7 @@ def _elogitnorm_fused_kernel(
     raw_distance = tl.where(mask & (cols[None, :] != predicted[:, None]), raw_distance, 1.0)
     loss, grad, coefficients = _single_block(
         z, raw_distance, cols, mask, value, predicted, target, z_target, valid, eps, inv_divisor,
-        row_weight, WRITE_GRAD or WRITE_COEFFICIENTS)
+        row_weight, WRITE_GRAD or WRITE_COEFFICIENTS, FOLD)
     tl.store(loss_ptr + rows, loss, mask=row_mask)
     if WRITE_GRAD:
         tl.store(grad_ptr + rows[:, None] * grad_stride + cols[None, :],
@@ -468,8 +477,9 @@ def elogitnorm_rows(
     (row ``m``). The kernel turns them into distances with the fp32 row ``norms`` (C,) of
     ``weight`` (C, D), recomputing from ``weight`` the entries where that form cancels, and sets
     the predicted class's own distance to 1. The gradient has the logits' dtype, the
-    coefficients are fp32 (each row's entry at its predicted class is minus the sum of the
-    others: see the module docstring); each is an empty tensor when not requested. ``reduce`` 1
+    coefficients are fp32 (with ``per_sample``, each row's entry at its predicted class is minus
+    the sum of the others: see the module docstring); each is an empty tensor when not
+    requested. ``reduce`` 1
     (``sum``) or 2 (``mean``): the kernel counts the valid rows and writes each row's share of
     the reduced loss, and the gradient and coefficients for it (their sum is the loss; see
     :func:`.rows.counts_within_budget`). ``traced``: see
@@ -513,7 +523,8 @@ def elogitnorm_rows_fused(
     """:func:`elogitnorm_rows` for small C (:func:`fuses_distances`) in one launch, which also
     takes the argmax and the distance rows: returns ``(losses, grad, coefficients, predicted)``,
     ``predicted`` (N,) int64 as ``logits.argmax(1)``. ``weight`` (C, D) may have any strides.
-    ``reduce``: as in :func:`elogitnorm_rows`.
+    ``reduce``, and the coefficients' rows summing to zero for N < C: as in
+    :func:`elogitnorm_rows`.
     """
     n_rows, n_cols = logits.shape
     device = logits.device
@@ -532,6 +543,7 @@ def elogitnorm_rows_fused(
         n_rows, n_cols, eps, 1.0 / divisor, ignore_index,
         WRITE_GRAD=write_grad, WRITE_COEFFICIENTS=write_coefficients,
         ROWS=config["ROWS"], BLOCK=config["BLOCK"], FEATURES=config["FEATURES"],
-        REDUCE=reduce, COUNT_BLOCK=COUNT_BLOCK, num_warps=config["num_warps"],
+        REDUCE=reduce, COUNT_BLOCK=COUNT_BLOCK, FOLD=write_coefficients and n_rows < n_cols,
+        num_warps=config["num_warps"],
     )
     return losses, grad, coefficients, predicted

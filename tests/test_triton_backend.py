@@ -226,7 +226,9 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         target = torch.tensor([0, 4, 2])
         check_logitnorm("triton", logits, target, "none", rtol=RTOL, atol=ATOL)
 
-    @pytest.mark.parametrize("c", [7, 130])  # fused kernel, GEMM distances
+    #: Fused kernel with one dW row per class (N = 9 >= C) and per sample (coefficient rows
+    #: summing to zero), GEMM distances.
+    @pytest.mark.parametrize("c", [7, 12, 130])
     @pytest.mark.parametrize("reduction", REDUCTIONS)
     def test_triton_op_path_matches_reference(reduction, c, monkeypatch):
         """The torch.library.triton_op path (what torch.compile traces), run eagerly."""

@@ -104,7 +104,8 @@ def loss_configs() -> list[KernelConfig]:
                 (("WRITE_GRAD", True), ("EXPECTED_PTR", False), ("REDUCE", reduce),
                  ("ONE_PROGRAM", True), ("SINGLE", True), ("ROWS", cfg["ROWS"]),
                  ("BLOCK", cfg["BLOCK"]), ("COUNT_BLOCK", COUNT_BLOCK)), cfg["num_warps"]))
-    # The fused small-C kernel (argmax and distances inside) at C = 10 and 100, D = 512.
+    # The fused small-C kernel (argmax and distances inside) at C = 10 and 100, D = 512 (N = 128:
+    # N >= C, coefficient rows not folded).
     from elogitnorm_fast.kernels.elogitnorm import fused_config
 
     for num_cols in (10, 100):
@@ -115,7 +116,7 @@ def loss_configs() -> list[KernelConfig]:
                     "elogitnorm", "_elogitnorm_fused_kernel",
                     (("WRITE_GRAD", True), ("WRITE_COEFFICIENTS", True), ("ROWS", cfg["ROWS"]),
                      ("BLOCK", cfg["BLOCK"]), ("FEATURES", cfg["FEATURES"]), ("REDUCE", 2),
-                     ("COUNT_BLOCK", COUNT_BLOCK)), cfg["num_warps"], dtype))
+                     ("COUNT_BLOCK", COUNT_BLOCK), ("FOLD", False)), cfg["num_warps"], dtype))
     return configs
 
 

@@ -310,7 +310,9 @@ def _gemm_weight_gradient(weight, rows, predicted, coefficients):
         rows, per_sample = predicted_rows(w, predicted)
     else:
         per_sample = True
-    return weight_gradient(w, rows, per_sample, predicted, coefficients, rows_sum_to_zero=True)
+    # One row per sample (N < C): the kernels wrote coefficient rows that sum to zero.
+    return weight_gradient(w, rows, per_sample, predicted, coefficients,
+                           rows_sum_to_zero=per_sample)
 
 
 class _EagerLogitNorm(torch.autograd.Function):
