@@ -29,9 +29,8 @@ arithmetic. Imported lazily (needs triton).
 GEMM path (:func:`elogitnorm_rows`): the host runs only the argmax, one GEMM of raw inner
 products ``w_m . w_j`` (one row per sample for N < C, one per class otherwise) and the row
 norms (one reduction); the kernel forms ``|w_m|^2 + |w_j|^2 - 2 w_m . w_j``, clamps it at 0,
-takes the root,
-sets ``Delta_m = 1`` and recomputes cancelled entries exactly (:func:`_distance_tile`), in every
-pass that needs the distances.
+takes the root, sets ``Delta_m = 1`` and recomputes cancelled entries exactly
+(:func:`_distance_tile`), in every pass that needs the distances.
 
 Small C (:func:`fuses_distances`): :func:`elogitnorm_rows_fused` is one launch per block of rows
 that also takes the argmax (first index on ties; a NaN counts as the maximum, as in
@@ -479,10 +478,9 @@ def elogitnorm_rows(
     the predicted class's own distance to 1. The gradient has the logits' dtype, the
     coefficients are fp32 (with ``per_sample``, each row's entry at its predicted class is minus
     the sum of the others: see the module docstring); each is an empty tensor when not
-    requested. ``reduce`` 1
-    (``sum``) or 2 (``mean``): the kernel counts the valid rows and writes each row's share of
-    the reduced loss, and the gradient and coefficients for it (their sum is the loss; see
-    :func:`.rows.counts_within_budget`). ``traced``: see
+    requested. ``reduce`` 1 (``sum``) or 2 (``mean``): the kernel counts the valid rows and
+    writes each row's share of the reduced loss, and the gradient and coefficients for it
+    (their sum is the loss; see :func:`.rows.counts_within_budget`). ``traced``: see
     :func:`elogitnorm_fast.kernels.rows.launcher`.
     """
     n_rows, n_cols = logits.shape
