@@ -105,19 +105,23 @@ def _logitnorm_kernel(
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
     COUNT_BLOCK: tl.constexpr,
+    WRITE_STATS: tl.constexpr,
 ):
+    # WRITE_STATS False (the C++ node's path, whose backward only multiplies the gradient): no
+    # statistics for a backward, stats_ptr unused.
     if ONE_PROGRAM:
         # One program walks every block of rows and reduces the loss itself. Each valid row's
         # share of the loss (1 for sum, 1 / count for mean) is what its gradient is written for,
         # and goes to stats[0] for the backward; the count comes first, from the targets alone.
         row_weight = _row_weight(target_ptr, n_rows, n_cols, ignore_index, REDUCE, COUNT_BLOCK)
-        tl.store(stats_ptr, row_weight)
+        if WRITE_STATS:
+            tl.store(stats_ptr, row_weight)
         total = tl.zeros([ROWS], dtype=tl.float32)
         for first in range(0, n_rows, ROWS):
             loss = _logitnorm_block(
                 (first + tl.arange(0, ROWS)).to(tl.int64), logits_ptr, logits_stride, target_ptr,
                 stats_ptr, grad_ptr, n_rows, n_cols, inv_tau, ignore_index, row_weight,
-                WRITE_GRAD, SINGLE, ROWS, BLOCK)
+                WRITE_GRAD, SINGLE, ROWS, BLOCK, WRITE_STATS)
             total += loss
         tl.store(loss_ptr, tl.sum(total, axis=0) * row_weight)
     else:
@@ -132,11 +136,11 @@ def _logitnorm_kernel(
         else:
             g = _row_weight(target_ptr, n_rows, n_cols, ignore_index, REDUCE, COUNT_BLOCK)
         rows, row_mask = _program_rows(n_rows, ROWS)
-        if tl.program_id(0) == 0:
+        if WRITE_STATS and tl.program_id(0) == 0:
             tl.store(stats_ptr, g.to(tl.float32))
         loss = _logitnorm_block(
             rows, logits_ptr, logits_stride, target_ptr, stats_ptr, grad_ptr, n_rows, n_cols,
-            inv_tau, ignore_index, g, WRITE_GRAD, SINGLE, ROWS, BLOCK)
+            inv_tau, ignore_index, g, WRITE_GRAD, SINGLE, ROWS, BLOCK, WRITE_STATS)
         if REDUCE != 0:
             loss = loss * g
         tl.store(loss_ptr + rows, loss, mask=row_mask)
@@ -145,10 +149,11 @@ def _logitnorm_kernel(
 @triton.jit
 def _logitnorm_block(rows, logits_ptr, logits_stride, target_ptr, stats_ptr, grad_ptr, n_rows,
                      n_cols, inv_tau, ignore_index, g, WRITE_GRAD: tl.constexpr,
-                     SINGLE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                     SINGLE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                     WRITE_STATS: tl.constexpr):
     """A block of ROWS ``rows`` (int64, so N * C may exceed 2^31): their statistics
-    (``stats[1:]``), their gradient for the upstream gradient ``g`` when ``WRITE_GRAD``; returns
-    their losses (0 on invalid rows). The caller computes ``rows``: see
+    (``stats[1:]``, when ``WRITE_STATS``), their gradient for the upstream gradient ``g`` when
+    ``WRITE_GRAD``; returns their losses (0 on invalid rows). The caller computes ``rows``: see
     :func:`.rows._program_rows` for why."""
     # 1. The rows.
     row_mask = rows < n_rows
@@ -201,10 +206,11 @@ def _logitnorm_block(rows, logits_ptr, logits_stride, target_ptr, stats_ptr, gra
     safe_norm = tl.where(norm > 0, norm, 1.0)
     coupling = tl.where(norm > 0, scale * dot / ((norm + 1e-7) * safe_norm), 0.0)
     coupling = tl.where(valid, coupling, 0.0)
-    tl.store(stats_ptr + 1 + rows, scale, mask=row_mask)
-    tl.store(stats_ptr + 1 + n_rows + rows, coupling, mask=row_mask)
-    tl.store(stats_ptr + 1 + 2 * n_rows + rows, log_sum, mask=row_mask)
-    tl.store(stats_ptr + 1 + 3 * n_rows + rows, zmax, mask=row_mask)
+    if WRITE_STATS:
+        tl.store(stats_ptr + 1 + rows, scale, mask=row_mask)
+        tl.store(stats_ptr + 1 + n_rows + rows, coupling, mask=row_mask)
+        tl.store(stats_ptr + 1 + 2 * n_rows + rows, log_sum, mask=row_mask)
+        tl.store(stats_ptr + 1 + 3 * n_rows + rows, zmax, mask=row_mask)
 
     # 5. Rows on chip: the gradient for the upstream gradient g the backward expects (the same
     #    arithmetic as the backward's recompute). The row is read again (from cache: it was
@@ -362,12 +368,14 @@ def logitnorm_reduced(
     write_grad: bool,
     one_program: bool = True,
     block_cols: int | None = None,
+    write_stats: bool = True,
     traced: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The ``sum`` or ``mean`` LogitNorm loss (0-d fp32), with the statistics of
     :func:`logitnorm_rows` (``stats[0]``: each valid row's share of the loss, 1 or
-    ``1 / count``) and, when ``write_grad`` and the rows fit on chip, the gradient of the loss
-    itself, which :func:`logitnorm_backward_rows` with ``reduced=True`` completes in place.
+    ``1 / count``; None without ``write_stats``, for a caller that needs only the gradient)
+    and, when ``write_grad`` and the rows fit on chip, the gradient of the loss itself, which
+    :func:`logitnorm_backward_rows` with ``reduced=True`` completes in place.
 
     ``one_program`` (small batches, :func:`reduces_in_one_program`): one program walks every
     block of rows and stores the loss. Otherwise (:func:`reduces_in_blocks`) each program takes
@@ -388,7 +396,7 @@ def logitnorm_reduced(
     loss = torch.empty(shape, dtype=torch.float32, device=logits.device)
     loss, stats, grad = _launch_forward(
         logits, target, loss, inv_tau, ignore_index, launch_config(n_cols, block_cols),
-        REDUCE_CODES[reduction], write_grad, None, traced, one_program)
+        REDUCE_CODES[reduction], write_grad, None, traced, one_program, write_stats)
     return (loss if one_program else loss.sum()), stats, grad
 
 
@@ -399,25 +407,27 @@ def writes_gradient(n_cols: int, block_cols: int | None = None) -> bool:
 
 
 def _launch_forward(logits, target, loss, inv_tau, ignore_index, config, reduce, write_grad,
-                    expected_upstream, traced, one_program=False):
+                    expected_upstream, traced, one_program=False, write_stats=True):
     """The forward launch shared by :func:`logitnorm_rows` and :func:`logitnorm_reduced`; the
     gradient is written only where the rows stay on chip (:func:`writes_gradient`;
-    ``write_grad`` asks for it)."""
+    ``write_grad`` asks for it), the statistics (None) only with ``write_stats``."""
     n_rows, n_cols = logits.shape
     write_grad = write_grad and bool(config["SINGLE"])
-    stats = torch.empty(4 * n_rows + 1, dtype=torch.float32, device=logits.device)
+    stats = (torch.empty(4 * n_rows + 1, dtype=torch.float32, device=logits.device)
+             if write_stats else None)
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if write_grad else None
     if n_rows == 0:
         return loss, stats, grad
-    unused = unused_pointer(stats, traced)
+    unused = unused_pointer(loss if stats is None else stats, traced)
     expected_ptr, expected_value, expected_is_ptr = _expected_args(expected_upstream, unused)
     grid = (1 if one_program else cdiv(n_rows, config["ROWS"]),)
     launcher(_logitnorm_kernel, grid, traced)(
-        logits, logits.stride(0), target, loss, stats, n_rows, n_cols, inv_tau, ignore_index,
-        unused if grad is None else grad, expected_ptr, expected_value,
-        WRITE_GRAD=write_grad, EXPECTED_PTR=expected_is_ptr, REDUCE=reduce,
+        logits, logits.stride(0), target, loss, unused if stats is None else stats, n_rows,
+        n_cols, inv_tau, ignore_index, unused if grad is None else grad, expected_ptr,
+        expected_value, WRITE_GRAD=write_grad, EXPECTED_PTR=expected_is_ptr, REDUCE=reduce,
         ONE_PROGRAM=one_program, SINGLE=config["SINGLE"], ROWS=config["ROWS"],
-        BLOCK=config["BLOCK"], COUNT_BLOCK=COUNT_BLOCK, num_warps=config["num_warps"],
+        BLOCK=config["BLOCK"], COUNT_BLOCK=COUNT_BLOCK, WRITE_STATS=write_stats,
+        num_warps=config["num_warps"],
     )
     return loss, stats, grad
 

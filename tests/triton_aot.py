@@ -14,6 +14,7 @@ spills per kernel and configuration.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import subprocess
@@ -80,13 +81,15 @@ def loss_configs() -> list[KernelConfig]:
             configs.append(KernelConfig(
                 "logitnorm", "_logitnorm_kernel",
                 (("WRITE_GRAD", bool(cfg["SINGLE"])), ("EXPECTED_PTR", True), ("REDUCE", 0),
-                 ("ONE_PROGRAM", False), *shape, ("COUNT_BLOCK", COUNT_BLOCK)),
+                 ("ONE_PROGRAM", False), *shape, ("COUNT_BLOCK", COUNT_BLOCK),
+                 ("WRITE_STATS", True)),
                 cfg["num_warps"], dtype))
             # The mean reduced by a block of rows per program, each counting the targets.
             configs.append(KernelConfig(
                 "logitnorm", "_logitnorm_kernel",
                 (("WRITE_GRAD", bool(cfg["SINGLE"])), ("EXPECTED_PTR", False), ("REDUCE", 2),
-                 ("ONE_PROGRAM", False), *shape, ("COUNT_BLOCK", COUNT_BLOCK)),
+                 ("ONE_PROGRAM", False), *shape, ("COUNT_BLOCK", COUNT_BLOCK),
+                 ("WRITE_STATS", True)),
                 cfg["num_warps"], dtype))
             # ELogitNorm per row (the op path) and eager's mean (rows' shares, counted).
             for reduce in (0, 2) if dtype == "fp32" else (2,):
@@ -95,15 +98,17 @@ def loss_configs() -> list[KernelConfig]:
                     (("PER_SAMPLE", True), ("WRITE_GRAD", True), ("WRITE_COEFFICIENTS", True),
                      *shape, ("REDUCE", reduce), ("COUNT_BLOCK", COUNT_BLOCK)),
                     cfg["num_warps"], dtype))
-    # LogitNorm's one-program sum and mean at C = 10 and 100 (logitnorm_reduced).
+    # LogitNorm's one-program sum and mean at C = 10 and 100 (logitnorm_reduced), for the C++
+    # node (no statistics) and for the Python backward.
     for num_cols in (10, 100):
         cfg = launch_config(num_cols)
-        for reduce in (1, 2):
+        for reduce, write_stats in itertools.product((1, 2), (False, True)):
             configs.append(KernelConfig(
                 "logitnorm", "_logitnorm_kernel",
                 (("WRITE_GRAD", True), ("EXPECTED_PTR", False), ("REDUCE", reduce),
                  ("ONE_PROGRAM", True), ("SINGLE", True), ("ROWS", cfg["ROWS"]),
-                 ("BLOCK", cfg["BLOCK"]), ("COUNT_BLOCK", COUNT_BLOCK)), cfg["num_warps"]))
+                 ("BLOCK", cfg["BLOCK"]), ("COUNT_BLOCK", COUNT_BLOCK),
+                 ("WRITE_STATS", write_stats)), cfg["num_warps"]))
     # The fused small-C kernel (argmax and distances inside) at C = 10 and 100, D = 512 (N = 128:
     # N >= C, coefficient rows not folded).
     from elogitnorm_fast.kernels.elogitnorm import fused_config

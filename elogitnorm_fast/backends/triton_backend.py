@@ -544,7 +544,7 @@ def logitnorm_loss(
                 loss, _, grad = kernels.logitnorm_reduced(
                     logits, target, inv_tau=1.0 / tau, ignore_index=ignore_index,
                     reduction=reduction, write_grad=True, one_program=one_program,
-                    block_cols=block_cols, traced=False)
+                    block_cols=block_cols, write_stats=False, traced=False)
                 return _unit_gradient_node(loss, logits, None, grad, None,
                                            "LogitNorm").to(logits.dtype)
             return _EagerReducedLogitNorm.apply(
