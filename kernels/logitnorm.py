@@ -11,7 +11,8 @@ with ``p = softmax(a z)`` (design.md section 2.2; the second term is 0 at ``z = 
 The forward writes the loss and four numbers per row (``a``, the coupling
 ``a (G . z) / ((r + 1e-7) r)``, ``log sum_j exp(a (z_j - max z))`` and ``max z``), and the backward
 recomputes the gradient from the logits and those, times the row's upstream gradient, in one
-elementwise pass: logits read twice, gradient written once.
+elementwise pass: logits read twice, gradient written once. (A caller that only rescales the
+forward's gradient, the C++ node, asks for no statistics: ``write_stats=False``.)
 
 The backward learns the upstream gradient late, but the reduction makes it predictable: 1 per
 valid row for ``sum``, ``1 / count`` for ``mean``. Given that expected value, a forward whose rows
