@@ -16,6 +16,10 @@ design question with a measurement on the same card, in the same run:
   default splits D between several (``class_gradient.TARGET_PROGRAMS``); ``triton, dW over
   1024 programs``: 4x the default's target (at C = 100, 10 runs of D where the default has 2;
   half of the CIFAR-100 step's device time was this kernel);
+* ``triton, summed per step``: the fused kernel's distance loop and the pooled weight
+  gradient's scan summing across threads at every step, where the default
+  (``DEFERRED_SUMS`` in ``elogitnorm`` and ``class_gradient``) accumulates elementwise and sums
+  once after the loop;
 * ``triton, GEMM distances``: ELogitNorm at small C through the GEMM path (argmax, one GEMM of
   inner products and the norms on the host, then the per-row kernel) instead of the fused
   kernel (``elogitnorm.FUSED_MAX_CLASSES``);
@@ -29,6 +33,7 @@ runner enters around the forward and the backward both (the backward reads some 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from unittest import mock
 
@@ -101,6 +106,24 @@ def finer_pooled_triton():
                          "elogitnorm_fast.kernels.class_gradient", "TARGET_PROGRAMS", 1024)
 
 
+def per_step_sums_triton():
+    modules = [importlib.import_module(f"elogitnorm_fast.kernels.{name}")
+               for name in ("elogitnorm", "class_gradient")]
+
+    def run(z, w, y):
+        return _elogitnorm(z, w, y)
+
+    @contextlib.contextmanager
+    def context():
+        with contextlib.ExitStack() as stack:
+            for module in modules:
+                stack.enter_context(mock.patch.object(module, "DEFERRED_SUMS", False))
+            yield
+
+    run.context = context
+    return run
+
+
 def pools_weight_gradient(n: int, c: int) -> bool:
     from elogitnorm_fast.kernels import class_gradient
 
@@ -137,6 +160,7 @@ def triton_variants(loss: str, n: int, c: int, d: int) -> dict:
         variants["triton streamed"] = streamed_triton(loss, c)
     if loss == "elogitnorm" and fuses_distances(c, d):
         variants["triton, fused rows of 4"] = four_rows_fused_triton()
+        variants["triton, summed per step"] = per_step_sums_triton()
         variants["triton, GEMM distances"] = gemm_distances_triton()
         if pools_weight_gradient(n, c):
             variants["triton, dW by class"] = per_class_pooled_triton()

@@ -314,10 +314,10 @@ EAGER_RATIOS = {
 #: Variants that a CUDA-graph capture turns into the default, not timed as a graph: the C++
 #: node is eager-only, and captured, the default already reduces LogitNorm in blocks.
 EAGER_ONLY = ("triton, Python backward", "triton, reduced in blocks")
-#: Variants timed replayed from a CUDA graph against the default: FUSED_ROWS,
+#: Variants timed replayed from a CUDA graph against the default: FUSED_ROWS, DEFERRED_SUMS,
 #: FUSED_MAX_CLASSES, class_gradient.TARGET_PROGRAMS, REDUCE_IN_KERNEL.
-GRAPH_RATIOS = ("triton, fused rows of 4", "triton, GEMM distances", "triton, dW by class",
-                "triton, dW over 1024 programs", "triton host reduction")
+GRAPH_RATIOS = ("triton, fused rows of 4", "triton, summed per step", "triton, GEMM distances",
+                "triton, dW by class", "triton, dW over 1024 programs", "triton host reduction")
 
 
 def summary(rows: list[dict]) -> dict:

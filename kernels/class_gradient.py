@@ -51,6 +51,10 @@ MAX_LOADS = 1 << 22
 #: 5.7 us split 8 ways; a CUDA-graph fwd+bwd took 16.3 vs 13.3 us at C = 10, 43.4 vs 41.4 us at
 #: C = 100 (split 2 ways; ``benchmarks/results/gpu_losses_cifar_h100.json``).
 TARGET_PROGRAMS = 256
+#: The scan over the rows sums its terms over rows once, after the loop, instead of once per
+#: step of SCAN rows (sm_90 PTX at C = 100: 8 barriers in each step); ``gpu_losses.py`` times
+#: both (``triton, summed per step``). Not yet timed on a GPU.
+DEFERRED_SUMS = True
 
 
 def pools(n_rows: int, n_cols: int) -> bool:
@@ -102,6 +106,7 @@ def _pooled_weight_gradient_kernel(
     SCAN: tl.constexpr,
     BLOCK: tl.constexpr,
     FEATURES: tl.constexpr,
+    DEFERRED: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
@@ -123,8 +128,12 @@ def _pooled_weight_gradient_kernel(
             _scale_tile(logits_unit_ptr, grad_logits_ptr, rows[:, None] * n_cols + cols[None, :],
                         row_mask[:, None] & col_mask[None, :], g)
     # Row i of S = P + P^T: sum over samples predicted i of their coefficient rows, plus each
-    # sample's coefficient i added at its own predicted class.
-    pooled = tl.zeros([BLOCK], dtype=tl.float32)
+    # sample's coefficient i added at its own predicted class. DEFERRED (DEFERRED_SUMS): both
+    # accumulate elementwise over the scan steps and are summed over rows once, after the loop.
+    if DEFERRED:
+        terms = tl.zeros([SCAN, BLOCK], dtype=tl.float32)
+    else:
+        pooled = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, n_rows, SCAN):
         rows = start + tl.arange(0, SCAN).to(tl.int64)
         row_mask = rows < n_rows
@@ -138,9 +147,15 @@ def _pooled_weight_gradient_kernel(
         row_base = coefficient_ptr + rows * coefficient_stride
         c = tl.load(row_base[:, None] + cols[None, :],
                     mask=valid[:, None] & col_mask[None, :], other=0.0) * g[:, None]
-        pooled += tl.sum(tl.where((predicted == i)[:, None], c, 0.0), axis=0)
+        own = tl.where((predicted == i)[:, None], c, 0.0)
         c_i = tl.load(row_base + i, mask=valid, other=0.0) * g
-        pooled += tl.sum(tl.where(predicted[:, None] == cols[None, :], c_i[:, None], 0.0), axis=0)
+        mirrored = tl.where(predicted[:, None] == cols[None, :], c_i[:, None], 0.0)
+        if DEFERRED:
+            terms += own + mirrored
+        else:
+            pooled += tl.sum(own, axis=0) + tl.sum(mirrored, axis=0)
+    if DEFERRED:
+        pooled = tl.sum(terms, axis=0)
     total = tl.sum(pooled, axis=0)
     # dW_i = (sum_j S_ij) w_i - sum_j S_ij w_j over this program's run of D, FEATURES columns
     # at a time (feature_run: a multiple of FEATURES).
@@ -202,6 +217,6 @@ def pooled_gradients(
         ignore_index,
         SCALE_LOGITS=grad_logits is not None, UNIT_UPSTREAM=upstream is None,
         SCAN=config["SCAN"], BLOCK=config["BLOCK"], FEATURES=config["FEATURES"],
-        num_warps=config["num_warps"],
+        DEFERRED=DEFERRED_SUMS, num_warps=config["num_warps"],
     )
     return grad, grad_logits

@@ -311,9 +311,11 @@ def _elogitnorm_kernel(
 #: ``W`` itself, by the direct difference over feature tiles: ``N C D`` multiply-adds on the CUDA
 #: cores and every program reading all of ``W`` (through L2), against ``U C D`` in the GEMM path,
 #: which costs ~10 more launches. It pays where launches dominate: C <= 128 keeps a block of
-#: rows, its distance tile and the (ROWS x BLOCK x FEATURES) difference tile in registers with
-#: FEATURES >= 8 (32-byte loads); C * D <= 2^17 (W <= 512 KiB in fp32) bounds the work per row
-#: (2^17 FMAs, 0.5 G for N = 4096: a few us on an H100, an estimate, not measured).
+#: rows, its distance tile and the (ROWS x BLOCK x FEATURES) difference tile (and as many
+#: accumulated squares: :data:`DEFERRED_SUMS`; 222 registers at C = 100, no spill on sm_90) in
+#: registers with FEATURES >= 8 (32-byte loads); C * D <= 2^17 (W <= 512 KiB in fp32) bounds
+#: the work per row (2^17 FMAs, 0.5 G for N = 4096: a few us on an H100, an estimate, not
+#: measured).
 FUSED_MAX_CLASSES = 128
 FUSED_MAX_WEIGHT = 1 << 17
 #: Rows per program of the fused kernel and elements of its difference tile. One row: on an H100
@@ -325,6 +327,10 @@ FUSED_MAX_WEIGHT = 1 << 17
 #: program counts all N targets: :func:`.rows.counts_within_budget`), on the host above.
 FUSED_ROWS = 1
 FUSED_TILE = 4096
+#: The distance loop sums its squares over the features once, after the loop, instead of once
+#: per feature tile (:func:`_direct_distances`; ``gpu_losses.py`` times both: the variant
+#: ``triton, summed per step``). Not yet timed on a GPU.
+DEFERRED_SUMS = True
 
 
 def fuses_distances(n_cols: int, n_features: int) -> bool:
@@ -373,13 +379,21 @@ def _first_argmax(z, cols, mask, BLOCK: tl.constexpr):
 @triton.jit
 def _direct_distances(weight_ptr, weight_stride, weight_col_stride, n_features, predicted, cols,
                       row_mask, col_mask, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-                      FEATURES: tl.constexpr):
+                      FEATURES: tl.constexpr, DEFERRED: tl.constexpr):
     """``||w_m - w_j||`` (ROWS x BLOCK) from the difference over feature tiles, fp32: exact up
-    to rounding, so duplicate rows give 0 (no cancellation fix-up as in the GEMM form)."""
+    to rounding, so duplicate rows give 0 (no cancellation fix-up as in the GEMM form).
+
+    ``DEFERRED`` (:data:`DEFERRED_SUMS`): the squares accumulate elementwise over the feature
+    tiles and are summed over features once, after the loop; otherwise each tile is summed as
+    it comes, a reduction across threads per tile (sm_90 PTX at C = 100, D = 512: 160 shuffles
+    and 2 barriers in each of the 16 steps)."""
     features = tl.arange(0, FEATURES)
     row_base = weight_ptr + predicted[:, None] * weight_stride
     col_base = weight_ptr + cols[:, None].to(tl.int64) * weight_stride
-    squared = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    if DEFERRED:
+        squares = tl.zeros([ROWS, BLOCK, FEATURES], dtype=tl.float32)
+    else:
+        squared = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     for start in range(0, n_features, FEATURES):
         k = start + features
         k_mask = k < n_features
@@ -387,7 +401,12 @@ def _direct_distances(weight_ptr, weight_stride, weight_col_stride, n_features, 
         a = tl.load(row_base + offsets, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(col_base + offsets, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         diff = a.to(tl.float32)[:, None, :] - b.to(tl.float32)[None, :, :]
-        squared += tl.sum(diff * diff, axis=2)
+        if DEFERRED:
+            squares += diff * diff
+        else:
+            squared += tl.sum(diff * diff, axis=2)
+    if DEFERRED:
+        squared = tl.sum(squares, axis=2)
     return tl.sqrt(squared)
 
 
@@ -419,6 +438,7 @@ def _elogitnorm_fused_kernel(
     REDUCE: tl.constexpr,
     COUNT_BLOCK: tl.constexpr,
     FOLD: tl.constexpr,
+    DEFERRED: tl.constexpr,
 ):
     # Rows of at most BLOCK columns: argmax, distance row from W, then the one-block math,
     # everything written scaled by the row's share of the loss (as in _elogitnorm_kernel).
@@ -436,7 +456,8 @@ def _elogitnorm_fused_kernel(
     z_target = tl.load(logits_ptr + rows * logits_stride + target, mask=in_range,
                        other=float("nan")).to(tl.float32)
     raw_distance = _direct_distances(weight_ptr, weight_stride, weight_col_stride, n_features,
-                                     predicted, cols, row_mask, col_mask, ROWS, BLOCK, FEATURES)
+                                     predicted, cols, row_mask, col_mask, ROWS, BLOCK, FEATURES,
+                                     DEFERRED)
     # Delta_m = 1 (the released code adds the identity); masked lanes 1, as in _distance_tile.
     raw_distance = tl.where(mask & (cols[None, :] != predicted[:, None]), raw_distance, 1.0)
     loss, grad, coefficients = _single_block(
@@ -542,6 +563,6 @@ def elogitnorm_rows_fused(
         WRITE_GRAD=write_grad, WRITE_COEFFICIENTS=write_coefficients,
         ROWS=config["ROWS"], BLOCK=config["BLOCK"], FEATURES=config["FEATURES"],
         REDUCE=reduce, COUNT_BLOCK=COUNT_BLOCK, FOLD=write_coefficients and n_rows < n_cols,
-        num_warps=config["num_warps"],
+        DEFERRED=DEFERRED_SUMS, num_warps=config["num_warps"],
     )
     return losses, grad, coefficients, predicted

@@ -116,6 +116,7 @@ def test_losses_summary_reports_the_single_block_decision():
         row("logitnorm", 128, 10, "F.cross_entropy (pre-scaled)", 0.2),
         row("elogitnorm", 128, 100, "triton", 0.6, fwd_bwd_graph_ms=0.08),
         row("elogitnorm", 128, 100, "triton, fused rows of 4", 0.6, fwd_bwd_graph_ms=0.04),
+        row("elogitnorm", 128, 100, "triton, summed per step", 0.6, fwd_bwd_graph_ms=0.1),
         row("elogitnorm", 128, 100, "triton, GEMM distances", 0.7, fwd_bwd_graph_ms=0.16),
         row("elogitnorm", 128, 100, "triton, dW by class", 0.6, fwd_bwd_graph_ms=0.12),
         row("elogitnorm", 128, 100, "triton, dW over 1024 programs", 0.6, fwd_bwd_graph_ms=0.06),
@@ -142,6 +143,9 @@ def test_losses_summary_reports_the_single_block_decision():
     assert variants.groups_check_tiles(4096, 32768)
     assert not variants.groups_check_tiles(128, 10)
     assert out["elogitnorm 128x100 triton fused rows of 4 / default (CUDA graph, fwd+bwd)"] == 0.5
+    assert out["elogitnorm 128x100 triton summed per step / default (CUDA graph, fwd+bwd)"] == 1.25
+    assert "triton, summed per step" in variants.triton_variants("elogitnorm", 128, 10, 512)
+    assert "triton, summed per step" not in variants.triton_variants("elogitnorm", 256, 1000, 512)
     assert out["elogitnorm 128x100 triton GEMM distances / default (CUDA graph, fwd+bwd)"] == 2.0
     assert out["elogitnorm 128x100 triton dW by class / default (CUDA graph, fwd+bwd)"] == 1.5
     assert out["elogitnorm 128x100 triton dW over 1024 programs / default (CUDA graph, "
@@ -186,6 +190,18 @@ def test_blockwise_variant_changes_only_the_reduction():
     with variants.blockwise_reduced_triton().context():
         assert path() == ("blocks", *default[1:])
     assert path() == default and default[0] == "one program"
+
+
+def test_per_step_sums_variant_switches_both_kernels():
+    """``triton, summed per step`` turns DEFERRED_SUMS off in the fused kernel's module and the
+    pooled weight gradient's while entered, and back on afterwards."""
+    from elogitnorm_fast.kernels import class_gradient, elogitnorm
+
+    variant = _benchmark("_loss_variants").per_step_sums_triton()
+    assert elogitnorm.DEFERRED_SUMS and class_gradient.DEFERRED_SUMS
+    with variant.context():
+        assert not elogitnorm.DEFERRED_SUMS and not class_gradient.DEFERRED_SUMS
+    assert elogitnorm.DEFERRED_SUMS and class_gradient.DEFERRED_SUMS
 
 
 def test_benchmark_runner_enters_the_context_for_forward_and_backward():

@@ -272,6 +272,23 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         logits, weight, target = make_case(7, c, 40, "some_ignored", dtype=torch.float32)
         check_elogitnorm("triton", logits, weight, target, "mean", rtol=RTOL, atol=ATOL)
 
+    @pytest.mark.parametrize("deferred", [True, False])
+    @pytest.mark.parametrize("c", [10, 100])
+    def test_fused_and_pooled_kernels_with_either_summation(c, deferred, monkeypatch):
+        """The fused kernel's distance loop and the pooled weight gradient's scan, summed once
+        after the loop (the default) or at every step (the variant gpu_losses times), match
+        the reference, with the eager node (pooled in the forward) and the Python backward."""
+        from elogitnorm_fast.kernels import class_gradient
+
+        elogitnorm = _elogitnorm_module()
+        monkeypatch.setattr(elogitnorm, "DEFERRED_SUMS", deferred)
+        monkeypatch.setattr(class_gradient, "DEFERRED_SUMS", deferred)
+        logits, weight, target = make_case(37, c, 70, "some_ignored", dtype=torch.float32)
+        assert elogitnorm.fuses_distances(c, 70) and class_gradient.pools(37, c)
+        for native in (True, False):
+            monkeypatch.setattr(triton_backend, "NATIVE_BACKWARD", native)
+            check_elogitnorm("triton", logits, weight, target, "mean", rtol=RTOL, atol=ATOL)
+
     def _reductions_taken(monkeypatch):
         """Records ``one_program`` of every ``logitnorm_reduced`` call."""
         kernels, taken = _logitnorm_module(), []

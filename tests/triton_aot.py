@@ -121,7 +121,8 @@ def loss_configs() -> list[KernelConfig]:
                     "elogitnorm", "_elogitnorm_fused_kernel",
                     (("WRITE_GRAD", True), ("WRITE_COEFFICIENTS", True), ("ROWS", cfg["ROWS"]),
                      ("BLOCK", cfg["BLOCK"]), ("FEATURES", cfg["FEATURES"]), ("REDUCE", 2),
-                     ("COUNT_BLOCK", COUNT_BLOCK), ("FOLD", False)), cfg["num_warps"], dtype))
+                     ("COUNT_BLOCK", COUNT_BLOCK), ("FOLD", False), ("DEFERRED", True)),
+                    cfg["num_warps"], dtype))
     return configs
 
 
@@ -139,7 +140,8 @@ def other_configs() -> list[KernelConfig]:
           for skip in (True, False) for reduced in (False, True)),
         *(KernelConfig("class_gradient", "_pooled_weight_gradient_kernel",
                        (("SCALE_LOGITS", not unit), ("UNIT_UPSTREAM", unit), ("SCAN", cfg["SCAN"]),
-                        ("BLOCK", cfg["BLOCK"]), ("FEATURES", cfg["FEATURES"])),
+                        ("BLOCK", cfg["BLOCK"]), ("FEATURES", cfg["FEATURES"]),
+                        ("DEFERRED", True)),
                        cfg["num_warps"], dtype)
           for cfg in (pooled_config(10), pooled_config(100))
           for unit, dtype in ((False, "fp32"), (False, "bf16"), (True, "fp32"))),
