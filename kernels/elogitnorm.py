@@ -312,10 +312,10 @@ def _elogitnorm_kernel(
 #: cores and every program reading all of ``W`` (through L2), against ``U C D`` in the GEMM path,
 #: which costs ~10 more launches. It pays where launches dominate: C <= 128 keeps a block of
 #: rows, its distance tile and the (ROWS x BLOCK x FEATURES) difference tile (and as many
-#: accumulated squares: :data:`DEFERRED_SUMS`; 222 registers at C = 100, no spill on sm_90) in
-#: registers with FEATURES >= 8 (32-byte loads); C * D <= 2^17 (W <= 512 KiB in fp32) bounds
-#: the work per row (2^17 FMAs, 0.5 G for N = 4096: a few us on an H100, an estimate, not
-#: measured).
+#: accumulated squares: :data:`DEFERRED_SUMS`; 96 registers at C = 100, 116 at C = 10, no
+#: spill on sm_90) in registers with FEATURES >= 8 (32-byte loads); C * D <= 2^17 (W <= 512 KiB
+#: in fp32) bounds the work per row (2^17 FMAs, 0.5 G for N = 4096: a few us on an H100, an
+#: estimate, not measured).
 FUSED_MAX_CLASSES = 128
 FUSED_MAX_WEIGHT = 1 << 17
 #: Rows per program of the fused kernel and elements of its difference tile. One row: on an H100
@@ -385,15 +385,31 @@ def _direct_distances(weight_ptr, weight_stride, weight_col_stride, n_features, 
 
     ``DEFERRED`` (:data:`DEFERRED_SUMS`): the squares accumulate elementwise over the feature
     tiles and are summed over features once, after the loop; otherwise each tile is summed as
-    it comes, a reduction across threads per tile (sm_90 PTX at C = 100, D = 512: 160 shuffles
-    and 2 barriers in each of the 16 steps)."""
+    it comes, a reduction across threads per tile. In the sm_90 PTX (``tests/triton_aot.py``'s
+    specialization) at C = 100, D = 512, each of the 16 steps is 213 lines without a shuffle or
+    barrier, against 1130 lines with 160 shuffles and 18 barriers (C = 10: 217 lines and 2
+    barriers against 863, 112 and 24)."""
+    if DEFERRED:
+        # Pointers built in 3-D once, so that each step's loads arrive in the layout of the
+        # difference tile (2-D loads broadcast to 3-D went through shared memory every step).
+        features = tl.arange(0, FEATURES)[None, None, :]
+        row_base = weight_ptr + predicted[:, None, None] * weight_stride
+        col_base = weight_ptr + cols[None, :, None].to(tl.int64) * weight_stride
+        squares = tl.zeros([ROWS, BLOCK, FEATURES], dtype=tl.float32)
+        for start in range(0, n_features, FEATURES):
+            k = start + features
+            offsets = k.to(tl.int64) * weight_col_stride
+            a = tl.load(row_base + offsets, mask=row_mask[:, None, None] & (k < n_features),
+                        other=0.0)
+            b = tl.load(col_base + offsets, mask=col_mask[None, :, None] & (k < n_features),
+                        other=0.0)
+            diff = a.to(tl.float32) - b.to(tl.float32)
+            squares += diff * diff
+        return tl.sqrt(tl.sum(squares, axis=2))
     features = tl.arange(0, FEATURES)
     row_base = weight_ptr + predicted[:, None] * weight_stride
     col_base = weight_ptr + cols[:, None].to(tl.int64) * weight_stride
-    if DEFERRED:
-        squares = tl.zeros([ROWS, BLOCK, FEATURES], dtype=tl.float32)
-    else:
-        squared = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    squared = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     for start in range(0, n_features, FEATURES):
         k = start + features
         k_mask = k < n_features
@@ -401,12 +417,7 @@ def _direct_distances(weight_ptr, weight_stride, weight_col_stride, n_features, 
         a = tl.load(row_base + offsets, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(col_base + offsets, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         diff = a.to(tl.float32)[:, None, :] - b.to(tl.float32)[None, :, :]
-        if DEFERRED:
-            squares += diff * diff
-        else:
-            squared += tl.sum(diff * diff, axis=2)
-    if DEFERRED:
-        squared = tl.sum(squares, axis=2)
+        squared += tl.sum(diff * diff, axis=2)
     return tl.sqrt(squared)
 
 
