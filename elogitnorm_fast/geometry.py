@@ -44,13 +44,19 @@ class DistanceRows(NamedTuple):
         return self.distances if self.per_sample else self.distances.index_select(0, predicted)
 
 
+def one_row_per_sample(n_rows: int, n_classes: int) -> bool:
+    """Whether the distance rows (and the weight gradient's GEMMs) take one row per sample
+    (``N < C``) rather than one per class."""
+    return n_rows < n_classes
+
+
 def predicted_rows(weight: torch.Tensor, predicted: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """The weight rows the distance rows start from, and whether there is one per sample.
 
-    ``N < C``: ``weight[predicted]`` (N x D, one op), ``per_sample`` True; else ``weight``
-    itself (one row per class, no op).
+    :func:`one_row_per_sample`: ``weight[predicted]`` (N x D, one op), ``per_sample`` True;
+    else ``weight`` itself (one row per class, no op).
     """
-    per_sample = predicted.shape[0] < weight.shape[0]
+    per_sample = one_row_per_sample(predicted.shape[0], weight.shape[0])
     return (weight.index_select(0, predicted) if per_sample else weight), per_sample
 
 

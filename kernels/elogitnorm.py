@@ -56,6 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..geometry import one_row_per_sample
 from .rows import (
     COUNT_BLOCK,
     _program_rows,
@@ -573,7 +574,8 @@ def elogitnorm_rows_fused(
         n_rows, n_cols, eps, 1.0 / divisor, ignore_index,
         WRITE_GRAD=write_grad, WRITE_COEFFICIENTS=write_coefficients,
         ROWS=config["ROWS"], BLOCK=config["BLOCK"], FEATURES=config["FEATURES"],
-        REDUCE=reduce, COUNT_BLOCK=COUNT_BLOCK, FOLD=write_coefficients and n_rows < n_cols,
-        DEFERRED=DEFERRED_SUMS, num_warps=config["num_warps"],
+        REDUCE=reduce, COUNT_BLOCK=COUNT_BLOCK, DEFERRED=DEFERRED_SUMS,
+        FOLD=write_coefficients and one_row_per_sample(n_rows, n_cols),
+        num_warps=config["num_warps"],
     )
     return losses, grad, coefficients, predicted
