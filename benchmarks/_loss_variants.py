@@ -12,14 +12,12 @@ design question with a measurement on the same card, in the same run:
   before it grouped the column tiles of the same rows (``rows.CHECK_PROGRAMS``);
 * ``triton, fused rows of 4``: ELogitNorm's fused small-C kernel on 4 rows per program, where
   the default (``elogitnorm.FUSED_ROWS``) has one;
-* ``triton, dW by class``: the small-C weight gradient on one program per class, where the
-  default splits D between several (``class_gradient.TARGET_PROGRAMS``); ``triton, dW over
-  1024 programs``: 4x the default's target (at C = 100, 10 runs of D where the default has 2;
-  half of the CIFAR-100 step's device time was this kernel);
-* ``triton, summed per step``: the fused kernel's distance loop and the pooled weight
-  gradient's scan summing across threads at every step, where the default
-  (``DEFERRED_SUMS`` in ``elogitnorm`` and ``class_gradient``) accumulates elementwise and sums
-  once after the loop;
+* ``triton, dW unsplit``: the small-C weight gradient on one program per block of 16 classes,
+  where the default splits D between several programs of each block, each scanning the rows
+  again (``class_gradient.TARGET_PROGRAMS``; at C = 100, D = 512: 7 programs against 112);
+* ``triton, summed per step``: the fused kernel's distance loop summing across threads at
+  every step, where the default (``elogitnorm.DEFERRED_SUMS``) accumulates elementwise and
+  sums once after the loop;
 * ``triton, GEMM distances``: ELogitNorm at small C through the GEMM path (argmax, one GEMM of
   inner products and the norms on the host, then the per-row kernel) instead of the fused
   kernel (``elogitnorm.FUSED_MAX_CLASSES``);
@@ -33,7 +31,6 @@ runner enters around the forward and the backward both (the backward reads some 
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 from unittest import mock
 
@@ -96,32 +93,13 @@ def four_rows_fused_triton():
                          "elogitnorm_fast.kernels.elogitnorm", "FUSED_ROWS", 4)
 
 
-def per_class_pooled_triton():
+def unsplit_pooled_triton():
     return _with_setting(_elogitnorm,
                          "elogitnorm_fast.kernels.class_gradient", "TARGET_PROGRAMS", 0)
 
 
-def finer_pooled_triton():
-    return _with_setting(_elogitnorm,
-                         "elogitnorm_fast.kernels.class_gradient", "TARGET_PROGRAMS", 1024)
-
-
 def per_step_sums_triton():
-    modules = [importlib.import_module(f"elogitnorm_fast.kernels.{name}")
-               for name in ("elogitnorm", "class_gradient")]
-
-    def run(z, w, y):
-        return _elogitnorm(z, w, y)
-
-    @contextlib.contextmanager
-    def context():
-        with contextlib.ExitStack() as stack:
-            for module in modules:
-                stack.enter_context(mock.patch.object(module, "DEFERRED_SUMS", False))
-            yield
-
-    run.context = context
-    return run
+    return _with_setting(_elogitnorm, "elogitnorm_fast.kernels.elogitnorm", "DEFERRED_SUMS", False)
 
 
 def pools_weight_gradient(n: int, c: int) -> bool:
@@ -163,8 +141,7 @@ def triton_variants(loss: str, n: int, c: int, d: int) -> dict:
         variants["triton, summed per step"] = per_step_sums_triton()
         variants["triton, GEMM distances"] = gemm_distances_triton()
         if pools_weight_gradient(n, c):
-            variants["triton, dW by class"] = per_class_pooled_triton()
-            variants["triton, dW over 1024 programs"] = finer_pooled_triton()
+            variants["triton, dW unsplit"] = unsplit_pooled_triton()
     if loss == "logitnorm" and groups_check_tiles(n, c):
         variants["triton, a program per tile"] = per_tile_check_triton()
     if loss == "logitnorm":

@@ -317,7 +317,7 @@ EAGER_ONLY = ("triton, Python backward", "triton, reduced in blocks")
 #: Variants timed replayed from a CUDA graph against the default: FUSED_ROWS, DEFERRED_SUMS,
 #: FUSED_MAX_CLASSES, class_gradient.TARGET_PROGRAMS, REDUCE_IN_KERNEL.
 GRAPH_RATIOS = ("triton, fused rows of 4", "triton, summed per step", "triton, GEMM distances",
-                "triton, dW by class", "triton, dW over 1024 programs", "triton host reduction")
+                "triton, dW unsplit", "triton host reduction")
 
 
 def summary(rows: list[dict]) -> dict:

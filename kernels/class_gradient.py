@@ -9,15 +9,26 @@ pooled by predicted class ``P[i, j] = sum_{n : m_n = i} g_n c_nj`` and ``S = P +
 
 The eager path does this in seven torch ops (zeros, index_add_, t, add, sum, mul, addmm) after
 rescaling ``c`` by ``g``. Here it is one launch that reads the unit coefficients and ``g``
-directly: the programs of class ``i`` each scan the N rows for row ``i`` and column ``i`` of
-``P`` (N x C reads, from cache after the first program), then form ``dW_i`` over their share of
-D (:func:`feature_runs`: 80 programs at C = 10, D = 512, not 10). For small
-C only (:func:`pools`): the work grows as C^2 (N + D). No atomics, so the result does not depend
-on scheduling. The same launch can also scale the forward's unit-upstream logits gradient by
-``g`` (each program an equal share of the rows), so the whole small-C backward is one launch.
-Without an upstream gradient it forms dW for the unit upstream gradient (``g = 1`` on valid
-rows): the forward of the eager path whose backward is the C++ node
-(``triton_backend.NATIVE_BACKWARD``) launches it that way. Imported lazily (needs triton).
+directly. A program forms the rows of dW of a block of :data:`CLASSES` classes ``I`` over its
+share of D (:func:`feature_runs`: at C = 100, D = 512, 7 blocks of 16 runs, 112 programs):
+
+* it scans the N rows for the block's rows of ``S``, two fp32 products per step of rows:
+  ``P[I, :]`` is the one-hot of the rows' predicted classes in ``I``, transposed, times the
+  rows' coefficients, and ``P^T[I, :]`` the rows' coefficients of the classes ``I``,
+  transposed, times the one-hot of all their predicted classes (N x C reads, from cache after
+  the first program);
+* then ``dW[I] = rowsum(S[I]) w_I - S[I, :] W`` over its features, one product a step.
+
+The products are ``tl.dot`` in IEEE fp32 (``input_precision="ieee"``: no TF32), so each
+thread accumulates its own entries: no reduction across threads per step, where one program per
+class summed over the classes at every feature step. A sum in another order than the torch
+form's, so the results differ from it by rounding only. For small C only (:func:`pools`):
+the work grows as C^2 (N + D). No atomics, so the result does not depend on scheduling. The same
+launch can also scale the forward's unit-upstream logits gradient by ``g`` (each program an
+equal share of the rows), so the whole small-C backward is one launch. Without an upstream
+gradient it forms dW for the unit upstream gradient (``g = 1`` on valid rows): the forward of
+the eager path whose backward is the C++ node (``triton_backend.NATIVE_BACKWARD``) launches it
+that way. Imported lazily (needs triton).
 
 Example::
 
@@ -42,43 +53,48 @@ from .rows import (
     upstream_stride,
 )
 
-#: Largest C this kernel handles, and the most coefficient loads (N C^2) it is used for.
+#: Largest C this kernel handles.
 MAX_CLASSES = 128
-MAX_LOADS = 1 << 22
-#: Programs the launch aims for (about two per SM of an H100) by splitting D between programs of
-#: one class. With one program per class, C = 10 ran 10 programs, each 4 scan steps and then 8
-#: dependent feature steps: 8.4 us of device time per step at N = 128, D = 512 on an H100, and
-#: 5.7 us split 8 ways; a CUDA-graph fwd+bwd took 16.3 vs 13.3 us at C = 10, 43.4 vs 41.4 us at
-#: C = 100 (split 2 ways; ``benchmarks/results/gpu_losses_cifar_h100.json``).
-TARGET_PROGRAMS = 256
-#: The scan over the rows sums its terms over rows once, after the loop, instead of once per
-#: step of SCAN rows (sm_90 PTX at C = 100: 8 barriers in each step); ``gpu_losses.py`` times
-#: both (``triton, summed per step``). Not yet timed on a GPU.
-DEFERRED_SUMS = True
+#: Classes (rows of dW) one program forms: the pooled rows are a (CLASSES x N) by (N x C)
+#: product and dW's tile a (CLASSES x C) by (C x FEATURES) one, both ``tl.dot`` (exact fp32
+#: products, ``input_precision="ieee"``; 16 is the least a dot takes).
+CLASSES = 16
+#: The most multiply-adds a thread does in a program's scan of the rows (``2 CLASSES N BLOCK``
+#: over the program's threads; fp32, so tens of microseconds at most on an H100). Past it, the
+#: weight gradient comes from the GEMMs: at C = 100 (BLOCK 128, 8 warps) up to N = 1024 rows
+#: pool here, at C <= 16 (BLOCK 16, 4 warps) up to 4096.
+SCAN_BUDGET = 1 << 14
+#: Programs the launch aims for (about one per SM of an H100) by splitting D between programs of
+#: one block of classes, each scanning the rows again. One program per class (the kernel before
+#: the products) took 8.4 us at C = 10, N = 128, D = 512 on an H100, 5.7 us with D split 8 ways,
+#: and at C = 100 half of the CUDA-graph step, 20 us (``benchmarks/results/gpu_runs_h100.md``).
+TARGET_PROGRAMS = 128
 
 
 def pools(n_rows: int, n_cols: int) -> bool:
     """Whether the eager backward forms dW here (one launch) rather than with the rescale and the
     torch ops of :func:`elogitnorm_fast.geometry.weight_gradient`: few classes and few rows
-    (each of the C programs scans all N x C coefficients)."""
-    return n_cols <= MAX_CLASSES and n_rows * n_cols * n_cols <= MAX_LOADS
+    (each program scans all N x C coefficients: :data:`SCAN_BUDGET`)."""
+    if n_cols > MAX_CLASSES:
+        return False
+    config = pooled_config(n_cols)
+    return 2 * CLASSES * n_rows * config["BLOCK"] <= SCAN_BUDGET * 32 * config["num_warps"]
 
 
 def pooled_config(n_cols: int) -> dict[str, int]:
-    """``BLOCK`` columns, ``SCAN`` rows per scan step (at most 2048 coefficients), ``FEATURES``
-    per product step (at most 4096 weights), warps: no spills on sm_90 (tests/triton_aot.py;
-    32 x 128 with 4 warps took 255 registers and spilled)."""
+    """``BLOCK`` columns (at least 16, a dot's least), ``SCAN`` rows per scan step (at most 2048
+    coefficients), ``FEATURES`` per product step (at most 4096 weights), warps."""
     block = max(16, next_power_of_2(n_cols))
-    return {"BLOCK": block, "SCAN": min(32, 2048 // block), "FEATURES": min(64, 4096 // block),
-            "num_warps": 8 if block >= 128 else 4}
+    return {"BLOCK": block, "SCAN": max(16, min(64, 2048 // block)),
+            "FEATURES": max(16, min(64, 4096 // block)), "num_warps": 8 if block >= 128 else 4}
 
 
-def feature_runs(n_cols: int, n_features: int, features: int) -> tuple[int, int]:
-    """``(programs per class, features per program)``: D cut into runs of whole
+def feature_runs(class_blocks: int, n_features: int, features: int) -> tuple[int, int]:
+    """``(programs per block of classes, features per program)``: D cut into runs of whole
     ``features``-wide tiles, at most :data:`TARGET_PROGRAMS` programs in all (at least one per
-    class)."""
+    block of classes)."""
     tiles = max(1, -(-n_features // features))
-    splits = max(1, min(tiles, TARGET_PROGRAMS // max(n_cols, 1)))
+    splits = max(1, min(tiles, TARGET_PROGRAMS // max(class_blocks, 1)))
     return splits, -(-tiles // splits) * features
 
 
@@ -103,13 +119,15 @@ def _pooled_weight_gradient_kernel(
     ignore_index,
     SCALE_LOGITS: tl.constexpr,
     UNIT_UPSTREAM: tl.constexpr,
+    CLASSES: tl.constexpr,
     SCAN: tl.constexpr,
     BLOCK: tl.constexpr,
     FEATURES: tl.constexpr,
-    DEFERRED: tl.constexpr,
 ):
-    i = tl.program_id(0).to(tl.int64)
+    block_index = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
+    classes = block_index * CLASSES + tl.arange(0, CLASSES)
+    class_mask = classes < n_cols
     cols = tl.arange(0, BLOCK)
     col_mask = cols < n_cols
     if SCALE_LOGITS:
@@ -117,8 +135,8 @@ def _pooled_weight_gradient_kernel(
         # share of the rows (N / programs) of the forward's unit-upstream gradient times g_n,
         # as rows.scale_rows computes it.
         splits = tl.num_programs(1)
-        rows_per_program = tl.cdiv(n_rows, n_cols * splits)
-        first_row = (i * splits + split) * rows_per_program
+        rows_per_program = tl.cdiv(n_rows, tl.num_programs(0) * splits)
+        first_row = (block_index * splits + split) * rows_per_program
         for start in range(0, rows_per_program, SCAN):
             steps = start + tl.arange(0, SCAN)
             rows = first_row + steps.to(tl.int64)
@@ -127,13 +145,11 @@ def _pooled_weight_gradient_kernel(
                                     n_cols, ignore_index)
             _scale_tile(logits_unit_ptr, grad_logits_ptr, rows[:, None] * n_cols + cols[None, :],
                         row_mask[:, None] & col_mask[None, :], g)
-    # Row i of S = P + P^T: sum over samples predicted i of their coefficient rows, plus each
-    # sample's coefficient i added at its own predicted class. DEFERRED (DEFERRED_SUMS): both
-    # accumulate elementwise over the scan steps and are summed over rows once, after the loop.
-    if DEFERRED:
-        terms = tl.zeros([SCAN, BLOCK], dtype=tl.float32)
-    else:
-        pooled = tl.zeros([BLOCK], dtype=tl.float32)
+    # This block's rows of S = P + P^T: P[i, :] pools the coefficient rows of the samples
+    # predicted i (one-hot of this block's classes, transposed, times the rows), P^T[i, :] puts
+    # each sample's coefficient i at its own predicted class (column i, transposed, times the
+    # one-hot of all classes). Two products per step of SCAN rows.
+    pooled = tl.zeros([CLASSES, BLOCK], dtype=tl.float32)
     for start in range(0, n_rows, SCAN):
         rows = start + tl.arange(0, SCAN).to(tl.int64)
         row_mask = rows < n_rows
@@ -147,16 +163,13 @@ def _pooled_weight_gradient_kernel(
         row_base = coefficient_ptr + rows * coefficient_stride
         c = tl.load(row_base[:, None] + cols[None, :],
                     mask=valid[:, None] & col_mask[None, :], other=0.0) * g[:, None]
-        own = tl.where((predicted == i)[:, None], c, 0.0)
-        c_i = tl.load(row_base + i, mask=valid, other=0.0) * g
-        mirrored = tl.where(predicted[:, None] == cols[None, :], c_i[:, None], 0.0)
-        if DEFERRED:
-            terms += own + mirrored
-        else:
-            pooled += tl.sum(own, axis=0) + tl.sum(mirrored, axis=0)
-    if DEFERRED:
-        pooled = tl.sum(terms, axis=0)
-    total = tl.sum(pooled, axis=0)
+        c_own = tl.load(row_base[:, None] + classes[None, :],
+                        mask=valid[:, None] & class_mask[None, :], other=0.0) * g[:, None]
+        predicted_here = (predicted[:, None] == classes[None, :]).to(tl.float32)
+        predicted_any = (predicted[:, None] == cols[None, :]).to(tl.float32)
+        pooled = tl.dot(tl.trans(predicted_here), c, pooled, input_precision="ieee")
+        pooled = tl.dot(tl.trans(c_own), predicted_any, pooled, input_precision="ieee")
+    total = tl.sum(pooled, axis=1)
     # dW_i = (sum_j S_ij) w_i - sum_j S_ij w_j over this program's run of D, FEATURES columns
     # at a time (feature_run: a multiple of FEATURES).
     first_feature = split * feature_run
@@ -167,10 +180,13 @@ def _pooled_weight_gradient_kernel(
         w = tl.load(weight_ptr + cols[:, None] * weight_stride
                     + features[None, :] * weight_col_stride,
                     mask=col_mask[:, None] & feature_mask[None, :], other=0.0).to(tl.float32)
-        w_i = tl.load(weight_ptr + i * weight_stride + features * weight_col_stride,
-                      mask=feature_mask, other=0.0).to(tl.float32)
-        grad = total * w_i - tl.sum(pooled[:, None] * w, axis=0)
-        tl.store(grad_weight_ptr + i * n_features + features, grad, mask=feature_mask)
+        tile_mask = class_mask[:, None] & feature_mask[None, :]
+        w_own = tl.load(weight_ptr + classes[:, None] * weight_stride
+                        + features[None, :] * weight_col_stride,
+                        mask=tile_mask, other=0.0).to(tl.float32)
+        grad = total[:, None] * w_own - tl.dot(pooled, w, input_precision="ieee")
+        tl.store(grad_weight_ptr + classes[:, None] * n_features + features[None, :], grad,
+                 mask=tile_mask)
 
 
 def pooled_gradients(
@@ -205,9 +221,10 @@ def pooled_gradients(
     if n_cols == 0 or (n_features == 0 and (logits_unit is None or n_rows == 0)):
         return grad, grad_logits
     config = pooled_config(n_cols)
-    splits, feature_run = feature_runs(n_cols, n_features, config["FEATURES"])
+    class_blocks = -(-n_cols // CLASSES)
+    splits, feature_run = feature_runs(class_blocks, n_features, config["FEATURES"])
     unused = unused_pointer(grad, traced)
-    launcher(_pooled_weight_gradient_kernel, (n_cols, splits), traced)(
+    launcher(_pooled_weight_gradient_kernel, (class_blocks, splits), traced)(
         coefficients, coefficients.stride(0), predicted,
         unused if upstream is None else upstream,
         0 if upstream is None else upstream_stride(upstream),
@@ -216,7 +233,7 @@ def pooled_gradients(
         unused if grad_logits is None else grad_logits, n_rows, n_cols, n_features, feature_run,
         ignore_index,
         SCALE_LOGITS=grad_logits is not None, UNIT_UPSTREAM=upstream is None,
-        SCAN=config["SCAN"], BLOCK=config["BLOCK"], FEATURES=config["FEATURES"],
-        DEFERRED=DEFERRED_SUMS, num_warps=config["num_warps"],
+        CLASSES=CLASSES, SCAN=config["SCAN"], BLOCK=config["BLOCK"],
+        FEATURES=config["FEATURES"], num_warps=config["num_warps"],
     )
     return grad, grad_logits

@@ -114,8 +114,7 @@ def test_losses_summary_reports_the_single_block_decision():
         row("elogitnorm", 128, 100, "triton, fused rows of 4", 0.6, fwd_bwd_graph_ms=0.04),
         row("elogitnorm", 128, 100, "triton, summed per step", 0.6, fwd_bwd_graph_ms=0.1),
         row("elogitnorm", 128, 100, "triton, GEMM distances", 0.7, fwd_bwd_graph_ms=0.16),
-        row("elogitnorm", 128, 100, "triton, dW by class", 0.6, fwd_bwd_graph_ms=0.12),
-        row("elogitnorm", 128, 100, "triton, dW over 1024 programs", 0.6, fwd_bwd_graph_ms=0.06),
+        row("elogitnorm", 128, 100, "triton, dW unsplit", 0.6, fwd_bwd_graph_ms=0.12),
     ]
     variants = _benchmark("_loss_variants")
     out = gpu_losses.summary(rows)
@@ -143,11 +142,9 @@ def test_losses_summary_reports_the_single_block_decision():
     assert "triton, summed per step" in variants.triton_variants("elogitnorm", 128, 10, 512)
     assert "triton, summed per step" not in variants.triton_variants("elogitnorm", 256, 1000, 512)
     assert out["elogitnorm 128x100 triton GEMM distances / default (CUDA graph, fwd+bwd)"] == 2.0
-    assert out["elogitnorm 128x100 triton dW by class / default (CUDA graph, fwd+bwd)"] == 1.5
-    assert out["elogitnorm 128x100 triton dW over 1024 programs / default (CUDA graph, "
-               "fwd+bwd)"] == 0.75
-    assert "triton, dW by class" in variants.triton_variants("elogitnorm", 128, 100, 512)
-    assert "triton, dW by class" not in variants.triton_variants("elogitnorm", 4096, 100, 512)
+    assert out["elogitnorm 128x100 triton dW unsplit / default (CUDA graph, fwd+bwd)"] == 1.5
+    assert "triton, dW unsplit" in variants.triton_variants("elogitnorm", 128, 100, 512)
+    assert "triton, dW unsplit" not in variants.triton_variants("elogitnorm", 4096, 100, 512)
     assert variants.fuses_distances(100, 512) and not variants.fuses_distances(1000, 512)
     # The C++-node comparison where an eager mean takes the node, up to ImageNet-1k's size.
     for loss, n, c, timed in (("logitnorm", 128, 10, True), ("elogitnorm", 256, 1000, True),
@@ -188,16 +185,21 @@ def test_blockwise_variant_changes_only_the_reduction():
     assert path() == default and default[0] == "one program"
 
 
-def test_per_step_sums_variant_switches_both_kernels():
-    """``triton, summed per step`` turns DEFERRED_SUMS off in the fused kernel's module and the
-    pooled weight gradient's while entered, and back on afterwards."""
+def test_per_step_sums_and_unsplit_variants_switch_their_settings():
+    """``triton, summed per step`` turns the fused kernel's DEFERRED_SUMS off while entered,
+    ``triton, dW unsplit`` the pooled weight gradient's split of D (one program per block of
+    classes); both back afterwards."""
     from elogitnorm_fast.kernels import class_gradient, elogitnorm
 
-    variant = _benchmark("_loss_variants").per_step_sums_triton()
-    assert elogitnorm.DEFERRED_SUMS and class_gradient.DEFERRED_SUMS
-    with variant.context():
-        assert not elogitnorm.DEFERRED_SUMS and not class_gradient.DEFERRED_SUMS
-    assert elogitnorm.DEFERRED_SUMS and class_gradient.DEFERRED_SUMS
+    variants = _benchmark("_loss_variants")
+    assert elogitnorm.DEFERRED_SUMS
+    with variants.per_step_sums_triton().context():
+        assert not elogitnorm.DEFERRED_SUMS
+    assert elogitnorm.DEFERRED_SUMS
+    assert class_gradient.feature_runs(7, 512, 32) == (16, 32)
+    with variants.unsplit_pooled_triton().context():
+        assert class_gradient.feature_runs(7, 512, 32) == (1, 512)
+    assert class_gradient.feature_runs(7, 512, 32) == (16, 32)
 
 
 def test_benchmark_runner_enters_the_context_for_forward_and_backward():

@@ -274,15 +274,15 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
 
     @pytest.mark.parametrize("deferred", [True, False])
     @pytest.mark.parametrize("c", [10, 100])
-    def test_fused_and_pooled_kernels_with_either_summation(c, deferred, monkeypatch):
-        """The fused kernel's distance loop and the pooled weight gradient's scan, summed once
-        after the loop (the default) or at every step (the variant gpu_losses times), match
-        the reference, with the eager node (pooled in the forward) and the Python backward."""
+    def test_fused_kernel_with_either_summation_and_pooled_products(c, deferred, monkeypatch):
+        """The fused kernel's distance loop, summed once after the loop (the default) or at
+        every step (the variant gpu_losses times), and the pooled weight gradient's products
+        (C = 10: one block of classes; C = 100: seven, the last one partial) match the
+        reference, with the eager node (pooled in the forward) and the Python backward."""
         from elogitnorm_fast.kernels import class_gradient
 
         elogitnorm = _elogitnorm_module()
         monkeypatch.setattr(elogitnorm, "DEFERRED_SUMS", deferred)
-        monkeypatch.setattr(class_gradient, "DEFERRED_SUMS", deferred)
         logits, weight, target = make_case(37, c, 70, "some_ignored", dtype=torch.float32)
         assert elogitnorm.fuses_distances(c, 70) and class_gradient.pools(37, c)
         for native in (True, False):
@@ -544,12 +544,15 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         check_logitnorm("triton", logits, target, "sum", rtol=RTOL, atol=ATOL)
 
     @pytest.mark.parametrize("n,c,d", [(1, 1, 3), (7, 5, 70), (64, 10, 512), (40, 128, 9),
-                                       (20, 100, 70)])
+                                       (20, 100, 70), (3, 100, 1000), (130, 37, 20)])
     def test_pooled_weight_gradient_matches_the_torch_form(n, c, d):
         """The one-launch class-pooled dW against geometry.weight_gradient (float64) on random
         coefficients, predicted classes, upstream gradients and ignored rows; W transposed
-        (strided). D split between the programs of a class: 8 runs of one tile (C = 10,
-        D = 512), 2 runs of two tiles and of a partial one (C = 100, D = 70)."""
+        (strided). Blocks of 16 classes, the last one partial (C = 5, 37, 100); D split between
+        the programs of a block: 8 runs of one tile (C = 10, D = 512), 3 runs of one tile, the
+        last partial (C = 100, D = 70), 18 runs of two tiles, the 16th partial and the last two
+        empty (C = 100, D = 1000); rows in several scan steps, the last partial (N = 130,
+        C = 37)."""
         from elogitnorm_fast.geometry import weight_gradient
 
         kernels = _class_gradient_module()

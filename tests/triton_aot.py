@@ -137,7 +137,7 @@ def other_configs() -> list[KernelConfig]:
     class-pooled weight gradient at C = 10 and 100, the logits gradient riding along, and the
     same weight gradient for the unit upstream gradient, which the forward of the C++-node path
     launches) and the logit-scores kernel."""
-    from elogitnorm_fast.kernels.class_gradient import pooled_config
+    from elogitnorm_fast.kernels.class_gradient import CLASSES, pooled_config
 
     return [
         *(KernelConfig("logitnorm", "_logitnorm_backward_kernel",
@@ -145,9 +145,9 @@ def other_configs() -> list[KernelConfig]:
                         ("ROWS", 1), ("BLOCK", 2048)), 4, "bf16")
           for skip in (True, False) for reduced in (False, True)),
         *(KernelConfig("class_gradient", "_pooled_weight_gradient_kernel",
-                       (("SCALE_LOGITS", not unit), ("UNIT_UPSTREAM", unit), ("SCAN", cfg["SCAN"]),
-                        ("BLOCK", cfg["BLOCK"]), ("FEATURES", cfg["FEATURES"]),
-                        ("DEFERRED", True)),
+                       (("SCALE_LOGITS", not unit), ("UNIT_UPSTREAM", unit),
+                        ("CLASSES", CLASSES), ("SCAN", cfg["SCAN"]), ("BLOCK", cfg["BLOCK"]),
+                        ("FEATURES", cfg["FEATURES"])),
                        cfg["num_warps"], dtype)
           for cfg in (pooled_config(10), pooled_config(100))
           for unit, dtype in ((False, "fp32"), (False, "bf16"), (True, "fp32"))),
