@@ -15,6 +15,9 @@ design question with a measurement on the same card, in the same run:
 * ``triton, dW unsplit``: the small-C weight gradient on one program per block of 16 classes,
   where the default splits D between several programs of each block, each scanning the rows
   again (``class_gradient.TARGET_PROGRAMS``; at C = 100, D = 512: 7 programs against 112);
+* ``triton, fused tiles of 4096``: the fused kernel's difference tile of 4096 elements on 4
+  warps (16 feature steps at C = 100, D = 512), where the default (``elogitnorm.FUSED_TILE``)
+  has 16384 on 16 warps (4 steps);
 * ``triton, summed per step``: the fused kernel's distance loop summing across threads at
   every step, where the default (``elogitnorm.DEFERRED_SUMS``) accumulates elementwise and
   sums once after the loop;
@@ -98,6 +101,10 @@ def unsplit_pooled_triton():
                          "elogitnorm_fast.kernels.class_gradient", "TARGET_PROGRAMS", 0)
 
 
+def small_tile_fused_triton():
+    return _with_setting(_elogitnorm, "elogitnorm_fast.kernels.elogitnorm", "FUSED_TILE", 4096)
+
+
 def per_step_sums_triton():
     return _with_setting(_elogitnorm, "elogitnorm_fast.kernels.elogitnorm", "DEFERRED_SUMS", False)
 
@@ -138,6 +145,7 @@ def triton_variants(loss: str, n: int, c: int, d: int) -> dict:
         variants["triton streamed"] = streamed_triton(loss, c)
     if loss == "elogitnorm" and fuses_distances(c, d):
         variants["triton, fused rows of 4"] = four_rows_fused_triton()
+        variants["triton, fused tiles of 4096"] = small_tile_fused_triton()
         variants["triton, summed per step"] = per_step_sums_triton()
         variants["triton, GEMM distances"] = gemm_distances_triton()
         if pools_weight_gradient(n, c):

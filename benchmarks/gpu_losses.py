@@ -314,10 +314,11 @@ EAGER_RATIOS = {
 #: Variants that a CUDA-graph capture turns into the default, not timed as a graph: the C++
 #: node is eager-only, and captured, the default already reduces LogitNorm in blocks.
 EAGER_ONLY = ("triton, Python backward", "triton, reduced in blocks")
-#: Variants timed replayed from a CUDA graph against the default: FUSED_ROWS, DEFERRED_SUMS,
-#: FUSED_MAX_CLASSES, class_gradient.TARGET_PROGRAMS, REDUCE_IN_KERNEL.
-GRAPH_RATIOS = ("triton, fused rows of 4", "triton, summed per step", "triton, GEMM distances",
-                "triton, dW unsplit", "triton host reduction")
+#: Variants timed replayed from a CUDA graph against the default: FUSED_ROWS, FUSED_TILE,
+#: DEFERRED_SUMS, FUSED_MAX_CLASSES, class_gradient.TARGET_PROGRAMS, REDUCE_IN_KERNEL.
+GRAPH_RATIOS = ("triton, fused rows of 4", "triton, fused tiles of 4096",
+                "triton, summed per step", "triton, GEMM distances", "triton, dW unsplit",
+                "triton host reduction")
 
 
 def summary(rows: list[dict]) -> dict:

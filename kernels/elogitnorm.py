@@ -313,21 +313,29 @@ def _elogitnorm_kernel(
 #: cores and every program reading all of ``W`` (through L2), against ``U C D`` in the GEMM path,
 #: which costs ~10 more launches. It pays where launches dominate: C <= 128 keeps a block of
 #: rows, its distance tile and the (ROWS x BLOCK x FEATURES) difference tile (and as many
-#: accumulated squares: :data:`DEFERRED_SUMS`; 96 registers at C = 100, 116 at C = 10, no
+#: accumulated squares: :data:`DEFERRED_SUMS`; 106 registers at C = 100, 116 at C = 10, no
 #: spill on sm_90) in registers with FEATURES >= 8 (32-byte loads); C * D <= 2^17 (W <= 512 KiB
 #: in fp32) bounds the work per row (2^17 FMAs, 0.5 G for N = 4096: a few us on an H100, an
 #: estimate, not measured).
 FUSED_MAX_CLASSES = 128
 FUSED_MAX_WEIGHT = 1 << 17
-#: Rows per program of the fused kernel and elements of its difference tile. One row: on an H100
-#: (torch 2.11, triton 3.6) a CUDA-graph replay of fwd+bwd at N = 128, D = 512 took 15.9 us at
-#: C = 10 and 43.4 us at C = 100, against 23.4 us and 73.1 us with 4 rows (``gpu_losses.py``,
-#: ``benchmarks/results/gpu_losses_h100.json``): a program per row runs 128 programs where 4
-#: rows ran 32 on 132 SMs, and takes 4x longer feature tiles. Larger batches were not timed.
-#: With one row per program an eager ``mean`` is reduced in the kernel up to N = 1448 (every
-#: program counts all N targets: :func:`.rows.counts_within_budget`), on the host above.
+#: Rows per program of the fused kernel. One row: on an H100 (torch 2.11, triton 3.6) a CUDA-graph
+#: replay of fwd+bwd at N = 128, D = 512 took 15.9 us at C = 10 and 43.4 us at C = 100, against
+#: 23.4 us and 73.1 us with 4 rows (``gpu_losses.py``, ``benchmarks/results/gpu_losses_h100.json``):
+#: a program per row runs 128 programs where 4 rows ran 32 on 132 SMs, and takes 4x longer
+#: feature tiles. Larger batches were not timed. With one row per program an eager ``mean`` is
+#: reduced in the kernel up to N = 1448 (every program counts all N targets:
+#: :func:`.rows.counts_within_budget`), on the host above.
 FUSED_ROWS = 1
-FUSED_TILE = 4096
+#: Elements of the fused kernel's difference tile (ROWS x BLOCK x FEATURES), and the elements a
+#: thread holds of it: the warps follow the tile (4 to 16). Every step of the distance loop
+#: waits for its loads from L2 (nothing to overlap them with), so a program alone on its SM
+#: moves one tile per L2 latency: at C = 100, D = 512 a tile of 16384 takes 4 steps with 16
+#: warps, where 4096 took 16 with 4 warps (the same 32 elements and 9 loads a thread each step,
+#: 106 registers against 96 on sm_90, no spill). The 4096 tile was the one timed above; the
+#: ``triton, fused tiles of 4096`` variant times it beside the default (not yet timed).
+FUSED_TILE = 16384
+FUSED_TILE_PER_THREAD = 32
 #: The distance loop sums its squares over the features once, after the loop, instead of once
 #: per feature tile (:func:`_direct_distances`; ``gpu_losses.py`` times both: the variant
 #: ``triton, summed per step``). Not yet timed on a GPU.
@@ -342,16 +350,19 @@ def fuses_distances(n_cols: int, n_features: int) -> bool:
 def fused_config(n_cols: int, n_features: int, rows: int | None = None) -> dict[str, int]:
     """Block sizes of the fused kernel: ``ROWS`` rows (``rows``, default :data:`FUSED_ROWS`) x
     ``BLOCK`` columns per program, feature tiles of ``FEATURES`` (the difference tile has at most
-    ``FUSED_TILE`` elements).
+    :data:`FUSED_TILE` elements), and warps enough for :data:`FUSED_TILE_PER_THREAD` elements a
+    thread (4 to 16).
 
     The distances loop over D in steps of ``FEATURES``, one dependent load after another: at
-    C = 100, D = 512 that is 16 steps of 32 features with 1 row and 64 steps with 4 rows
+    C = 100, D = 512 that is 4 steps of 128 features with 1 row and 16 steps with 4 rows
     (``gpu_losses.py`` times both)."""
     rows = FUSED_ROWS if rows is None else rows
     block = max(16, next_power_of_2(n_cols))
     features = min(next_power_of_2(max(n_features, 1)),
                    max(8, FUSED_TILE // (rows * block)))
-    return {"ROWS": rows, "BLOCK": block, "FEATURES": features, "num_warps": 4}
+    warps = rows * block * features // (32 * FUSED_TILE_PER_THREAD)
+    return {"ROWS": rows, "BLOCK": block, "FEATURES": features,
+            "num_warps": min(16, max(4, warps))}
 
 
 def rows_per_program(n_cols: int, n_features: int, block_cols: int | None = None) -> int:

@@ -112,6 +112,7 @@ def test_losses_summary_reports_the_single_block_decision():
         row("logitnorm", 128, 10, "F.cross_entropy (pre-scaled)", 0.2),
         row("elogitnorm", 128, 100, "triton", 0.6, fwd_bwd_graph_ms=0.08),
         row("elogitnorm", 128, 100, "triton, fused rows of 4", 0.6, fwd_bwd_graph_ms=0.04),
+        row("elogitnorm", 128, 100, "triton, fused tiles of 4096", 0.6, fwd_bwd_graph_ms=0.2),
         row("elogitnorm", 128, 100, "triton, summed per step", 0.6, fwd_bwd_graph_ms=0.1),
         row("elogitnorm", 128, 100, "triton, GEMM distances", 0.7, fwd_bwd_graph_ms=0.16),
         row("elogitnorm", 128, 100, "triton, dW unsplit", 0.6, fwd_bwd_graph_ms=0.12),
@@ -139,6 +140,8 @@ def test_losses_summary_reports_the_single_block_decision():
     assert not variants.groups_check_tiles(128, 10)
     assert out["elogitnorm 128x100 triton fused rows of 4 / default (CUDA graph, fwd+bwd)"] == 0.5
     assert out["elogitnorm 128x100 triton summed per step / default (CUDA graph, fwd+bwd)"] == 1.25
+    assert out["elogitnorm 128x100 triton fused tiles of 4096 / default (CUDA graph, "
+               "fwd+bwd)"] == 2.5
     assert "triton, summed per step" in variants.triton_variants("elogitnorm", 128, 10, 512)
     assert "triton, summed per step" not in variants.triton_variants("elogitnorm", 256, 1000, 512)
     assert out["elogitnorm 128x100 triton GEMM distances / default (CUDA graph, fwd+bwd)"] == 2.0
@@ -185,10 +188,11 @@ def test_blockwise_variant_changes_only_the_reduction():
     assert path() == default and default[0] == "one program"
 
 
-def test_per_step_sums_and_unsplit_variants_switch_their_settings():
+def test_fused_and_pooled_variants_switch_their_settings():
     """``triton, summed per step`` turns the fused kernel's DEFERRED_SUMS off while entered,
-    ``triton, dW unsplit`` the pooled weight gradient's split of D (one program per block of
-    classes); both back afterwards."""
+    ``triton, fused tiles of 4096`` gives it the tile and warps it had before FUSED_TILE grew,
+    ``triton, dW unsplit`` removes the pooled weight gradient's split of D (one program per
+    block of classes); each back afterwards."""
     from elogitnorm_fast.kernels import class_gradient, elogitnorm
 
     variants = _benchmark("_loss_variants")
@@ -196,6 +200,13 @@ def test_per_step_sums_and_unsplit_variants_switch_their_settings():
     with variants.per_step_sums_triton().context():
         assert not elogitnorm.DEFERRED_SUMS
     assert elogitnorm.DEFERRED_SUMS
+    default = {"ROWS": 1, "BLOCK": 128, "FEATURES": 128, "num_warps": 16}
+    assert elogitnorm.fused_config(100, 512) == default
+    with variants.small_tile_fused_triton().context():
+        assert elogitnorm.fused_config(100, 512) == {"ROWS": 1, "BLOCK": 128, "FEATURES": 32,
+                                                     "num_warps": 4}
+        assert elogitnorm.fused_config(10, 512)["FEATURES"] == 256
+    assert elogitnorm.fused_config(100, 512) == default
     assert class_gradient.feature_runs(7, 512, 32) == (16, 32)
     with variants.unsplit_pooled_triton().context():
         assert class_gradient.feature_runs(7, 512, 32) == (1, 512)

@@ -278,13 +278,18 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         """The fused kernel's distance loop, summed once after the loop (the default) or at
         every step (the variant gpu_losses times), and the pooled weight gradient's products
         (C = 10: one block of classes; C = 100: seven, the last one partial) match the
-        reference, with the eager node (pooled in the forward) and the Python backward."""
+        reference, with the eager node (pooled in the forward) and the Python backward. D
+        takes several feature tiles, the last one partial (C = 10: 2 of 1024 for D = 1100;
+        C = 100: 3 of 128 for D = 300)."""
         from elogitnorm_fast.kernels import class_gradient
 
         elogitnorm = _elogitnorm_module()
         monkeypatch.setattr(elogitnorm, "DEFERRED_SUMS", deferred)
-        logits, weight, target = make_case(37, c, 70, "some_ignored", dtype=torch.float32)
-        assert elogitnorm.fuses_distances(c, 70) and class_gradient.pools(37, c)
+        d = 1100 if c == 10 else 300
+        features = elogitnorm.fused_config(c, d)["FEATURES"]
+        assert d // features == (1 if c == 10 else 2) and d % features
+        logits, weight, target = make_case(37, c, d, "some_ignored", dtype=torch.float32)
+        assert elogitnorm.fuses_distances(c, d) and class_gradient.pools(37, c)
         for native in (True, False):
             monkeypatch.setattr(triton_backend, "NATIVE_BACKWARD", native)
             check_elogitnorm("triton", logits, weight, target, "mean", rtol=RTOL, atol=ATOL)
@@ -746,7 +751,8 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
 
     #: (C, D, fused?) around the thresholds C <= 128 and C * D <= 2^17.
     THRESHOLD_CASES = [(1, 4, True), (3, 4, True), (10, 512, True), (100, 512, True),
-                       (128, 1024, True), (129, 4, False), (64, 2048, True), (64, 2049, False)]
+                       (100, 300, True), (128, 1024, True), (129, 4, False), (64, 2048, True),
+                       (64, 2049, False)]
 
     @pytest.mark.parametrize("c,d,fused", THRESHOLD_CASES)
     def test_fused_threshold_and_parity(c, d, fused, monkeypatch):
