@@ -34,8 +34,8 @@ def _needs_triton():
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("n,c,d", [(1, 1, 3), (5, 3, 4), (128, 10, 64), (64, 257, 16),
-                                   (256, 1000, 32), (300, 200, 8)])
+@pytest.mark.parametrize("n,c,d", [(1, 1, 3), (5, 3, 4), (128, 10, 64), (128, 100, 512),
+                                   (64, 257, 16), (256, 1000, 32), (300, 200, 8)])
 def test_fp32_matches_reference(n, c, d, reduction):
     logits, weight, target = make_case(n, c, d, dtype=torch.float32, device="cuda")
     target[::5] = -100
