@@ -26,7 +26,11 @@ design question with a measurement on the same card, in the same run:
   kernel (``elogitnorm.FUSED_MAX_CLASSES``);
 * ``triton, Python backward``: an eager sum / mean through the Python autograd Functions (a
   Triton launch in the backward) instead of the C++ node that multiplies the forward's unit
-  gradients (``NATIVE_BACKWARD``; up to the ImageNet-1k size).
+  gradients (``NATIVE_BACKWARD``; up to the ImageNet-1k size);
+* ``triton, direct launch``: eager launches straight to the compiled kernels' launchers
+  (``kernels.direct_launch.ENABLED``, off by default) instead of through the JIT's dispatch, at
+  the host-bound target sizes (CIFAR, ImageNet-1k; ``gpu_host.py`` times its host side at
+  more).
 
 A variant that changes a module setting carries it as ``fn.context``, which the benchmark's
 runner enters around the forward and the backward both (the backward reads some of them).
@@ -40,6 +44,7 @@ from unittest import mock
 import elogitnorm_fast as ef
 
 STREAMED_FROM, STREAMED_BLOCK = 8192, 4096
+DIRECT_LAUNCH_SIZES = {(128, 10), (128, 100), (256, 1000)}
 
 
 def _with_setting(loss, module: str, name: str, value):
@@ -119,6 +124,11 @@ def gemm_distances_triton():
     return _with_setting(_elogitnorm, "elogitnorm_fast.kernels.elogitnorm", "FUSED_MAX_CLASSES", 0)
 
 
+def direct_launch_triton(loss: str):
+    return _with_setting(_logitnorm if loss == "logitnorm" else _elogitnorm,
+                         "elogitnorm_fast.kernels.direct_launch", "ENABLED", True)
+
+
 def python_backward_triton(loss: str):
     return _with_setting(_logitnorm if loss == "logitnorm" else _elogitnorm,
                          "elogitnorm_fast.backends.triton_backend", "NATIVE_BACKWARD", False)
@@ -163,6 +173,8 @@ def triton_variants(loss: str, n: int, c: int, d: int) -> dict:
         variants["triton host reduction"] = host_reduced_triton(loss)
     if n * c <= 256 * 1000 and _takes_node(loss, n, c):
         variants["triton, Python backward"] = python_backward_triton(loss)
+    if (n, c) in DIRECT_LAUNCH_SIZES:
+        variants["triton, direct launch"] = direct_launch_triton(loss)
     return variants
 
 

@@ -3,8 +3,9 @@
 The H100 runs showed small and mid-size eager steps bound by the host (ImageNet-1k ELogitNorm
 forward with ``triton``: 0.60 ms eager, 0.07 ms of device time replayed from a CUDA graph). Rows:
 
-* ``host_us``: host time per forward+backward step (and per forward) of each backend and of
-  ``triton, Python backward`` (the Python Functions instead of the C++ node), the wall time of
+* ``host_us``: host time per forward+backward step (and per forward) of each backend, of
+  ``triton, Python backward`` (the Python Functions instead of the C++ node) and of ``triton,
+  direct launch`` (``kernels.direct_launch``: launches past the JIT's dispatch), the wall time of
   ``CALLS`` steps enqueued back to back before one synchronize (few enough that the launch queue
   does not fill, so this is the host's rate); ``TRITON_ONLY_CASES`` (LogitNorm 4096 x 32768)
   with ``triton`` and ``F.cross_entropy`` only;
@@ -12,8 +13,8 @@ forward with ``triton``: 0.60 ms eager, 0.07 ms of device time replayed from a C
   Triton launch recorded as ``launch <kernel>``);
 * for ``triton`` and ``F.cross_entropy``, the step's kernels by device time per step;
 * ``launch_us``: a bare launch of an empty Triton kernel and of the LogitNorm forward kernel with
-  its arguments, one ``torch.empty`` for scale, and the multiply the C++ node runs instead of a
-  Triton launch;
+  its arguments (through the JIT, and direct), one ``torch.empty`` for scale, and the multiply
+  the C++ node runs instead of a Triton launch;
 * ``step_ms``: an eager training step (forward, loss, backward) of a ResNet-18-sized CNN on a
   CIFAR batch (128 x 3 x 32 x 32, C = 10 and 100) with each loss, and its ratio to the same step
   with ``F.cross_entropy``, medians of 3 rounds that take the losses in turn: what a loss costs
@@ -63,18 +64,22 @@ def host_us(step, calls: int = CALLS) -> float:
 #: The triton backend with its eager sum / mean through the Python Functions instead of the C++
 #: node (``NATIVE_BACKWARD``), beside the default in the host rows and the training steps.
 PYTHON_BACKWARD = "triton, Python backward"
+#: The triton backend with its eager launches straight to the compiled kernels' launchers
+#: (``kernels.direct_launch.ENABLED``), beside the default in the host rows.
+DIRECT_LAUNCH = "triton, direct launch"
 
 
 def loss_fn(loss: str, backend: str):
     """``(logits, weight, target) -> loss`` of ``loss`` on ``backend`` ("F.cross_entropy": the
-    baseline on the raw logits; :data:`PYTHON_BACKWARD`: the setting entered around the forward,
-    where the path is chosen)."""
+    baseline on the raw logits; :data:`PYTHON_BACKWARD`, :data:`DIRECT_LAUNCH`: the setting
+    entered around the forward, where the path is chosen and the launches made)."""
     if backend == "F.cross_entropy":
         return lambda z, w, y: F.cross_entropy(z, y)
-    if backend == PYTHON_BACKWARD:
-        from _loss_variants import python_backward_triton
+    if backend in (PYTHON_BACKWARD, DIRECT_LAUNCH):
+        from _loss_variants import direct_launch_triton, python_backward_triton
 
-        variant = python_backward_triton(loss)
+        variant = (python_backward_triton if backend == PYTHON_BACKWARD
+                   else direct_launch_triton)(loss)
 
         def forward(z, w, y):
             with variant.context():
@@ -195,6 +200,16 @@ def add_device_kernels(rows: list[dict]) -> None:
                   f"{kernel['kernel'][:66]}")
 
 
+def _direct(call):
+    """``call()`` with ``kernels.direct_launch.ENABLED`` set."""
+    from unittest import mock
+
+    from elogitnorm_fast.kernels import direct_launch
+
+    with mock.patch.object(direct_launch, "ENABLED", True):
+        return call()
+
+
 def launch_costs() -> list[dict]:
     import triton
 
@@ -216,6 +231,9 @@ def launch_costs() -> list[dict]:
         {"op": "LogitNorm forward launch, 128 x 10 (logitnorm_rows, eager)",
          "launch_us": host_us(lambda: logitnorm.logitnorm_rows(
              z, y, inv_tau=25.0, ignore_index=-100, traced=False), 200)},
+        {"op": "LogitNorm forward launch, 128 x 10 (logitnorm_rows, eager), direct launch",
+         "launch_us": host_us(lambda: _direct(lambda: logitnorm.logitnorm_rows(
+             z, y, inv_tau=25.0, ignore_index=-100, traced=False)), 200)},
         {"op": "torch.empty(16)", "launch_us": host_us(lambda: torch.empty(16, device="cuda"),
                                                         200)},
         # What the C++ node's backward launches per input instead of a Triton kernel.
@@ -381,7 +399,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     rows: list[dict] = []
     backends = [b for b in ("triton", "cuda", "torch") if b in ef.available_backends("cuda")]
-    variants = [PYTHON_BACKWARD] if "triton" in backends else []
+    variants = [PYTHON_BACKWARD, DIRECT_LAUNCH] if "triton" in backends else []
     cases = [(case, backends + variants + ["F.cross_entropy"]) for case in CASES]
     cases += [(case, [b for b in ("triton",) if b in backends] + ["F.cross_entropy"])
               for case in TRITON_ONLY_CASES]

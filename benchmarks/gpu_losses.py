@@ -310,10 +310,12 @@ EAGER_RATIOS = {
     "triton host reduction": "triton host / kernel reduction",
     "triton, reduced in blocks": "triton blocks / one-program reduction",
     "triton, Python backward": "triton Python backward / C++ node",
+    "triton, direct launch": "triton direct / JIT launch",
 }
-#: Variants that a CUDA-graph capture turns into the default, not timed as a graph: the C++
-#: node is eager-only, and captured, the default already reduces LogitNorm in blocks.
-EAGER_ONLY = ("triton, Python backward", "triton, reduced in blocks")
+#: Variants not timed as a graph: a CUDA-graph capture turns two into the default (the C++
+#: node is eager-only, and captured, the default already reduces LogitNorm in blocks), and the
+#: direct launch changes only host work, which a replay does not repeat.
+EAGER_ONLY = ("triton, Python backward", "triton, reduced in blocks", "triton, direct launch")
 #: Variants timed replayed from a CUDA graph against the default: FUSED_ROWS, FUSED_TILE,
 #: DEFERRED_SUMS, FUSED_MAX_CLASSES, class_gradient.TARGET_PROGRAMS, REDUCE_IN_KERNEL.
 GRAPH_RATIOS = ("triton, fused rows of 4", "triton, fused tiles of 4096",

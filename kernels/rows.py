@@ -11,10 +11,14 @@ Example::
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
+
+from . import direct_launch
 
 #: Largest row length (columns) kept on chip in one block.
 MAX_SINGLE_BLOCK = 32768  # measured on H100: 1.3x faster fwd+bwd at C=32768 than 16384
@@ -69,13 +73,16 @@ def launcher(kernel, grid: tuple[int, ...], traced: bool):
     ``wrap_triton`` is what lets torch.compile trace a launch inside a ``triton_op``, but in eager
     mode it costs ~370 us of host time per launch (measured, torch 2.11 on an H100 machine,
     where a bare launch of an empty kernel took 13 us: ``gpu_host.py``), so eager callers pass
-    ``traced=False``. Under the interpreter
+    ``traced=False`` (and, with :data:`.direct_launch.ENABLED`, launch the compiled kernel
+    directly). Under the interpreter
     (``TRITON_INTERPRET=1``) torch 2.11 refuses to wrap a kernel (it takes only ``triton.jit``
     functions, which the interpreter replaces; torch 2.13 takes both); there the launch is
     direct, as nothing can trace an interpreted kernel anyway.
     """
     if traced and (isinstance(kernel, JITFunction) or _wraps_interpreted_kernels()):
         return torch.library.wrap_triton(kernel)[grid]
+    if direct_launch.ENABLED and isinstance(kernel, JITFunction):
+        return functools.partial(direct_launch.launch, kernel, grid)
     return kernel[grid]
 
 

@@ -109,6 +109,7 @@ def test_losses_summary_reports_the_single_block_decision():
         row("logitnorm", 128, 10, "triton host reduction", 0.45, fwd_bwd_graph_ms=0.016),
         row("logitnorm", 128, 10, "triton, reduced in blocks", 0.36, fwd_bwd_graph_ms=0.01),
         row("logitnorm", 128, 10, "triton, Python backward", 0.42, fwd_bwd_graph_ms=0.008),
+        row("logitnorm", 128, 10, "triton, direct launch", 0.24, fwd_bwd_graph_ms=0.008),
         row("logitnorm", 128, 10, "F.cross_entropy (pre-scaled)", 0.2),
         row("elogitnorm", 128, 100, "triton", 0.6, fwd_bwd_graph_ms=0.08),
         row("elogitnorm", 128, 100, "triton, fused rows of 4", 0.6, fwd_bwd_graph_ms=0.04),
@@ -135,6 +136,10 @@ def test_losses_summary_reports_the_single_block_decision():
     assert not any("reduced in blocks / default" in key for key in out)
     assert out["logitnorm 128x10 triton Python backward / C++ node (fwd+bwd)"] == 0.42 / 0.3
     assert not any("Python backward / default" in key for key in out)
+    assert out["logitnorm 128x10 triton direct / JIT launch (fwd+bwd)"] == 0.24 / 0.3
+    assert not any("direct launch / default" in key for key in out)
+    assert "triton, direct launch" in variants.triton_variants("elogitnorm", 256, 1000, 2048)
+    assert "triton, direct launch" not in variants.triton_variants("logitnorm", 1024, 10000, 0)
     assert out["logitnorm 4096x32768 triton per-tile / grouped check (fwd+bwd)"] == 1.5
     assert variants.groups_check_tiles(4096, 32768)
     assert not variants.groups_check_tiles(128, 10)

@@ -43,6 +43,41 @@ def test_fp32_matches_reference(n, c, d, reduction):
     check_logitnorm("triton", logits, target, reduction, rtol=RTOL, atol=ATOL)
 
 
+class _CountedHits(dict):
+    """The direct launch's table of compiled kernels, counting the lookups that found one."""
+
+    hits = 0
+
+    def get(self, key, default=None):
+        entry = super().get(key, default)
+        self.hits += entry is not None
+        return entry
+
+
+@pytest.mark.parametrize("n,c,d", [(128, 10, 64), (128, 100, 512), (256, 1000, 64)])
+def test_direct_launch_matches_reference(n, c, d, monkeypatch):
+    """With ``kernels.direct_launch`` on, each eager kernel's first launch goes through the JIT
+    and the later ones straight to its launcher (addresses as integers, no hooks): every
+    reduction twice, fused / pooled and GEMM paths; at C = 10 also logits at an address 4 bytes
+    past a multiple of 16 (a specialization of their own; one size only, each new
+    specialization compiles)."""
+    from elogitnorm_fast.kernels import direct_launch
+
+    table = _CountedHits()
+    monkeypatch.setattr(direct_launch, "ENABLED", True)
+    monkeypatch.setattr(direct_launch, "_COMPILED", table)
+    logits, weight, target = make_case(n, c, d, dtype=torch.float32, device="cuda")
+    target[::5] = -100
+    shifted = torch.empty(n * c + 1, device="cuda")[1:].view(n, c)
+    shifted.copy_(logits.detach())
+    shifted.requires_grad_(True)
+    for z in (logits, shifted, logits, shifted) if c == 10 else (logits, logits):
+        for reduction in REDUCTIONS:
+            check_elogitnorm("triton", z, weight, target, reduction, rtol=RTOL, atol=ATOL)
+            check_logitnorm("triton", z, target, reduction, rtol=RTOL, atol=ATOL)
+    assert table and table.hits >= len(table)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_special_rows_match_reference(kind):
     logits, weight, target = make_case(33, 12, 5, kind, dtype=torch.float32, device="cuda")
