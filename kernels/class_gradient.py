@@ -60,9 +60,9 @@ MAX_CLASSES = 128
 #: products, ``input_precision="ieee"``; 16 is the least a dot takes).
 CLASSES = 16
 #: The most multiply-adds a thread does in a program's scan of the rows (``2 CLASSES N BLOCK``
-#: over the program's threads; fp32, so tens of microseconds at most on an H100). Past it, the
-#: weight gradient comes from the GEMMs: at C = 100 (BLOCK 128, 8 warps) up to N = 1024 rows
-#: pool here, at C <= 16 (BLOCK 16, 4 warps) up to 4096.
+#: over the program's threads; at the bound about 20 us of an H100 SM's fp32 units, an estimate,
+#: not measured). Past it, the weight gradient comes from the GEMMs: at C = 100 (BLOCK 128,
+#: 8 warps) up to N = 1024 rows pool here, at C <= 16 (BLOCK 16, 4 warps) up to 4096.
 SCAN_BUDGET = 1 << 14
 #: Programs the launch aims for (about one per SM of an H100) by splitting D between programs of
 #: one block of classes, each scanning the rows again. One program per class (the kernel before
@@ -83,7 +83,8 @@ def pools(n_rows: int, n_cols: int) -> bool:
 
 def pooled_config(n_cols: int) -> dict[str, int]:
     """``BLOCK`` columns (at least 16, a dot's least), ``SCAN`` rows per scan step (at most 2048
-    coefficients), ``FEATURES`` per product step (at most 4096 weights), warps."""
+    coefficients), ``FEATURES`` per product step (at most 4096 weights), warps: no spills on
+    sm_90 (``tests/triton_aot.py``; 104-167 registers)."""
     block = max(16, next_power_of_2(n_cols))
     return {"BLOCK": block, "SCAN": max(16, min(64, 2048 // block)),
             "FEATURES": max(16, min(64, 4096 // block)), "num_warps": 8 if block >= 128 else 4}
