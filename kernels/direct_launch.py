@@ -46,25 +46,33 @@ def _hooks_registered() -> bool:
     return False
 
 
-def _key(kernel, device: int, args: tuple, kwargs: dict) -> tuple:
-    """Everything the JIT's specialization of this launch depends on (see the module text)."""
-    parts = [kernel, device, tuple(kwargs.items())]
+def _key_and_values(kernel, device: int, args: tuple, kwargs: dict) -> tuple[tuple, list]:
+    """Everything the JIT's specialization of this launch depends on (see the module text), and
+    the runtime arguments as the launcher takes them (tensors as their addresses)."""
+    # The kernel by identity (a JITFunction's own hash is Python code, 0.6 us); launch()
+    # checks that the entry found is this kernel's.
+    parts = [id(kernel), device, tuple(kwargs.items())]
+    values = []
     for arg in args:
         if isinstance(arg, torch.Tensor):
-            parts.append((arg.dtype, arg.data_ptr() % 16 == 0))
-        elif isinstance(arg, float):
-            parts.append(float)
-        else:  # int, bool, None: exactly (True and 1 differ in type)
-            parts.append((type(arg), arg))
-    return tuple(parts)
+            address = arg.data_ptr()
+            values.append(address)
+            parts.append((arg.dtype, address % 16 == 0))
+        else:
+            values.append(arg)
+            # int, bool, None exactly (True and 1 differ in type); a float by type only
+            parts.append(float if isinstance(arg, float) else (type(arg), arg))
+    return tuple(parts), values
 
 
 def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``: runtime arguments positional, every constexpr and
     launch option (``num_warps``) by keyword, as the kernel modules' call sites pass them."""
     device = driver.active.get_current_device()
-    key = _key(kernel, device, args, kwargs)
+    key, values = _key_and_values(kernel, device, args, kwargs)
     entry = _COMPILED.get(key)
+    if entry is not None and entry[0] is not kernel:  # another kernel at a reused id
+        entry = None
     if entry is None or kernel.pre_run_hooks or kernel.used_global_vals or _hooks_registered():
         compiled = kernel[grid](*args, **kwargs)
         names = kernel.arg_names[len(args):]
@@ -72,11 +80,10 @@ def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
                 and all(name in kwargs for name in names)):
             if len(_COMPILED) >= MAX_ENTRIES:
                 _COMPILED.clear()
-            _COMPILED[key] = (compiled.run, compiled.function, compiled.packed_metadata,
-                              tuple(kwargs[name] for name in names))
+            _COMPILED[key] = (kernel, compiled.run, compiled.function,
+                              compiled.packed_metadata, tuple(kwargs[name] for name in names))
         return
-    run, function, metadata, constexprs = entry
-    stream = driver.active.get_current_stream(device)
-    values = [arg.data_ptr() if isinstance(arg, torch.Tensor) else arg for arg in args]
-    run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
-        function, metadata, None, None, None, *values, *constexprs)
+    _, run, function, metadata, constexprs = entry
+    run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+        driver.active.get_current_stream(device), function, metadata, None, None, None,
+        *values, *constexprs)

@@ -70,6 +70,15 @@ def test_first_launch_through_the_jit_then_direct_with_addresses(direct):
     direct.launch(kernel, (3,), y, 128, 2.0, True, BLOCK=16, EVEN=False, num_warps=4)
     assert kernel.calls[1] == ("direct", (3, 1, 1, 77, 1234, ("metadata",), None, None, None,
                                           y.data_ptr(), 128, 2.0, True, 16, False))
+    # Another kernel (same signature, same arguments) never takes this one's entry, even at
+    # a reused id.
+    other = _Kernel()
+    key, _ = direct._key_and_values(other, 0, (y, 128, 2.0, True),
+                                    {"BLOCK": 16, "EVEN": False, "num_warps": 4})
+    direct._COMPILED[key] = direct._COMPILED.popitem()[1]  # as if at the same id
+    direct.launch(other, (3,), y, 128, 2.0, True, BLOCK=16, EVEN=False, num_warps=4)
+    direct.launch(other, (3,), y, 128, 2.0, True, BLOCK=16, EVEN=False, num_warps=4)
+    assert [call[0] for call in other.calls] == ["jit", "direct"]
 
 
 @pytest.mark.parametrize("change", ["int", "one", "bool", "dtype", "misaligned", "constexpr",
@@ -141,7 +150,8 @@ def test_the_key_separates_what_triton_specializes():
             for value in floats:
                 args = (tensor, stride, storage, storage, storage, 128, 10, value, -100,
                         tensor, storage, value)
-                key = direct_launch._key(kernel, 0, args, {**constexprs, "num_warps": 4})
+                key, _ = direct_launch._key_and_values(kernel, 0, args,
+                                                        {**constexprs, "num_warps": 4})
                 specialization = repr(binder(*args, **constexprs, num_warps=4)[1])
                 assert seen.setdefault(key, specialization) == specialization, args
     # Three kinds of tensor (fp32 at a multiple of 16 bytes: the first and third; fp32 off it;
