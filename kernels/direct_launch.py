@@ -27,8 +27,12 @@ compared its results (``tests/test_triton_gpu.py``). Imported lazily (needs trit
 from __future__ import annotations
 
 import torch
-from triton import knobs
 from triton.runtime import driver
+
+try:
+    from triton import knobs
+except ImportError:  # triton before 3.4: no knobs (its launch differs); every launch via the JIT
+    knobs = None
 
 #: Whether :func:`.rows.launcher` launches eager kernels through :func:`launch`.
 ENABLED = False
@@ -39,7 +43,10 @@ _COMPILED: dict = {}
 
 
 def _hooks_registered() -> bool:
-    """Whether a launch hook is registered (a hook chain with calls, or a plain callable)."""
+    """Whether a launch hook is registered (a hook chain with calls, or a plain callable); True
+    without ``triton.knobs``, so that such a triton always launches through its JIT."""
+    if knobs is None:
+        return True
     for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
         if hook is not None and getattr(hook, "calls", True):
             return True

@@ -108,7 +108,7 @@ def test_a_launch_triton_would_specialize_differently_goes_through_the_jit(direc
     assert kernel.calls[2][0] == "direct"
 
 
-def test_hooks_and_globals_send_every_launch_through_the_jit(direct, monkeypatch):
+def test_hooks_globals_and_an_older_triton_send_launches_through_the_jit(direct, monkeypatch):
     from triton import knobs
 
     kernel = _Kernel()
@@ -122,7 +122,9 @@ def test_hooks_and_globals_send_every_launch_through_the_jit(direct, monkeypatch
     direct.launch(*launch, BLOCK=16, EVEN=False, num_warps=4)
     kernel.used_global_vals = {}
     direct.launch(*launch, BLOCK=16, EVEN=False, num_warps=4)
-    assert [call[0] for call in kernel.calls] == ["jit", "jit", "jit", "direct"]
+    monkeypatch.setattr(direct, "knobs", None)  # a triton without knobs: always the JIT
+    direct.launch(*launch, BLOCK=16, EVEN=False, num_warps=4)
+    assert [call[0] for call in kernel.calls] == ["jit", "jit", "jit", "direct", "jit"]
 
 
 def test_the_key_separates_what_triton_specializes():
