@@ -239,8 +239,9 @@ def _elogitnorm_kernel(
             tl.store(coefficient_base + cols[None, :], coefficients, mask=mask)
     else:
         # 2. Scale s = max(sum_j (v - z_j) / Delta_j / divisor, eps), sum_{j in T} 1 / Delta_j,
-        #    and per sample sum_{j in T, unclamped} (v - z_j) / Delta_j^3 (the coefficients'
-        #    sum is -k_scale times it: the predicted class's coefficient, folded).
+        #    and, where coefficients are written per sample, sum_{j in T, unclamped}
+        #    (v - z_j) / Delta_j^3 (the coefficients' sum is -k_scale times it: the predicted
+        #    class's coefficient, folded).
         margin_sum = tl.zeros([ROWS], dtype=tl.float32)
         below_sum = tl.zeros([ROWS], dtype=tl.float32)
         cubic_sum = tl.zeros([ROWS], dtype=tl.float32)
@@ -258,7 +259,7 @@ def _elogitnorm_kernel(
             below = mask & (zb < value[:, None])
             margin_sum += tl.sum(tl.where(mask, margin / db, 0.0), axis=1)
             below_sum += tl.sum(tl.where(below, 1.0 / db, 0.0), axis=1)
-            if PER_SAMPLE:
+            if PER_SAMPLE and WRITE_COEFFICIENTS:
                 cubic_sum += tl.sum(tl.where(below & unclamped, margin / (db * db * db), 0.0),
                                     axis=1)
         raw_scale = margin_sum * inv_divisor
