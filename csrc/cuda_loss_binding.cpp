@@ -180,7 +180,8 @@ at::Tensor elogitnorm_weight_gradient(const at::Tensor& logits, const at::Tensor
   const at::Tensor w_rows = w.index_select(0, row_class);
   grad.addmm_(pooled.t(), w_rows, /*beta=*/1, /*alpha=*/-1);
   grad.addcmul_(pooled.sum(0).unsqueeze(1), w);
-  const at::Tensor row_part = at::addmm(pooled.sum(1, true) * w_rows, pooled, w, 1, -1);
+  // In place on the fresh product: at::addmm would first copy it into its result.
+  const at::Tensor row_part = (pooled.sum(1, true) * w_rows).addmm_(pooled, w, 1, -1);
   grad.index_add_(0, row_class, row_part);
   return grad.to(weight.scalar_type());
 }

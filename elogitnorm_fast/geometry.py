@@ -79,12 +79,11 @@ def distance_rows(
     rows, per_sample = predicted_rows(w, predicted)
     row_class = predicted if per_sample else torch.arange(w.shape[0], device=w.device)
     squared_norms = (w * w).sum(dim=1)
-    # ||a||^2 + ||b||^2 - 2 a.b in one addmm: beta * (|a|^2 + |b|^2) - 2 * rows @ w^T.
-    squared = torch.addmm(
-        squared_norms.index_select(0, row_class)[:, None] + squared_norms[None, :],
-        rows,
-        w.t(),
-        alpha=-2.0,
+    # ||a||^2 + ||b||^2 - 2 a.b in one addmm: (|a|^2 + |b|^2) - 2 * rows @ w^T, in place on the
+    # fresh sum (an out-of-place addmm copies its input into the result first: on CUDA one more
+    # device-to-device copy, a host call, per GEMM).
+    squared = (squared_norms.index_select(0, row_class)[:, None] + squared_norms[None, :]).addmm_(
+        rows, w.t(), alpha=-2.0
     )
     if refine and dtype != torch.float64:
         suspicious = squared < CANCELLATION_RATIO * (
@@ -144,10 +143,11 @@ def weight_gradient(
             w.shape[0], w.shape[0], dtype=coefficients.dtype, device=coefficients.device
         ).index_add_(0, predicted, coefficients)
         symmetric = pooled + pooled.t()
-        return torch.addmm(symmetric.sum(dim=1, keepdim=True) * w, symmetric, w, alpha=-1.0)
+        return (symmetric.sum(dim=1, keepdim=True) * w).addmm_(symmetric, w, alpha=-1.0)
+    # In place on the fresh products, as in distance_rows.
     transposed = pooled.t()
-    grad = torch.addmm(transposed.sum(dim=1, keepdim=True) * w, transposed, rows, alpha=-1.0)
+    grad = (transposed.sum(dim=1, keepdim=True) * w).addmm_(transposed, rows, alpha=-1.0)
     if rows_sum_to_zero:
         return grad.index_add_(0, predicted, torch.mm(pooled, w), alpha=-1.0)
-    row_part = torch.addmm(pooled.sum(dim=1, keepdim=True) * rows, pooled, w, alpha=-1.0)
+    row_part = (pooled.sum(dim=1, keepdim=True) * rows).addmm_(pooled, w, alpha=-1.0)
     return grad.index_add_(0, predicted, row_part)

@@ -747,7 +747,9 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         assert forward_ops.count("aten.mm.default") == 1 + (native and n < c), forward_ops
         assert not any(name in op for op in forward_ops
                        for name in ("clamp", "sqrt", "scatter")), forward_ops
-        assert forward_ops.count("aten.addmm.default") == native, forward_ops
+        assert forward_ops.count("aten.addmm_.default") == native, forward_ops
+        # In place: an out-of-place addmm would copy its input into the result first.
+        assert "aten.addmm.default" not in forward_ops + backward_ops
         assert backward_launches == launched_backward
         assert len(backward_ops) <= most_backward, backward_ops
         # The rows were kept: never gathered twice.
