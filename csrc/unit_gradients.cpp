@@ -5,12 +5,13 @@
 // C++: autograd runs it on its device thread without Python (no GIL, no Python frames, no
 // kernel launch through triton's launcher), the host work of the Python backward it replaces
 // in a host-bound step (CIFAR sizes; gpu_losses.py times both). Device-agnostic: one multiply
-// per input, any device.
+// (a foreach multiply when both inputs get a gradient), any device.
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "first_derivative.h"
 
@@ -56,10 +57,22 @@ class UnitGradientNode : public torch::autograd::Function<UnitGradientNode> {
     const Tensor& upstream = grads[0];
     if (!upstream.defined()) return out;
     const variable_list saved = ctx->get_saved_variables();
-    if (saved[0].defined() && ctx->needs_input_grad(1)) out[1] = saved[0].mul(upstream);
-    if (saved[1].defined() && ctx->needs_input_grad(2)) {
-      const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["weight_dtype"].toInt());
-      out[2] = saved[1].mul(upstream).to(dtype);
+    const bool logits_wanted = saved[0].defined() && ctx->needs_input_grad(1);
+    const bool weight_wanted = saved[1].defined() && ctx->needs_input_grad(2);
+    if (logits_wanted && weight_wanted) {
+      // One foreach multiply for both: on CUDA one multi-tensor launch where they share a dtype
+      // (two elementwise ops' host work otherwise, the larger part of this backward's own
+      // cost in a host-bound step); the same IEEE products as two multiplies.
+      const std::vector<Tensor> products = at::_foreach_mul({saved[0], saved[1]}, upstream);
+      out[1] = products[0];
+      out[2] = products[1];
+    } else if (logits_wanted) {
+      out[1] = saved[0].mul(upstream);
+    } else if (weight_wanted) {
+      out[2] = saved[1].mul(upstream);
+    }
+    if (out[2].defined()) {
+      out[2] = out[2].to(static_cast<at::ScalarType>(ctx->saved_data["weight_dtype"].toInt()));
     }
     return out;
   }
