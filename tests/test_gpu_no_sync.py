@@ -64,10 +64,9 @@ def _check_no_sync(step):
     assert all(torch.isfinite(grad).all() for grad in grads)
 
 
-#: Every case through the C++ node and through the Python backward, except ``none``, which
-#: never takes the node.
-TRITON_PATHS = [pytest.param(*case, native, id=f"{'-'.join(map(str, case))}-"
-                             f"{'cpp_node' if native else 'python_backward'}")
+#: Every case with ``NATIVE_BACKWARD`` on (the C++ node where the case takes it) and off (the
+#: Python backward), except ``none``, which never takes the node.
+TRITON_PATHS = [pytest.param(*case, native, id=f"{'-'.join(map(str, case))}-native_{native}")
                 for case in CASES for native in ((True, False) if case[4] != "none" else (True,))]
 
 
