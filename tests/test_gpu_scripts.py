@@ -99,6 +99,7 @@ def test_losses_summary_reports_the_single_block_decision():
         row("elogitnorm", 256, 1000, "reference eager", 40.0, fwd_bwd_graph_ms=40.0),
         row("elogitnorm", 256, 1000, "reference compiled", 3.0),
         row("elogitnorm", 256, 1000, "triton compiled", 0.5),
+        row("elogitnorm", 256, 1000, "F.cross_entropy (pre-scaled)", 0.3),
         row("elogitnorm", 1024, 10000, "triton", 0.5),
         row("elogitnorm", 1024, 10000, "triton streamed", 0.4),
         row("logitnorm", 4096, 32768, "triton", 0.5, fwd_bwd_floor_fraction=0.8,
@@ -124,6 +125,7 @@ def test_losses_summary_reports_the_single_block_decision():
     assert out["elogitnorm imagenet-1k speedup vs reference eager (CUDA graph)"] == 320.0
     assert out["elogitnorm imagenet-1k speedup vs reference compiled"] == 3.0 / 1.25
     assert out["elogitnorm imagenet-1k triton compiled speedup vs reference compiled"] == 6.0
+    assert out["elogitnorm imagenet-1k cross_entropy eager / 100x budget"] == 0.3 / 0.4
     assert out["elogitnorm 1024x10000 triton streamed / one block (fwd+bwd)"] == 0.4 / 0.5
     assert out["logitnorm 4096x32768 triton streamed / one block (fwd+bwd)"] == 2.0
     assert out["logitnorm 4096x32768 fwd_bwd floor fraction"] == 0.8
