@@ -24,13 +24,17 @@ design question with a measurement on the same card, in the same run:
 * ``triton, GEMM distances``: ELogitNorm at small C through the GEMM path (argmax, one GEMM of
   inner products and the norms on the host, then the per-row kernel) instead of the fused
   kernel (``elogitnorm.FUSED_MAX_CLASSES``);
+* ``triton, counted in blocks``: a LogitNorm mean too large for the kernel's own count of the
+  valid rows (``rows.COUNTED_TARGETS``: 4096 x 32768, where each of 4096 programs would read
+  all 4096 targets, 128 MiB from L2) reduced in the kernel all the same, instead of counted on
+  the host before the launch (3 more torch ops there, and the host's sum and division after);
 * ``triton, Python backward``: an eager sum / mean through the Python autograd Functions (a
   Triton launch in the backward) instead of the C++ node that multiplies the forward's unit
   gradients (``NATIVE_BACKWARD``; up to the ImageNet-1k size);
 * ``triton, direct launch``: eager launches straight to the compiled kernels' launchers
   (``kernels.direct_launch.ENABLED``, off by default) instead of through the JIT's dispatch, at
-  the host-bound target sizes (CIFAR, ImageNet-1k; ``gpu_host.py`` times its host side at
-  more).
+  the host-bound target sizes (CIFAR, ImageNet-1k, LogitNorm 4096 x 32768; ``gpu_host.py``
+  times its host side at more).
 
 A variant that changes a module setting carries it as ``fn.context``, which the benchmark's
 runner enters around the forward and the backward both (the backward reads some of them).
@@ -43,7 +47,7 @@ import importlib
 import elogitnorm_fast as ef
 
 STREAMED_FROM, STREAMED_BLOCK = 8192, 4096
-DIRECT_LAUNCH_SIZES = {(128, 10), (128, 100), (256, 1000)}
+DIRECT_LAUNCH_SIZES = {(128, 10), (128, 100), (256, 1000), (4096, 32768)}
 
 
 class _Setting:
@@ -141,6 +145,10 @@ def gemm_distances_triton():
     return _with_setting(_elogitnorm, "elogitnorm_fast.kernels.elogitnorm", "FUSED_MAX_CLASSES", 0)
 
 
+def kernel_counted_triton():
+    return _with_setting(_logitnorm, "elogitnorm_fast.kernels.rows", "COUNTED_TARGETS", 1 << 40)
+
+
 def direct_launch_triton(loss: str):
     return _with_setting(loss, "elogitnorm_fast.kernels.direct_launch", "ENABLED", True)
 
@@ -185,6 +193,8 @@ def triton_variants(loss: str, n: int, c: int, d: int) -> dict:
             variants["triton, reduced in blocks"] = blockwise_reduced_triton()
         if logitnorm.reduces_in_one_program(n, c) or logitnorm.reduces_in_blocks(n, c, "mean"):
             variants["triton host reduction"] = host_reduced_triton()
+        else:
+            variants["triton, counted in blocks"] = kernel_counted_triton()
     elif n * c <= 256 * 1000:
         variants["triton host reduction"] = host_reduced_triton(loss)
     if n * c <= 256 * 1000 and _takes_node(loss, n, c):

@@ -106,6 +106,9 @@ def test_losses_summary_reports_the_single_block_decision():
             fwd_bwd_graph_floor_fraction=0.9),
         row("logitnorm", 4096, 32768, "triton streamed", 1.0),
         row("logitnorm", 4096, 32768, "triton, a program per tile", 0.75),
+        row("logitnorm", 4096, 32768, "triton, counted in blocks", 0.45,
+            fwd_bwd_floor_fraction=0.85, fwd_bwd_graph_ms=0.44, fwd_bwd_graph_floor_fraction=0.87),
+        row("logitnorm", 4096, 32768, "triton, direct launch", 0.48, fwd_bwd_floor_fraction=0.82),
         row("logitnorm", 128, 10, "triton", 0.3, fwd_bwd_graph_ms=0.008),
         row("logitnorm", 128, 10, "triton host reduction", 0.45, fwd_bwd_graph_ms=0.016),
         row("logitnorm", 128, 10, "triton, reduced in blocks", 0.36, fwd_bwd_graph_ms=0.01),
@@ -143,6 +146,14 @@ def test_losses_summary_reports_the_single_block_decision():
     assert "triton, direct launch" in variants.triton_variants("elogitnorm", 256, 1000, 2048)
     assert "triton, direct launch" not in variants.triton_variants("logitnorm", 1024, 10000, 0)
     assert out["logitnorm 4096x32768 triton per-tile / grouped check (fwd+bwd)"] == 1.5
+    assert out["logitnorm 4096x32768 triton kernel count / host count (fwd+bwd)"] == 0.45 / 0.5
+    assert out["logitnorm 4096x32768 fwd_bwd floor fraction, counted in blocks"] == 0.85
+    assert out["logitnorm 4096x32768 fwd_bwd floor fraction, counted in blocks (CUDA graph)"] \
+        == 0.87
+    assert out["logitnorm 4096x32768 fwd_bwd floor fraction, direct launch"] == 0.82
+    assert "triton, counted in blocks" in variants.triton_variants("logitnorm", 4096, 32768, 0)
+    assert "triton, counted in blocks" not in variants.triton_variants("logitnorm", 1024, 10000, 0)
+    assert "triton, direct launch" in variants.triton_variants("logitnorm", 4096, 32768, 0)
     assert variants.groups_check_tiles(4096, 32768)
     assert not variants.groups_check_tiles(128, 10)
     assert out["elogitnorm 128x100 triton fused rows of 4 / default (CUDA graph, fwd+bwd)"] == 0.5
@@ -165,8 +176,9 @@ def test_losses_summary_reports_the_single_block_decision():
 
 def test_graph_timing_covers_small_sizes_and_the_bandwidth_case():
     """Which rows ``gpu_losses`` also replays from a CUDA graph: small sizes (not compiled, not
-    eager-only variants) and, at the bandwidth case, the default and the cross-entropy floor
-    only (a graph per variant there would eat the time budget of the CIFAR rows after it)."""
+    eager-only variants) and, at the bandwidth case, the default, the cross-entropy floor and
+    the variant that counts in the kernel (whose device time is the question) only (a graph per
+    variant there would eat the time budget of the CIFAR rows after it)."""
     times_graph = _benchmark("gpu_losses").times_graph
     assert times_graph("logitnorm", 128, 10, "triton", 0.3)
     assert times_graph("elogitnorm", 1024, 10000, "triton", 0.03)  # under 50 us
@@ -174,8 +186,24 @@ def test_graph_timing_covers_small_sizes_and_the_bandwidth_case():
     assert not times_graph("logitnorm", 128, 10, "triton, Python backward", 0.3)
     assert not times_graph("elogitnorm", 1024, 10000, "triton", 0.5)
     for impl, timed in (("triton", True), ("F.cross_entropy (pre-scaled)", True),
-                        ("triton streamed", False), ("torch", False)):
+                        ("triton streamed", False), ("torch", False),
+                        ("triton, counted in blocks", True)):
         assert times_graph("logitnorm", 4096, 32768, impl, 0.5) == timed
+
+
+def test_counted_variant_reduces_the_bandwidth_case_in_the_kernel():
+    """``triton, counted in blocks``: the 4096 x 32768 mean, counted on the host by default, is
+    reduced by blocks of rows in the kernel while entered, and on the host again afterwards."""
+    variants = _benchmark("_loss_variants")
+    from elogitnorm_fast.backends import triton_backend
+
+    def reduced_in():
+        return triton_backend.logitnorm_kernel_reduction(4096, 32768, "mean")
+
+    assert reduced_in() is None
+    with variants.kernel_counted_triton().context():
+        assert reduced_in() == "blocks"
+    assert reduced_in() is None
 
 
 def test_blockwise_variant_changes_only_the_reduction():
@@ -337,7 +365,8 @@ def test_cpu_host_path_counts_each_paths_work(tmp_path):
     assert {len(group) for group in by_path.values()} == {6}
     for row in by_path["triton"]:
         assert row["forward_launches"] and row["backward_launches"] == []
-        assert "aten.mul.Tensor" in row["backward_ops"]
+        # The node's multiply (a foreach multiply where both inputs get a gradient).
+        assert {"aten.mul.Tensor", "aten._foreach_mul.Tensor"} & set(row["backward_ops"])
     for row in by_path["triton, Python backward"]:
         assert len(row["backward_launches"]) == 1
     for row in by_path["F.cross_entropy"]:

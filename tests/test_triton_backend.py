@@ -342,6 +342,20 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         assert kernels.reduces_in_blocks(40, 1000, "sum")  # sum counts nothing
         check_logitnorm("triton", logits, target, "mean", rtol=RTOL, atol=ATOL)
 
+    def test_mean_counted_over_several_count_blocks(monkeypatch):
+        """N = 1100 > COUNT_BLOCK: each program's count of the valid rows takes two blocks of
+        targets (the second partial; the helper every kernel's count shares, here LogitNorm's by
+        blocks of rows), and the mean and the gradient match the reference."""
+        from elogitnorm_fast.kernels import rows
+
+        assert rows.COUNT_BLOCK < 1100 < 2 * rows.COUNT_BLOCK
+        taken = _reductions_taken(monkeypatch)
+        logits, _, target = make_case(1100, 32, 1, "some_ignored", dtype=torch.float32)
+        target[1050:] = -100  # ignored rows in the second block of targets too
+        assert not _logitnorm_module().reduces_in_one_program(1100, 32)
+        check_logitnorm("triton", logits, target, "mean", rtol=RTOL, atol=ATOL)
+        assert taken and not any(taken)  # by blocks of rows, counted in the kernel
+
     @pytest.mark.parametrize("expected", [None, 0.25, "tensor"])
     def test_logitnorm_rows_writes_every_statistic(expected):
         """stats[0] is the expected upstream gradient (1 when none is given), not left as the
