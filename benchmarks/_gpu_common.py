@@ -35,5 +35,8 @@ def begin(name: str, description: str | None = None, skip_key: str = "config"):
 
 
 def write_rows(path: str, machine: dict, rows: list[dict]) -> None:
+    """The JSON file of a benchmark; a row's keys that start with ``_`` (live objects a later
+    stage takes, such as a step to profile) stay out."""
+    public = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
     with open(path, "w") as handle:
-        json.dump({"machine": machine, "rows": rows}, handle, indent=1)
+        json.dump({"machine": machine, "rows": public}, handle, indent=1)

@@ -468,3 +468,32 @@ def test_loss_matrix_times_the_targets_first():
     assert head == gpu_losses.TARGETS_FIRST
     rest = [case for case in cases if case not in ordered[:len(head)]]
     assert ordered[len(head):] == rest
+
+
+def test_gpu_host_writes_what_it_measured_when_stopped(tmp_path, monkeypatch):
+    """gpu_check.sh stops a benchmark with SIGTERM at its time limit: gpu_host.py still writes
+    the rows measured until then, and names the stage that did not finish (faked here: the host
+    timings measure one row, then the signal arrives)."""
+    import os
+    import signal
+
+    gpu_host = _benchmark("gpu_host")
+    path = tmp_path / "gpu_host.json"
+    monkeypatch.setattr(gpu_host, "begin", lambda *args, **kwargs: (None, str(path), {}))
+
+    def host_rows(rows, backends):
+        rows.append({"loss": "logitnorm", "N": 1, "C": 2, "backend": "triton", "status": "ok",
+                     "_step": object()})  # a live object stays out of the file
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(gpu_host, "host_rows", host_rows)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit):
+            gpu_host.main()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    written = json.loads(path.read_text())
+    assert written["machine"]["unfinished_stage"] == "host timings"
+    assert written["rows"] == [{"loss": "logitnorm", "N": 1, "C": 2, "backend": "triton",
+                                "status": "ok"}]
