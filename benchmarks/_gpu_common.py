@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import time
 
 import torch
@@ -40,3 +41,13 @@ def write_rows(path: str, machine: dict, rows: list[dict]) -> None:
     public = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
     with open(path, "w") as handle:
         json.dump({"machine": machine, "rows": public}, handle, indent=1)
+
+
+def _stopped(signum, frame):
+    raise SystemExit(f"stopped by signal {signum}")
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (gpu_check.sh's stage time limit) raise SystemExit, so that a script's
+    ``finally`` still writes the rows measured until then."""
+    signal.signal(signal.SIGTERM, _stopped)

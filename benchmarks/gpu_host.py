@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import signal
 import statistics
 import time
 
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 
 import elogitnorm_fast as ef
 
-from _gpu_common import begin, write_rows
+from _gpu_common import begin, stop_on_sigterm, write_rows
 
 CALLS = 50
 #: ELogitNorm at CIFAR-100 is here for its kernels' device time (the fused forward and pooled
@@ -412,10 +411,6 @@ def host_rows(rows: list[dict], backends: list[str]) -> None:
                       f"{event['event'][:70]}")
 
 
-def _stopped(signum, frame):
-    raise SystemExit(f"stopped by signal {signum}")
-
-
 def main() -> None:
     started = begin("gpu_host", __doc__, skip_key="op")
     if started is None:
@@ -429,7 +424,7 @@ def main() -> None:
     backends = [b for b in ("triton", "cuda", "torch") if b in ef.available_backends("cuda")]
     # gpu_check.sh stops a stage with SIGTERM at its time limit: the rows measured until then
     # are written all the same (and after every stage), with the stage that did not finish.
-    signal.signal(signal.SIGTERM, _stopped)
+    stop_on_sigterm()
     stage = "host timings"
     try:
         host_rows(rows, backends)

@@ -41,6 +41,8 @@ from _loss_variants import triton_variants  # noqa: E402
 import elogitnorm_fast as ef  # noqa: E402
 from elogitnorm_fast.reference import elogitnorm_reference, logitnorm_reference  # noqa: E402
 
+from _gpu_common import stop_on_sigterm  # noqa: E402
+
 ELOGITNORM_SIZES = [(128, 10, 512), (128, 100, 512), (256, 200, 512), (256, 1000, 2048),
                     (1024, 10000, 512), (1024, 100000, 512)]
 LOGITNORM_SIZES = [(n, c, 0) for n, c, _ in ELOGITNORM_SIZES] + [(4096, 32768, 0)]
@@ -457,14 +459,22 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # progress bars are optional on the GPU machine
         def tqdm(items, **_):
             return items
-    for loss, (n, c, d) in tqdm(cases, desc="gpu_losses", file=sys.stderr):
-        result["rows"] += bench_case(loss, n, c, d, args, triton_testing, bandwidth, deadline,
-                                     compile_sizes)
-    result["summary"] = summary(result["rows"])
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "gpu_losses.json")
-    with open(path, "w") as handle:
-        json.dump(result, handle, indent=1, default=str)
+    # Stopped by gpu_check.sh's time limit (SIGTERM), the cases timed until then are written.
+    stop_on_sigterm()
+    finished = False
+    try:
+        for loss, (n, c, d) in tqdm(cases, desc="gpu_losses", file=sys.stderr):
+            result["rows"] += bench_case(loss, n, c, d, args, triton_testing, bandwidth,
+                                         deadline, compile_sizes)
+        finished = True
+    finally:
+        if not finished:
+            result["unfinished"] = "stopped before every case was timed"
+        result["summary"] = summary(result["rows"])
+        with open(path, "w") as handle:
+            json.dump(result, handle, indent=1, default=str)
     print(f"card: {result['card']}  torch {result['torch']}  triton {result['triton']}  "
           f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     print_table(result["rows"])

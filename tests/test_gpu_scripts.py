@@ -497,3 +497,36 @@ def test_gpu_host_writes_what_it_measured_when_stopped(tmp_path, monkeypatch):
     assert written["machine"]["unfinished_stage"] == "host timings"
     assert written["rows"] == [{"loss": "logitnorm", "N": 1, "C": 2, "backend": "triton",
                                 "status": "ok"}]
+
+
+def test_gpu_losses_writes_the_cases_timed_when_stopped(tmp_path, monkeypatch):
+    """gpu_losses.py stopped by SIGTERM (gpu_check.sh's limit) still writes the cases timed
+    until then, with their summary, and says it was stopped (the GPU faked: one case timed,
+    then the signal)."""
+    import os
+    import signal
+
+    gpu_losses = _benchmark("gpu_losses")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "fake GPU")
+    monkeypatch.setattr(gpu_losses, "copy_bandwidth", lambda *args: 1e12)
+    timed = []
+
+    def bench_case(loss, n, c, d, *args):
+        timed.append((loss, n, c))
+        if len(timed) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return [{"loss": loss, "N": n, "C": c, "D": d, "impl": "triton", "fwd_bwd_ms": 1.0,
+                 "status": "ok"}]
+
+    monkeypatch.setattr(gpu_losses, "bench_case", bench_case)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit):
+            gpu_losses.main(["--out", str(tmp_path), "--quick"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    written = json.loads((tmp_path / "gpu_losses.json").read_text())
+    assert written["unfinished"] == "stopped before every case was timed"
+    assert [(r["loss"], r["N"], r["C"]) for r in written["rows"]] == timed[:1]
+    assert "summary" in written
