@@ -135,7 +135,7 @@ def weight_gradient(
     the row there (the Triton kernels do for N < C), so ``rowsum(R) = 0`` and the form drops
     that term (a sum and a multiply): ``dW = colsum(R) * W - R^T W_rows - scatter_rows(R W)``.
     """
-    w = weight.to(coefficients.dtype)
+    w = weight if weight.dtype == coefficients.dtype else weight.to(coefficients.dtype)
     if per_sample:
         pooled = coefficients
     else:
