@@ -69,6 +69,8 @@ SCAN_BUDGET = 1 << 14
 #: the products) took 8.4 us at C = 10, N = 128, D = 512 on an H100, 5.7 us with D split 8 ways,
 #: and at C = 100 half of the CUDA-graph step, 20 us (``benchmarks/results/gpu_runs_h100.md``).
 TARGET_PROGRAMS = 128
+#: Shares of the loss the first program adds at a time (``shares`` of :func:`pooled_gradients`).
+SHARES_BLOCK = 1024
 
 
 def pools(n_rows: int, n_cols: int) -> bool:
@@ -113,6 +115,8 @@ def _pooled_weight_gradient_kernel(
     grad_weight_ptr,
     logits_unit_ptr,
     grad_logits_ptr,
+    shares_ptr,
+    loss_ptr,
     n_rows,
     n_cols,
     n_features,
@@ -120,6 +124,8 @@ def _pooled_weight_gradient_kernel(
     ignore_index,
     SCALE_LOGITS: tl.constexpr,
     UNIT_UPSTREAM: tl.constexpr,
+    SUM_SHARES: tl.constexpr,
+    SHARES_BLOCK: tl.constexpr,
     CLASSES: tl.constexpr,
     SCAN: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -127,6 +133,15 @@ def _pooled_weight_gradient_kernel(
 ):
     block_index = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
+    if SUM_SHARES:
+        # The loss rides along too (the C++-node path's forward): the first program adds the
+        # rows' shares of it, in a fixed order (no atomics), where the host ran a torch sum.
+        if (block_index == 0) & (split == 0):
+            total = tl.zeros([SHARES_BLOCK], dtype=tl.float32)
+            for start in range(0, n_rows, SHARES_BLOCK):
+                offsets = start + tl.arange(0, SHARES_BLOCK)
+                total += tl.load(shares_ptr + offsets, mask=offsets < n_rows, other=0.0)
+            tl.store(loss_ptr, tl.sum(total, axis=0))
     classes = block_index * CLASSES + tl.arange(0, CLASSES)
     class_mask = classes < n_cols
     cols = tl.arange(0, BLOCK)
@@ -199,6 +214,8 @@ def pooled_gradients(
     *,
     ignore_index: int,
     logits_unit: torch.Tensor | None = None,
+    shares: torch.Tensor | None = None,
+    loss_out: torch.Tensor | None = None,
     traced: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(dL/dW, dL/dz)`` in one launch: ``dL/dW`` (C, D) in fp32 from the unit coefficients
@@ -208,7 +225,10 @@ def pooled_gradients(
     ``logits_unit`` (the forward's contiguous unit-upstream gradient) times the same ``g_n``,
     or None without ``logits_unit``. ``upstream`` None: 1 on every valid row (the weight
     gradient for the forward's unit upstream gradient; not with ``logits_unit``). ``weight``
-    (C, D) may have any strides. C <= :data:`MAX_CLASSES`.
+    (C, D) may have any strides. C <= :data:`MAX_CLASSES`. ``shares`` (N,) fp32 with
+    ``loss_out`` (0-d fp32): the launch also writes the sum of ``shares`` into ``loss_out`` (the
+    loss, from the rows' shares of it that :func:`.elogitnorm.elogitnorm_rows_fused` writes with
+    ``reduce``), added by one program in a fixed order.
     """
     n_rows, n_cols = coefficients.shape
     if n_cols > MAX_CLASSES:
@@ -216,10 +236,15 @@ def pooled_gradients(
     if upstream is None and logits_unit is not None:
         raise ValueError("pooled_gradients scales logits_unit by an upstream gradient; got "
                          "upstream=None")
+    if (shares is None) != (loss_out is None):
+        raise ValueError("pooled_gradients sums shares into loss_out: give both or neither, got "
+                         f"shares={type(shares).__name__}, loss_out={type(loss_out).__name__}")
     n_features = weight.shape[1]
     grad = torch.empty((n_cols, n_features), dtype=torch.float32, device=weight.device)
     grad_logits = None if logits_unit is None else torch.empty_like(logits_unit)
     if n_cols == 0 or (n_features == 0 and (logits_unit is None or n_rows == 0)):
+        if shares is not None:  # no launch: the sum on the host
+            loss_out.copy_(shares.sum())
         return grad, grad_logits
     config = pooled_config(n_cols)
     class_blocks = -(-n_cols // CLASSES)
@@ -231,9 +256,11 @@ def pooled_gradients(
         0 if upstream is None else upstream_stride(upstream),
         target, weight, weight.stride(0), weight.stride(1), grad,
         unused if logits_unit is None else logits_unit,
-        unused if grad_logits is None else grad_logits, n_rows, n_cols, n_features, feature_run,
-        ignore_index,
+        unused if grad_logits is None else grad_logits,
+        unused if shares is None else shares, unused if loss_out is None else loss_out,
+        n_rows, n_cols, n_features, feature_run, ignore_index,
         SCALE_LOGITS=grad_logits is not None, UNIT_UPSTREAM=upstream is None,
+        SUM_SHARES=shares is not None, SHARES_BLOCK=SHARES_BLOCK,
         CLASSES=CLASSES, SCAN=config["SCAN"], BLOCK=config["BLOCK"],
         FEATURES=config["FEATURES"], num_warps=config["num_warps"],
     )

@@ -568,7 +568,7 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
 
     @pytest.mark.parametrize("n,c,d", [(1, 1, 3), (7, 5, 70), (64, 10, 512), (40, 128, 9),
                                        (20, 100, 70), (3, 100, 1000), (130, 37, 20)])
-    def test_pooled_weight_gradient_matches_the_torch_form(n, c, d):
+    def test_pooled_weight_gradient_matches_the_torch_form(n, c, d, monkeypatch):
         """The one-launch class-pooled dW against geometry.weight_gradient (float64) on random
         coefficients, predicted classes, upstream gradients and ignored rows; W transposed
         (strided). Blocks of 16 classes, the last one partial (C = 5, 37, 100); D split between
@@ -610,6 +610,18 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
                                      ignore_index=-100, logits_unit=unit)
         assert torch.equal(scaled, unit * g.float()[:, None])  # one fp32 product per element
         assert torch.equal(scaled[target == -100], torch.zeros_like(scaled[target == -100]))
+        # The loss riding along: the sum of the rows' shares (in blocks of 64 here: three at
+        # N = 130, the last partial), and dW unchanged.
+        monkeypatch.setattr(kernels, "SHARES_BLOCK", 64)
+        shares = torch.randn(n, generator=generator)
+        loss = torch.full((), float("nan"))
+        kernels_sum, _ = kernels.pooled_gradients(weight, coefficients, predicted, None, target,
+                                                  ignore_index=-100, shares=shares, loss_out=loss)
+        assert torch.equal(kernels_sum, unit_grad)
+        torch.testing.assert_close(loss.double(), shares.double().sum(), rtol=1e-6, atol=1e-6)
+        with pytest.raises(ValueError, match="give both or neither"):
+            kernels.pooled_gradients(weight, coefficients, predicted, None, target,
+                                     ignore_index=-100, shares=shares)
 
     def test_pooled_weight_gradient_refuses_large_c():
         with pytest.raises(ValueError, match="C <= 128"):
@@ -679,9 +691,10 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
     #: with the per-class weight gradient as seven torch ops: zeros, index_add_, t, add, sum,
     #: mul, addmm; then 7 + 2 launches with the mean's autograd and the rescale's own launch).
     #: Through the C++ node (the default): the forward also allocates dW and launches its
-    #: pooled kernel, and the node returns a view of the loss (7 ops + 2 launches); the backward
-    #: is the seed, one foreach multiply of both gradients and the detaches, no Python and no
-    #: launch (4 ops; was 5 with a multiply each).
+    #: pooled kernel, which also adds the rows' shares into the loss (an allocation where the
+    #: host ran a sum), and the node returns a view of the loss (7 ops + 2 launches); the
+    #: backward is the seed, one foreach multiply of both gradients and the detaches, no Python
+    #: and no launch (4 ops; was 5 with a multiply each).
     FUSED_HOST_WORK = {
         "python": (5, ["_elogitnorm_fused_kernel"], 5, ["_pooled_weight_gradient_kernel"]),
         "native": (7, ["_elogitnorm_fused_kernel", "_pooled_weight_gradient_kernel"], 4, []),
@@ -698,6 +711,7 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         assert backward_launches == launched_backward
         assert len(backward_ops) <= most_backward, backward_ops
         if path == "native":
+            assert not any("sum" in op for op in forward_ops), forward_ops
             assert backward_ops.count("aten._foreach_mul.Tensor") == 1, backward_ops
             assert "aten.mul.Tensor" not in backward_ops, backward_ops
 

@@ -136,8 +136,8 @@ def other_configs() -> list[KernelConfig]:
     """The backward kernels (LogitNorm's gradient, the row rescaling of ELogitNorm's, its
     class-pooled weight gradient at C = 10 and 100, the logits gradient riding along, and the
     same weight gradient for the unit upstream gradient, which the forward of the C++-node path
-    launches) and the logit-scores kernel."""
-    from elogitnorm_fast.kernels.class_gradient import CLASSES, pooled_config
+    launches, adding the loss's shares on the way) and the logit-scores kernel."""
+    from elogitnorm_fast.kernels.class_gradient import CLASSES, SHARES_BLOCK, pooled_config
 
     return [
         *(KernelConfig("logitnorm", "_logitnorm_backward_kernel",
@@ -146,6 +146,7 @@ def other_configs() -> list[KernelConfig]:
           for skip in (True, False) for reduced in (False, True)),
         *(KernelConfig("class_gradient", "_pooled_weight_gradient_kernel",
                        (("SCALE_LOGITS", not unit), ("UNIT_UPSTREAM", unit),
+                        ("SUM_SHARES", unit), ("SHARES_BLOCK", SHARES_BLOCK),
                         ("CLASSES", CLASSES), ("SCAN", cfg["SCAN"]), ("BLOCK", cfg["BLOCK"]),
                         ("FEATURES", cfg["FEATURES"])),
                        cfg["num_warps"], dtype)

@@ -368,15 +368,17 @@ def _elogitnorm_through_node(inputs, reduce):
     need_logits_grad, need_weight_grad = inputs[6:8]
     (shares, grad_unit, coefficient_unit, predicted), rows = _elogitnorm_forward(
         *inputs, reduce, traced=False)
-    grad_weight = None
+    grad_weight = loss = None
     if need_weight_grad:
         if _kernels("class_gradient").pools(*coefficient_unit.shape):
+            # The same launch adds the shares into the loss (no torch sum).
+            loss = torch.empty((), dtype=torch.float32, device=shares.device)
             grad_weight, _ = _kernels("class_gradient").pooled_gradients(
                 weight, coefficient_unit, predicted, None, target, ignore_index=ignore_index,
-                traced=False)
+                shares=shares, loss_out=loss, traced=False)
         else:
             grad_weight = _gemm_weight_gradient(weight, rows, predicted, coefficient_unit)
-    return _unit_gradient_node(shares.sum(), logits, weight,
+    return _unit_gradient_node(shares.sum() if loss is None else loss, logits, weight,
                                grad_unit if need_logits_grad else None, grad_weight, "ELogitNorm")
 
 
