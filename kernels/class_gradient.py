@@ -28,7 +28,8 @@ launch can also scale the forward's unit-upstream logits gradient by ``g`` (each
 equal share of the rows), so the whole small-C backward is one launch. Without an upstream
 gradient it forms dW for the unit upstream gradient (``g = 1`` on valid rows): the forward of
 the eager path whose backward is the C++ node (``triton_backend.NATIVE_BACKWARD``) launches it
-that way. Imported lazily (needs triton).
+that way, and has its first program add the rows' shares of the loss too (``shares``), so that
+forward runs no torch sum. Imported lazily (needs triton).
 
 Example::
 
