@@ -51,7 +51,7 @@ import importlib.util
 import torch
 
 from ..extension import has_ops, triton_interpreting
-from ..geometry import predicted_rows, weight_gradient
+from ..geometry import as_dtype, predicted_rows, weight_gradient
 from ..reduction import mean_count, reduce_rows
 from ..validation import check_first_derivative
 from . import torch_backend
@@ -163,12 +163,6 @@ def node_carries_logitnorm(n_rows: int, n_cols: int, block_cols: int | None = No
             and _kernels("logitnorm").writes_gradient(n_cols, block_cols))
 
 
-def _to(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``tensor.to(dtype)``, which returns ``tensor`` itself when the dtype already matches,
-    without the call (about 1 us of host time each, several per eager step)."""
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
-
-
 def _unit_gradient_node(loss, logits, weight, logits_grad, weight_grad, loss_name):
     """``loss`` (0-d) with the C++ backward that gives ``logits`` / ``weight`` the gradients
     ``logits_grad`` / ``weight_grad`` (for an upstream gradient of one; None: none) times the
@@ -212,7 +206,7 @@ def _elogitnorm_forward(logits, weight, target, ignore_index, eps, divisor, writ
     # the backward and record a node per op (the other callers run without autograd already).
     with torch.no_grad():
         predicted = logits.argmax(dim=1)  # first index on ties, like torch.max
-        w = _to(weight, torch.float32)
+        w = as_dtype(weight, torch.float32)
         rows, per_sample = predicted_rows(w, predicted)
         # Raw inner products only (R x C, fp32 accumulation); the kernel forms the distances.
         inner = torch.mm(rows, w.t())
@@ -294,7 +288,7 @@ def _elogitnorm_backward(ctx, grad_losses, *_unused):
         grad_weight, grad_logits = _kernels("class_gradient").pooled_gradients(
             weight, coefficient_unit, predicted, upstream, target, ignore_index=ctx.ignore_index,
             logits_unit=grad_unit if ctx.needs_input_grad[0] else None, traced=False)
-        return grad_logits, _to(grad_weight, weight.dtype), *no_grads
+        return grad_logits, as_dtype(grad_weight, weight.dtype), *no_grads
     # Everything the forward wrote is linear in the row's upstream gradient.
     scale_rows = _scale_rows_eager if eager else _scale_rows
     grad_logits, coefficients = scale_rows(grad_unit, coefficient_unit, upstream, target,
@@ -302,7 +296,7 @@ def _elogitnorm_backward(ctx, grad_losses, *_unused):
     grad_weight = None
     if ctx.needs_input_grad[1]:
         grad_weight = _gemm_weight_gradient(weight, rows, predicted, coefficients)
-        grad_weight = _to(grad_weight, weight.dtype)
+        grad_weight = as_dtype(grad_weight, weight.dtype)
     return grad_logits if ctx.needs_input_grad[0] else None, grad_weight, *no_grads
 
 
@@ -311,7 +305,7 @@ def _gemm_weight_gradient(weight, rows, predicted, coefficients):
     """dW (fp32) from the coefficients by :func:`elogitnorm_fast.geometry.weight_gradient`;
     ``rows``: the forward's ``W[predicted]`` (one per sample), or None (the op path, or one row
     per class: gathered here, or ``W`` itself)."""
-    w = _to(weight, torch.float32)
+    w = as_dtype(weight, torch.float32)
     if rows is None:
         rows, per_sample = predicted_rows(w, predicted)
     else:
@@ -518,12 +512,12 @@ def elogitnorm_loss(
                     logits.shape[1], weight.shape[1], block_cols), reduction):
             reduce = rows.REDUCE_CODES[reduction]
             if (need_logits_grad or need_weight_grad) and _native_backward(_capturing(logits)):
-                return _to(_elogitnorm_through_node(inputs, reduce), logits.dtype)
+                return as_dtype(_elogitnorm_through_node(inputs, reduce), logits.dtype)
         losses, *_ = _EagerELogitNorm.apply(*inputs, reduce)
         if reduce:
-            return _to(losses, logits.dtype)
+            return as_dtype(losses, logits.dtype)
     count = mean_count(reduction, target, ignore_index, torch.float32)
-    return _to(reduce_rows(losses, reduction, count), logits.dtype)
+    return as_dtype(reduce_rows(losses, reduction, count), logits.dtype)
 
 
 def logitnorm_loss(
@@ -553,9 +547,9 @@ def logitnorm_loss(
                     logits, target, inv_tau=1.0 / tau, ignore_index=ignore_index,
                     reduction=reduction, write_grad=True, one_program=one_program,
                     block_cols=block_cols, write_stats=False, traced=False)
-                return _to(_unit_gradient_node(loss, logits, None, grad, None, "LogitNorm"),
+                return as_dtype(_unit_gradient_node(loss, logits, None, grad, None, "LogitNorm"),
                            logits.dtype)
-            return _to(_EagerReducedLogitNorm.apply(
+            return as_dtype(_EagerReducedLogitNorm.apply(
                 logits, target, 1.0 / tau, ignore_index, reduction, write_grad, one_program,
                 block_cols or 0), logits.dtype)
     count = mean_count(reduction, target, ignore_index, torch.float32)
@@ -569,4 +563,4 @@ def logitnorm_loss(
             expected = count.reciprocal() if count is not None else 1.0
         losses, _ = _EagerLogitNorm.apply(logits, target, 1.0 / tau, ignore_index,
                                           block_cols or 0, expected)
-    return _to(reduce_rows(losses, reduction, count), logits.dtype)
+    return as_dtype(reduce_rows(losses, reduction, count), logits.dtype)
