@@ -2,8 +2,15 @@
 
 Build knobs (environment variables, read at build time):
 
-* ``ELOGITNORM_FAST_BUILD_CUDA``: ``auto`` (default: build CUDA sources when torch has CUDA and
-  ``nvcc`` is found), ``1``/``force`` (always; fails if impossible), ``0``/``never``.
+The extension is compiled here only when the build can import torch, that is without pip's build
+isolation (``./run``, ``pip install --no-build-isolation``): an isolated build would compile against
+a torch other than the one that imports the package. A plain ``pip install`` gives a pure-Python
+install that compiles the extension on first use against the running torch
+(``elogitnorm_fast/extension.py``; ``docs/install.md``).
+
+* ``ELOGITNORM_FAST_BUILD_CUDA``: ``auto`` (default: build CUDA sources when torch has CUDA,
+  ``nvcc`` is found, and a GPU is visible or ``TORCH_CUDA_ARCH_LIST`` is set), ``1``/``force``
+  (always; fails if impossible), ``0``/``never``.
 * ``TORCH_CUDA_ARCH_LIST``: the CUDA architectures, e.g. ``"8.0;9.0"`` (torch's own knob; unset,
   torch builds for the GPUs it sees).
 * ``ELOGITNORM_FAST_CPU_ARCH``: ``native`` (default: ``-march=native``, vectorises the CPU loss
@@ -57,8 +64,11 @@ def _extensions() -> tuple[list, dict]:
         return [], {}
     mode = _cuda_mode()
     has_nvcc = cpp_extension.CUDA_HOME is not None or shutil.which("nvcc") is not None
+    # With no GPU visible and no architecture list, torch cannot tell nvcc what to target.
+    targets_known = torch.cuda.is_available() or bool(os.environ.get("TORCH_CUDA_ARCH_LIST"))
     with_cuda = bool(cuda_sources) and (
-        mode == "force" or (mode == "auto" and torch.version.cuda is not None and has_nvcc)
+        mode == "force"
+        or (mode == "auto" and torch.version.cuda is not None and has_nvcc and targets_known)
     )
     if mode == "force" and torch.version.cuda is None:
         raise RuntimeError(
@@ -86,8 +96,21 @@ def _extensions() -> tuple[list, dict]:
         define_macros=define_macros,
         py_limited_api=True,
     )
-    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
-    return [ext], {"build_ext": build_ext}
+    base = cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+    class BuildWithTorchVersion(base):
+        """Writes, beside the library, the torch version it was compiled against: the loader
+        refuses a library built for another torch instead of letting it crash the process."""
+
+        def run(self) -> None:
+            super().run()
+            for extension in self.extensions:
+                library = self.get_ext_fullpath(extension.name)
+                version_file = os.path.join(os.path.dirname(library), "_C.torch_version")
+                with open(version_file, "w", encoding="utf-8") as handle:
+                    handle.write(torch.__version__ + "\n")
+
+    return [ext], {"build_ext": BuildWithTorchVersion}
 
 
 ext_modules, cmdclass = _extensions()
@@ -102,13 +125,21 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["elogitnorm_fast", "elogitnorm_fast.*"])
-    + ["elogitnorm_fast.kernels"],
-    package_dir={"elogitnorm_fast.kernels": "kernels"},
-    install_requires=["torch>=2.4", "numpy", "scikit-learn", "tqdm", "matplotlib"],
+    + ["elogitnorm_fast.kernels", "elogitnorm_fast.csrc"],
+    # The C++ / CUDA sources travel inside the package, for compiling on first use.
+    package_dir={"elogitnorm_fast.kernels": "kernels", "elogitnorm_fast.csrc": "csrc"},
+    package_data={
+        "elogitnorm_fast": ["_C.torch_version"],
+        "elogitnorm_fast.csrc": [
+            f"**/*{suffix}" for suffix in (".cpp", ".h", ".inc", ".cu", ".cuh")
+        ],
+    },
+    install_requires=["torch>=2.4", "numpy", "ninja"],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "pytest-benchmark", "ruff"],
-        "bench": ["pytest-benchmark", "faiss-cpu"],
+        "demo": ["scikit-learn", "matplotlib", "tqdm"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "scikit-learn", "ruff"],
+        "bench": ["pytest-benchmark", "scikit-learn", "matplotlib", "tqdm"],
     },
     entry_points={"console_scripts": ["elogitnorm-fast=elogitnorm_fast.cli:main"]},
     ext_modules=ext_modules,
