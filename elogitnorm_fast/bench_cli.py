@@ -3,7 +3,8 @@
 Runs from a source checkout (the ``benchmarks/`` folder beside the package). CPU: every
 ``benchmarks/bench_*.py`` through pytest-benchmark, one JSON per file. CUDA: every
 ``benchmarks/gpu_*.py`` script. Then :mod:`elogitnorm_fast.bench_report` renders the Markdown
-tables and the PNG, and rewrites the README's performance section.
+tables and the PNG: full-size runs into ``docs/performance.md``, ``--quick`` runs (and runs with
+``--out``) beside their own JSON, so that quick results never replace full-size ones.
 """
 
 from __future__ import annotations
@@ -25,10 +26,21 @@ def _run(command: list[str], env: dict, log) -> int:
     return done.returncode
 
 
+def destinations(quick: bool, out: str | None) -> tuple[Path, Path]:
+    """The JSON folder and the report file of a run: only a full-size run into the committed
+    results renders ``docs/performance.md``; any other run reports beside its own JSON."""
+    if out:
+        return Path(out), Path(out) / "performance.md"
+    if quick:
+        folder = BENCHMARKS / "results" / "quick"
+        return folder, folder / "performance.md"
+    return BENCHMARKS / "results", ROOT / "docs" / "performance.md"
+
+
 def run(args: argparse.Namespace) -> int:
     if not BENCHMARKS.is_dir():
         raise SystemExit(f"error: bench runs from a source checkout; {BENCHMARKS} not found")
-    out = Path(args.out) if args.out else BENCHMARKS / "results"
+    out, report = destinations(args.quick, args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, ELOGITNORM_BENCH_SIZE="quick" if args.quick else "full",
                PYTHONUNBUFFERED="1")
@@ -53,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
                     failures.append(f"{path.name} (exit {code})")
     from .bench_report import write_report
 
-    written = write_report(out, readme=None if args.no_readme else ROOT / "README.md")
+    written = write_report(out, report)
     print("wrote " + ", ".join(str(p) for p in written) + f"; log {log_path}")
     if failures:
         print("FAILED: " + ", ".join(failures) + f" (see {log_path})", file=sys.stderr)
@@ -67,7 +79,6 @@ def add_parser(commands) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="fewer rows for scorer / metric benchmarks (< 10 min on 2 cores)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--out", help="results folder (default benchmarks/results)")
-    parser.add_argument("--no-readme", action="store_true",
-                        help="do not rewrite the README's performance section")
+    parser.add_argument("--out", help="results folder (default benchmarks/results, or "
+                        "benchmarks/results/quick with --quick)")
     parser.set_defaults(handler=run)
