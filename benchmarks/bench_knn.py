@@ -1,6 +1,6 @@
 """CPU benchmark of the exact KNN scorer against faiss-cpu IndexFlatL2 and chunked mm + topk.
 
-Sizes from benchmarking.md: bank 50,000 x 512, 10,000 queries, k = 50 and 200 (CIFAR). Set
+Sizes: bank 50,000 x 512, 10,000 queries, k = 50 and 200 (the CIFAR setting). Set
 ``KNN_BENCH_SCALE=0.1`` to shrink bank and queries for a quick run, ``KNN_BENCH_KERNELS=auto``
 to time only the fastest native kernel. faiss is optional.
 

@@ -2,7 +2,7 @@
 
 ``ELOGITNORM_BENCH_SIZE`` picks the sizes (read before the benchmark modules import):
 
-* ``full`` (default): the protocol sizes of ``benchmarking.md``;
+* ``full`` (default): the sizes users train at, CIFAR to 10^5 classes;
 * ``quick``: protocol sizes for the losses and KNN, fewer rows for the scorer / metric
   benchmarks, and only the fastest native KNN kernel (``elogitnorm-fast bench --quick``, under
   10 minutes on 2 cores);

@@ -1,18 +1,10 @@
 #!/usr/bin/env bash
 # The one GPU check: build the CUDA extension, run the GPU-marked tests, run the GPU benchmark
 # matrix, write JSON and logs to $OUT (default benchmarks/results/gpu_<date>), print a short
-# table last. Budget: under 8 minutes on one H100 / H200. Measured on an H100 (2026-11-27):
-# build 54-59 s, GPU tests 90-109 s, traced writes 10 s, losses and host (gpu_host.py) 152 s
-# together with the loss matrix stopping new timings at 130 s (now 110 s; its target sizes
-# are timed first), KNN 23 s, scoring 36 s, registers 44 s. The registers table is opt-in
-# (GPU_CHECK_REGISTERS=1; tests/triton_aot.py writes it on any machine with ptxas). gpu_host.py
-# has since grown (training steps in 3 rounds, step profiles, LogitNorm 4096 x 32768; about 60 s
-# expected), and the GPU tests about 20 s (direct launches, C = 100) and about 25 s more (the
-# no-sync steps, 17 cases that each compile first) and gpu_host.py a few seconds (CIFAR-100's
-# kernel profile); the loss matrix now stops new timings at 100 s, so the default run should
-# take about 8 minutes (not yet timed as a whole; past the lent machine's 10-minute command
-# limit the files written by then still come back). Each stage runs under
-# its own timeout and a failing stage does not stop the later ones (a failed build still leaves
+# table last. Budget: under 8 minutes on one H100 / H200 (each stage's time is in its log;
+# docs/gpu.md lists the runs). The registers table is opt-in (GPU_CHECK_REGISTERS=1;
+# tests/triton_aot.py writes it on any machine with ptxas). Each stage runs under its own
+# timeout and a failing stage does not stop the later ones (a failed build still leaves
 # triton/torch). GPU_CHECK_BENCHES="losses host" (say) runs only those benchmarks.
 # It writes up to 8 files to $OUT (log, junit XML, 4 benchmark JSON, registers, summary): the lent
 # GPU machine of this project's workplace returns at most 8, so add a file only by merging two.

@@ -3,7 +3,7 @@
 Times forward (grad enabled, as in training) and forward+backward of LogitNorm and ELogitNorm
 for every backend available on CUDA, the reference in eager mode and under ``torch.compile``
 (small sizes only: compiling is slow), and ``F.cross_entropy`` on pre-scaled logits (the floor of
-any loss kernel), at the sizes of ``../shared/benchmarking.md`` plus N=4096, C=32768 for
+any loss kernel), at the CIFAR to ImageNet-1k training sizes plus N=4096, C=32768 for
 LogitNorm. Medians from ``triton.testing.do_bench`` (inputs rotate over several buffer sets so
 repeated calls do not hit L2); calls under 50 us, every size up to 2^18 logits (host-bound
 in eager mode), and the bandwidth case (``GRAPH_ALSO``) are also timed as a replayed CUDA
