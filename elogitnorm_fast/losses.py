@@ -10,9 +10,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backends import resolve_backend
+from .backends import check_backend_name, resolve_backend
 from .reference import DEFAULT_EPS, DEFAULT_TAU, divisor_value
-from .validation import check_logits, check_options, check_target, check_weight
+from .validation import (
+    check_compute_range,
+    check_ignore_index,
+    check_logits,
+    check_options,
+    check_target,
+    check_weight,
+)
 
 
 def elogitnorm_loss(
@@ -42,10 +49,17 @@ def elogitnorm_loss(
         weight: (C, D) classifier weight; may be float32 while the logits are bfloat16.
         target: (N,) integer class indices; ``ignore_index`` rows contribute no loss or gradient.
         reduction: ``"mean"`` (over non-ignored rows), ``"sum"`` or ``"none"``.
+        ignore_index: an integer within int64 (numpy integers too).
         backend: ``"auto"`` or one of :func:`elogitnorm_fast.available_backends`.
-        eps: lower clamp for ``s`` and for the class distances (keeps degenerate rows finite).
+        eps: lower clamp for ``s`` and for the class distances (keeps degenerate rows finite):
+            a normal number of the dtype the loss computes in (float32, or float64 where the
+            logits or the weight are float64).
         divisor: ``"classes"`` divides by C as the released code (and its checkpoints) do;
             ``"paper"`` divides by C - 1 as the paper's text writes it.
+
+    Raises:
+        TypeError / ValueError: naming the argument and the value, before any work, for any
+            input or option outside what is documented here.
 
     Example::
 
@@ -53,7 +67,9 @@ def elogitnorm_loss(
     """
     check_logits(logits)
     check_weight(weight, logits)
-    check_options(reduction, eps)
+    check_options(reduction, eps=eps)
+    check_compute_range("eps", eps, logits, weight)
+    ignore_index = check_ignore_index(ignore_index)
     divisor_number = divisor_value(logits.shape[1], divisor)
     module = resolve_backend(backend, logits.device)
     target = check_target(target, logits, ignore_index,
@@ -77,12 +93,26 @@ def logitnorm_loss(
 
     ``CE(z / (tau * (||z||_2 + 1e-7)), y)``; ``tau = 0.04`` is OpenOOD's setting.
 
+    Args:
+        logits: (N, C) float16 / bfloat16 / float32 / float64 logits.
+        target: (N,) integer class indices; ``ignore_index`` rows contribute no loss or gradient.
+        tau: the temperature: a normal number of the dtype the loss computes in (float32, or
+            float64 for float64 logits).
+        reduction: ``"mean"`` (over non-ignored rows), ``"sum"`` or ``"none"``.
+        ignore_index: an integer within int64 (numpy integers too).
+        backend: ``"auto"`` or one of :func:`elogitnorm_fast.available_backends`.
+
+    Raises:
+        TypeError / ValueError: naming the argument and the value, before any work.
+
     Example::
 
         loss = logitnorm_loss(model(x), y, tau=0.04)
     """
     check_logits(logits)
     check_options(reduction, tau=tau)
+    check_compute_range("tau", tau, logits)
+    ignore_index = check_ignore_index(ignore_index)
     module = resolve_backend(backend, logits.device)
     target = check_target(target, logits, ignore_index,
                           values=not getattr(module, "CHECKS_TARGET_VALUES", False))
@@ -93,6 +123,9 @@ def logitnorm_loss(
 
 class ELogitNormLoss(nn.Module):
     """Module form of :func:`elogitnorm_loss`: ``criterion(logits, weight, target)``.
+
+    The options are checked here (the backend's name too; whether it runs on the logits'
+    device is decided per call), and what depends on the logits' dtype at each call.
 
     Example::
 
@@ -110,7 +143,9 @@ class ELogitNormLoss(nn.Module):
         divisor: str = "classes",
     ) -> None:
         super().__init__()
-        check_options(reduction, eps)
+        check_options(reduction, eps=eps)
+        ignore_index = check_ignore_index(ignore_index)
+        check_backend_name(backend)
         divisor_value(2, divisor)  # validates the name
         self.reduction, self.ignore_index, self.backend = reduction, ignore_index, backend
         self.eps, self.divisor = eps, divisor
@@ -130,6 +165,9 @@ class ELogitNormLoss(nn.Module):
 class LogitNormLoss(nn.Module):
     """Module form of :func:`logitnorm_loss`: ``criterion(logits, target)``.
 
+    The options are checked here (the backend's name too), and what depends on the logits'
+    dtype at each call.
+
     Example::
 
         criterion = LogitNormLoss(tau=0.04)
@@ -146,6 +184,8 @@ class LogitNormLoss(nn.Module):
     ) -> None:
         super().__init__()
         check_options(reduction, tau=tau)
+        ignore_index = check_ignore_index(ignore_index)
+        check_backend_name(backend)
         self.tau, self.reduction, self.ignore_index, self.backend = (
             tau, reduction, ignore_index, backend
         )

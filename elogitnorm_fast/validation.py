@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from .reduction import REDUCTIONS
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+#: The normal numbers of each compute dtype, as (least, greatest). Subnormal values lose
+#: precision and GPU math may flush them to zero, so an ``eps`` / ``tau`` among them would not
+#: hold the bound it promises; zero (float32(1e-50)) turned all-equal rows into 0 / 0.
+_NORMAL_RANGE = {dtype: (torch.finfo(dtype).tiny, torch.finfo(dtype).max)
+                 for dtype in (torch.float32, torch.float64)}
 
 
 def check_logits(logits: torch.Tensor) -> None:
@@ -81,13 +90,64 @@ def check_target(
     return target
 
 
-def check_options(reduction: str, eps: float | None = None, tau: float | None = None) -> None:
-    if reduction not in REDUCTIONS:
+def check_options(reduction: str, **positive: object) -> None:
+    """``reduction`` one of :data:`~elogitnorm_fast.reduction.REDUCTIONS`; each keyword
+    (``eps=...``, ``tau=...``) a finite number > 0 (:func:`check_positive`). What depends on
+    the logits' dtype is :func:`check_compute_range`'s."""
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if eps is not None and not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps!r}")
-    if tau is not None and not tau > 0:
-        raise ValueError(f"tau must be > 0, got {tau!r}")
+    for name, value in positive.items():
+        check_positive(name, value)
+
+
+def check_positive(name: str, value: object) -> None:
+    """``value`` is a real number (a bool is not), finite and > 0; errors name ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite number > 0, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def compute_dtype(logits: torch.Tensor, weight: torch.Tensor | None = None) -> torch.dtype:
+    """The dtype a loss computes in: float64 where the logits or the weight are float64, else
+    float32 (float16 / bfloat16 inputs accumulate in float32)."""
+    if logits.dtype == torch.float64 or (weight is not None and weight.dtype == torch.float64):
+        return torch.float64
+    return torch.float32
+
+
+def check_compute_range(
+    name: str, value: float, logits: torch.Tensor, weight: torch.Tensor | None = None
+) -> None:
+    """``value`` (already :func:`check_positive`) is a normal number of the dtype the loss
+    computes in (:func:`compute_dtype`): neither 0 nor inf once converted to it."""
+    dtype = compute_dtype(logits, weight)
+    low, high = _NORMAL_RANGE[dtype]
+    if not low <= value <= high:
+        inputs = f"{_name(logits.dtype)} logits" + (
+            "" if weight is None else f" and a {_name(weight.dtype)} weight")
+        raise ValueError(
+            f"{name} must lie in [{low!r}, {high!r}], the normal {_name(dtype)} numbers (the "
+            f"loss computes in {_name(dtype)} for {inputs}), got {value!r}"
+        )
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_ignore_index(ignore_index: object) -> int:
+    """``ignore_index`` as an int: an integer (a bool is not; numpy integers are) within int64,
+    the dtype the targets are compared in."""
+    if type(ignore_index) is int and _INT64_MIN <= ignore_index <= _INT64_MAX:
+        return ignore_index
+    message = f"ignore_index must be an integer in [-2**63, 2**63) (int64), got {ignore_index!r}"
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(message)
+    value = int(ignore_index)
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise ValueError(message)
+    return value
 
 
 def check_first_derivative(backend: str, loss: str) -> None:

@@ -74,9 +74,9 @@ def test_bad_options_are_named():
     logits, weight, target = _inputs()
     with pytest.raises(ValueError, match="reduction must be one of.*'avg'"):
         ef.elogitnorm_loss(logits, weight, target, reduction="avg")
-    with pytest.raises(ValueError, match="tau must be > 0, got 0"):
+    with pytest.raises(ValueError, match="tau must be a finite number > 0, got 0"):
         ef.logitnorm_loss(logits, target, tau=0)
-    with pytest.raises(ValueError, match="eps must be > 0"):
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
         ef.ELogitNormLoss(eps=0.0)
     with pytest.raises(ValueError, match="divisor must be one of.*'c-1'"):
         ef.elogitnorm_loss(logits, weight, target, divisor="c-1")

@@ -47,10 +47,20 @@ def _load(name: str) -> tuple[ModuleType | None, str | None]:
     return _LOADED[name]
 
 
+def check_backend_name(backend: object, *, auto: bool = True) -> None:
+    """Raises unless ``backend`` names a backend (or is ``"auto"``, where ``auto``): a
+    ``ValueError`` for another string, a ``TypeError`` for anything else. Whether it runs on a
+    device is :func:`unavailable_reason`'s question."""
+    if isinstance(backend, str) and (backend in _MODULES or (auto and backend == "auto")):
+        return
+    names = f"'auto' or one of {BACKENDS}" if auto else f"one of {BACKENDS}"
+    message = f"backend must be {names}, got {backend!r}"
+    raise ValueError(message) if isinstance(backend, str) else TypeError(message)
+
+
 def unavailable_reason(name: str, device: torch.device | str | None = None) -> str | None:
     """Why backend ``name`` cannot run on ``device`` (None where it can; any device if None)."""
-    if name not in _MODULES:
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
+    check_backend_name(name, auto=False)
     module, reason = _load(name)
     if module is None:
         return reason
@@ -65,8 +75,11 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 def resolve_backend(backend: str, device: torch.device) -> ModuleType:
     """The backend module for ``backend`` ("auto" or a name) on ``device``.
 
-    Raises ``RuntimeError`` naming the backend and the reason when it cannot run there.
+    Raises ``RuntimeError`` naming the backend and the reason when it cannot run there, and
+    the errors of :func:`check_backend_name` for a name that is no backend's.
     """
+    if not isinstance(backend, str):  # unhashable values would fail the lookup obscurely
+        check_backend_name(backend)
     key = (backend, device.type)
     if key in _RESOLVED:
         return _RESOLVED[key]
@@ -78,6 +91,7 @@ def resolve_backend(backend: str, device: torch.device) -> ModuleType:
         else:  # pragma: no cover - torch runs everywhere
             raise RuntimeError(f"no backend available for device {device}")
     else:
+        check_backend_name(backend)
         reason = unavailable_reason(backend, device)
         if reason is not None:
             raise RuntimeError(f"backend {backend!r} is not available on {device}: {reason}")
