@@ -92,3 +92,58 @@ def test_triton_masked_rows_strides_and_fp16():
     torch.testing.assert_close(
         out["energy"].double(), _formula(half, "energy"), rtol=2e-5, atol=2e-5
     )
+
+
+@interpreter_only
+def test_triton_infinite_nan_and_tied_rows_across_blocks():
+    # +inf, ties for the maximum, all -inf and NaN placed in different column blocks of a row
+    # that streams (C = 2500 > one block of 1024): the documented limits, from mpmath
+    from exact_scores import exact_scores
+
+    from elogitnorm_fast.scoring import logit_scores
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 2500, generator=g) * 3
+    inf = float("inf")
+    logits[0, 2000] = inf
+    logits[1, 10] = inf
+    logits[1, 2400] = inf
+    logits[2] = -inf
+    logits[3, 100] = 50.0  # a tie for the maximum in two blocks
+    logits[3, 1500] = 50.0
+    logits[4, 2499] = float("nan")
+    logits[5, :1024] = -inf  # a first block of masked classes
+    logits[6, 1030] = 1e4  # a margin that underflows exp in float32
+    logits[7, :] = 0.0
+    logits[7, 2048:] = -inf
+    out = logit_scores(logits, ALL, backend="triton")
+    expected = exact_scores(logits)
+    for name in ALL:
+        got, want = out[name].double(), expected[name]
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), name
+        finite = torch.isfinite(want)
+        infinite = torch.isinf(want)
+        assert torch.equal(got[infinite], want[infinite]), name
+        torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5)
+
+
+@interpreter_only
+def test_triton_ranking_matches_exact_scores_and_order_asked():
+    from exact_scores import exact_scores
+    from test_score_ranking import confident_logits, sklearn_report
+
+    from elogitnorm_fast import metrics
+    from elogitnorm_fast.scoring import logit_scores
+
+    id_logits = confident_logits(120, 10, (20.0, 3000.0), seed=0)
+    ood_logits = confident_logits(120, 10, (5.0, 2500.0), seed=1)
+    asked = ("gen", "entropy", "msp")
+    ours_id = logit_scores(id_logits, asked, backend="triton")
+    ours_ood = logit_scores(ood_logits, asked, backend="triton")
+    assert list(ours_id) == list(asked)
+    exact_id, exact_ood = exact_scores(id_logits), exact_scores(ood_logits)
+    for name in asked:
+        oracle = sklearn_report(exact_id[name], exact_ood[name])
+        ours = metrics.ood_report(ours_id[name], ours_ood[name])
+        for key in ("auroc", "aupr_in", "aupr_out", "fpr_at_tpr"):
+            assert ours[key] == pytest.approx(oracle[key], abs=1e-12), (name, key)

@@ -1,16 +1,27 @@
 // CPU op: several logit-based OOD scores in one pass per row (elogitnorm_fast::logit_scores).
 //
-// Per row of logits z (C entries), with m = max_j z_j, e_j = exp(z_j - m):
-//   S = sum_j e_j, A = sum_j e_j (z_j - m), S_T = sum_j exp((z_j - m) / T)
-//   msp = 1 / S, max_logit = m, energy = m + log S (T = 1) or m + T log S_T,
-//   entropy (negated) = A / S - log S,
-//   gen = -sum_{j in top-M} p_j^g (1 - p_j)^g with log p_j = z_j - m - log S.
+// Per row of logits z (C entries): m1 = max_j z_j, top = one index of it, m2 = the largest of
+// the other entries (m2 = m1 on a tie for the maximum), and over j != top
+//   R = sum exp(z_j - m2) (>= 1),  B = sum exp(z_j - m2) (m2 - z_j),
+// plus S_T = sum_j exp((z_j - m1) / T) for T != 1. Shifting by m2 keeps
+// o = sum_{j != top} exp(z_j - m1) = exp(m2 - m1) R in log form, so no margin underflows it.
+// The scores, finished in double from these sums (elogitnorm_fast/scoring/logit_scores.py has
+// the same formulas and the reasons for the log forms):
+//   msp       = (m1 - m2) - log R              (log-odds of the max softmax probability)
+//   max_logit = m1
+//   energy    = m1 + log1p(o)  (T = 1),  m1 + T log S_T otherwise
+//   entropy   = -log H,  H = exp(m2 - m1) [R log1p(o) / o + ((m1 - m2) R + B) / (1 + o)]
+//   gen       = -log sum_{j in top-M} p_j^g (1 - p_j)^g, in log space, with
+//               log(1 - p_top) = log o - log1p(o) for the maximum.
+// Equal values tie (infinite ones too: +inf entries share the probability, an all -inf row is
+// uniform); a NaN anywhere makes every score of the row NaN.
 // The row is read from memory once: it is converted into a thread-local float buffer (or used
-// in place for contiguous fp32/fp64), and the max, the sums and GEN's top-M selection
-// (std::nth_element on a copy, only when GEN is requested) then run on the cache-resident row.
-// Rows run in parallel with at::parallel_for; fp16 / bf16 / fp32 accumulate in float32, fp64 in
-// float64. The output is (K, N), K = the number of requested scores, in the canonical order
-// msp, max_logit, energy, entropy, gen (elogitnorm_fast/scoring/logit_scores.py SCORE_NAMES).
+// in place for contiguous fp32/fp64), and the passes (max, second max, sums, GEN's top-M
+// selection with std::nth_element on a copy, only when GEN is requested) run on the
+// cache-resident row. Rows run in parallel with at::parallel_for; fp16 / bf16 / fp32 accumulate
+// in float32, fp64 in float64. The output is (K, N), K = the number of requested scores, in the
+// canonical order msp, max_logit, energy, entropy, gen (SCORE_NAMES in
+// elogitnorm_fast/scoring/logit_scores.py).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -60,71 +71,115 @@ static inline __attribute__((always_inline)) float exp_nonpositive(float x) {
   return x < cutoff ? 0.0f : result;
 }
 
-// Max, S, A and S_T of one float row. Compiled for AVX2+FMA and a baseline, picked at load time.
+// The per-row sums of the header: out = {m1, m2, R, B, S_T, nan count}.
+struct RowSums {
+  double m1, m2, r, b, st;
+  bool nan;
+};
+
+// float rows: four vectorised passes over the cache-resident row. Compiled for AVX2+FMA and a
+// baseline, picked at load time.
 __attribute__((target_clones("avx2,fma", "default"))) void float_row_sums(
-    const float* x, int64_t n, float inv_t, bool want_t, float* out) {
-  float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
-  // all -inf: shift by 0 so every e_j is 0 instead of NaN
-  const float shift = std::isinf(m) && m < 0 ? 0.0f : m;
-  float s = 0.0f, a = 0.0f, st = 0.0f, below = 0.0f, ties = 0.0f;
-#pragma omp simd reduction(+ : s, a, below, ties)
+    const float* x, int64_t n, float inv_t, bool want_t, RowSums* out) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  float m1 = ninf, nans = 0.0f;
+#pragma omp simd reduction(max : m1) reduction(+ : nans)
   for (int64_t j = 0; j < n; ++j) {
-    float d = x[j] - shift;
-    float e = exp_nonpositive(d);
-    s += e;
-    a += e > 0.0f ? e * d : 0.0f;  // 0 * (-inf) would be NaN for masked logits
-    below += d < 0.0f ? e : 0.0f;
-    ties += d == 0.0f ? 1.0f : 0.0f;
+    m1 = x[j] > m1 ? x[j] : m1;
+    nans += x[j] != x[j] ? 1.0f : 0.0f;
   }
+  float below = ninf, ties = 0.0f;
+#pragma omp simd reduction(max : below) reduction(+ : ties)
+  for (int64_t j = 0; j < n; ++j) {
+    float v = x[j] < m1 ? x[j] : ninf;
+    below = v > below ? v : below;
+    ties += x[j] == m1 ? 1.0f : 0.0f;
+  }
+  const float m2 = ties >= 2.0f ? m1 : below;
+  // the ties beyond the one taken as the maximum count exp(0) = 1 each, with m2 - z = 0
+  float r = ties - 1.0f, b = 0.0f;
+#pragma omp simd reduction(+ : r, b)
+  for (int64_t j = 0; j < n; ++j) {
+    // x < m1 selects the others, where x - m2 <= 0; equal values (infinite ones too) are 0
+    // apart, not NaN
+    const bool other = x[j] < m1;
+    float d = other && x[j] != m2 ? x[j] - m2 : 0.0f;
+    float e = other ? exp_nonpositive(d) : 0.0f;
+    r += e;
+    b += e > 0.0f ? -e * d : 0.0f;
+  }
+  float st = 0.0f;
   if (want_t) {
 #pragma omp simd reduction(+ : st)
-    for (int64_t j = 0; j < n; ++j) st += exp_nonpositive((x[j] - shift) * inv_t);
+    for (int64_t j = 0; j < n; ++j) {
+      float d = x[j] == m1 ? 0.0f : x[j] - m1;
+      st += exp_nonpositive(d * inv_t);
+    }
   }
-  out[0] = m;
-  out[1] = s;
-  out[2] = a;
-  out[3] = st;
-  out[4] = below + (ties - 1.0f);  // sum over k != argmax of exp(z_k - m), for GEN
+  *out = RowSums{m1, m2, r, b, st, nans > 0.0f};
 }
 
-void double_row_sums(const double* x, int64_t n, double inv_t, bool want_t, double* out) {
-  double m = -std::numeric_limits<double>::infinity();
-  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
-  const double shift = std::isinf(m) && m < 0 ? 0.0 : m;
-  double s = 0.0, a = 0.0, st = 0.0, below = 0.0, ties = 0.0;
+void double_row_sums(const double* x, int64_t n, double inv_t, bool want_t, RowSums* out) {
+  const double ninf = -std::numeric_limits<double>::infinity();
+  double m1 = ninf;
+  bool nan = false;
   for (int64_t j = 0; j < n; ++j) {
-    double d = x[j] - shift;
-    double e = std::exp(d);
-    s += e;
-    a += e > 0.0 ? e * d : 0.0;
-    below += d < 0.0 ? e : 0.0;
-    ties += d == 0.0 ? 1.0 : 0.0;
-    if (want_t) st += std::exp(d * inv_t);
+    m1 = x[j] > m1 ? x[j] : m1;
+    nan = nan || x[j] != x[j];
   }
-  out[0] = m;
-  out[1] = s;
-  out[2] = a;
-  out[3] = st;
-  out[4] = below + (ties - 1.0);
+  double below = ninf, ties = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    below = x[j] < m1 && x[j] > below ? x[j] : below;
+    ties += x[j] == m1 ? 1.0 : 0.0;
+  }
+  const double m2 = ties >= 2.0 ? m1 : below;
+  double r = ties - 1.0, b = 0.0, st = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    if (x[j] < m1) {
+      double d = x[j] == m2 ? 0.0 : x[j] - m2;
+      double e = std::exp(d);
+      r += e;
+      b += e > 0.0 ? -e * d : 0.0;
+    }
+    if (want_t) st += std::exp((x[j] == m1 ? 0.0 : x[j] - m1) * inv_t);
+  }
+  *out = RowSums{m1, m2, r, b, st, nan};
 }
 
-inline void row_sums(const float* x, int64_t n, float inv_t, bool want_t, float* out) {
-  float_row_sums(x, n, inv_t, want_t, out);
+inline void row_sums(const float* x, int64_t n, double inv_t, bool want_t, RowSums* out) {
+  float_row_sums(x, n, static_cast<float>(inv_t), want_t, out);
 }
-inline void row_sums(const double* x, int64_t n, double inv_t, bool want_t, double* out) {
+inline void row_sums(const double* x, int64_t n, double inv_t, bool want_t, RowSums* out) {
   double_row_sums(x, n, inv_t, want_t, out);
 }
 
-// -sum over the top-M entries of p^g (1 - p)^g, log p = z - log_norm (ties: equal p, equal
-// terms). For the row maximum, 1 - p = others / S with others = sum_{k != argmax} exp(z_k - m)
-// summed separately: float32 cannot resolve 1 - p_max from p_max for confident rows, yet
-// (1 - p)^0.1 is far from 0 there. Every other entry has p <= 1/2, where -expm1(log p) is exact.
+// The float64 quantities every score is read from (the header's formulas).
+struct Finished {
+  double m1, gap, r, b, log_o, o, log1p_o;
+  explicit Finished(const RowSums& s) : m1(s.m1), r(s.r), b(s.b) {
+    gap = s.m1 == s.m2 ? 0.0 : s.m1 - s.m2;  // >= 0, or +inf
+    const double ninf = -std::numeric_limits<double>::infinity();
+    log_o = (r == 0.0 || std::isinf(gap)) ? ninf : std::log(r) - gap;
+    o = std::exp(log_o);
+    log1p_o = std::log1p(o);
+  }
+  double msp() const { return -log_o; }
+  double energy(double temperature, double st) const {
+    return temperature == 1.0 ? m1 + log1p_o : m1 + temperature * std::log(st);
+  }
+  double entropy() const {
+    if (r == 0.0 || std::isinf(gap)) return std::numeric_limits<double>::infinity();  // H = 0
+    const double ratio = o > 0.0 ? log1p_o / o : 1.0;  // log1p(o) / o -> 1 as o -> 0
+    return gap - std::log(r) - std::log(ratio + (gap + b / r) / (1.0 + o));
+  }
+};
+
+// -log of sum over the top-M entries of p^g (1 - p)^g, in log space (ties: equal p, equal
+// terms). The first entry equal to the maximum uses log(1 - p) = log o - log1p(o); every
+// other has p <= 1/2, where log(-expm1(log p)) is accurate.
 template <typename acc_t>
-acc_t gen_score(const acc_t* row, int64_t n, int64_t top_m, acc_t m, acc_t log_s, acc_t others,
-                acc_t gamma, std::vector<acc_t>& scratch) {
-  const acc_t log_norm = m + log_s;
+double gen_score(const acc_t* row, int64_t n, int64_t top_m, const Finished& f, double gamma,
+                 std::vector<acc_t>& scratch, std::vector<double>& terms) {
   const acc_t* top = row;
   int64_t count = n;
   if (top_m < n) {
@@ -134,18 +189,27 @@ acc_t gen_score(const acc_t* row, int64_t n, int64_t top_m, acc_t m, acc_t log_s
     top = scratch.data();
     count = top_m;
   }
-  acc_t total = std::exp(gamma * (-acc_t(2) * log_s + std::log(others)));  // the maximum
+  const double ninf = -std::numeric_limits<double>::infinity();
+  double largest = ninf;
+  terms.clear();
   bool max_seen = false;
   for (int64_t j = 0; j < count; ++j) {
-    if (!max_seen && top[j] == m) {  // counted above
+    const double z = static_cast<double>(top[j]);
+    double term;
+    if (!max_seen && z == f.m1) {
       max_seen = true;
-      continue;
+      term = gamma * (f.log_o - 2.0 * f.log1p_o);
+    } else {
+      const double log_p = (z == f.m1 ? 0.0 : z - f.m1) - f.log1p_o;
+      term = gamma * (log_p + std::log(-std::expm1(log_p)));
     }
-    acc_t log_p = top[j] - log_norm;
-    // 1 - p = -expm1(log p) keeps the relative accuracy of 1 - p when p is close to 1
-    total += std::exp(gamma * (log_p + std::log(-std::expm1(log_p))));
+    terms.push_back(term);
+    largest = term > largest ? term : largest;
   }
-  return -total;
+  if (largest == ninf) return std::numeric_limits<double>::infinity();  // G = 0
+  double total = 0.0;
+  for (double term : terms) total += std::exp(term - largest);
+  return -(largest + std::log(total));
 }
 
 template <typename scalar_t, typename acc_t>
@@ -153,16 +217,16 @@ void logit_scores_kernel(const scalar_t* logits, int64_t rows, int64_t cols, boo
                          bool want_max, bool want_energy, bool want_entropy, bool want_gen,
                          double temperature, double gamma, int64_t top_m, acc_t* out) {
   const bool want_t = want_energy && temperature != 1.0;
-  const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-  const acc_t t = static_cast<acc_t>(temperature);
-  const acc_t g = static_cast<acc_t>(gamma);
+  const double inv_t = 1.0 / temperature;
   const int64_t m_eff = std::min<int64_t>(top_m, cols);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
+  const double nan = std::numeric_limits<double>::quiet_NaN();
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buffer;
     std::vector<acc_t> scratch;
+    std::vector<double> terms;
     if (!std::is_same<scalar_t, acc_t>::value) buffer.resize(cols);
-    acc_t sums[5];
+    RowSums sums;
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* src = logits + r * cols;
       const acc_t* row;
@@ -172,16 +236,18 @@ void logit_scores_kernel(const scalar_t* logits, int64_t rows, int64_t cols, boo
         for (int64_t j = 0; j < cols; ++j) buffer[j] = static_cast<acc_t>(src[j]);
         row = buffer.data();
       }
-      row_sums(row, cols, inv_t, want_t, sums);
-      acc_t m = sums[0], s = sums[1], a = sums[2], st = sums[3], others = sums[4];
-      if (std::isnan(s)) m = s;  // NaN anywhere in the row: every score is NaN, like torch
-      const acc_t log_s = std::log(s);
+      row_sums(row, cols, inv_t, want_t, &sums);
+      const Finished f(sums);
+      const bool bad = sums.nan;  // NaN anywhere in the row: every score is NaN
       int64_t k = 0;
-      if (want_msp) out[(k++) * rows + r] = acc_t(1) / s;
-      if (want_max) out[(k++) * rows + r] = m;
-      if (want_energy) out[(k++) * rows + r] = want_t ? m + t * std::log(st) : m + log_s;
-      if (want_entropy) out[(k++) * rows + r] = a / s - log_s;
-      if (want_gen) out[(k++) * rows + r] = gen_score<acc_t>(row, cols, m_eff, m, log_s, others, g, scratch);
+      auto put = [&](double value) {
+        out[(k++) * rows + r] = static_cast<acc_t>(bad ? nan : value);
+      };
+      if (want_msp) put(f.msp());
+      if (want_max) put(f.m1);
+      if (want_energy) put(f.energy(temperature, sums.st));
+      if (want_entropy) put(f.entropy());
+      if (want_gen) put(bad ? nan : gen_score<acc_t>(row, cols, m_eff, f, gamma, scratch, terms));
     }
   });
 }

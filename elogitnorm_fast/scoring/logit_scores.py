@@ -1,21 +1,56 @@
 """Logit-based OOD scores (higher = more in-distribution), one pass over the logits.
 
-For logits ``z`` (N x C), with ``p = softmax(z)`` (design.md section 2.3):
+For logits ``z`` (N x C) with ``p = softmax(z)``, ``top`` the first index of the row maximum
+and ``o = sum_{j != top} exp(z_j - z_top)`` (so ``p_top = 1 / (1 + o)``):
 
-* ``msp``        max softmax probability ``max_j p_j`` (Hendrycks & Gimpel 2017).
+* ``msp``        the **log-odds of the maximum softmax probability**,
+                 ``log(p_top / (1 - p_top)) = -log(o)`` (Hendrycks & Gimpel 2017 rank by
+                 ``p_top``). It is a strictly increasing function of ``p_top``, so AUROC, AUPR
+                 and FPR@TPR equal those of the max softmax probability, and it stays resolved
+                 where ``p_top`` rounds to 1 (float32 does so from a margin of about 17, float64
+                 from about 37; confident models reach that on most ID samples). The probability
+                 is ``torch.sigmoid(msp)``.
 * ``max_logit``  ``max_j z_j`` (Hendrycks et al. 2022).
 * ``energy``     ``T * logsumexp(z / T)`` (Liu et al. 2020; the negative free energy), T=1.
-* ``entropy``    ``-H(p) = sum_j p_j log p_j`` (negated entropy, so higher = more ID).
-* ``gen``        ``-sum_{j in top-M} p_j^gamma (1 - p_j)^gamma`` over the ``M`` largest
-                 probabilities (generalized entropy, Liu, Lochman & Zach, CVPR 2023), gamma=0.1,
-                 M = min(top_m, C) with top_m=100 (the paper's / OpenOOD's defaults).
+* ``entropy``    ``-log H(p)`` with ``H(p) = -sum_j p_j log p_j``: a strictly increasing
+                 function of the negated entropy ``-H`` (same ranking metrics), resolved where
+                 ``H`` underflows or ``1 - p_top`` rounds away. ``H = exp(-entropy)``.
+* ``gen``        ``-log G`` with ``G = sum_{j in top-M} p_j^gamma (1 - p_j)^gamma`` over the
+                 ``M = min(top_m, C)`` largest probabilities (generalized entropy, Liu, Lochman
+                 & Zach, CVPR 2023; gamma=0.1, top_m=100 as in the paper and OpenOOD). The
+                 paper's score is ``-G = -exp(-gen)``; ``-log G`` ranks exactly like it and does
+                 not saturate at 0 for confident rows.
 
-All of them are row reductions: one streaming pass keeps, per row, the running max ``m``,
-``S = sum_j exp(z_j - m)``, ``A = sum_j exp(z_j - m) (z_j - m)`` (and ``S_T`` for T != 1), from
-which ``msp = 1/S``, ``energy = m + log S``, ``entropy = A/S - log S``. GEN needs the top-M
-probabilities, i.e. the normaliser first: the C++ op does it per row while the row is in cache;
-the Triton and torch paths use ``torch.topk`` on the logits plus the streamed ``log S`` (a
-second read of the logits, only when GEN is requested; see kernels/logit_scores.py).
+The three bounded scores are returned in these log forms because their natural values round
+to their bound for confident models (in float32, 322 of 325 ID samples of one trained network
+had ``p_top == 1.0``), which turns distinct samples into ties and changes the metrics.
+
+How: one pass per row keeps the maximum ``m1``, the largest of the other entries ``m2`` (a
+tie for the maximum makes ``m2 = m1``), ``R = sum_{j != top} exp(z_j - m2)`` (``>= 1``),
+``B = sum_{j != top} exp(z_j - m2) (m2 - z_j)`` and, for ``T != 1``, ``S_T``. Shifting by
+``m2`` instead of ``m1`` keeps ``o = exp(m2 - m1) R`` in log form, ``log o = m2 - m1 + log R``,
+so no margin underflows it. Then, in float64 from these per-row numbers::
+
+    msp     = (m1 - m2) - log R
+    energy  = m1 + log1p(o)                     (T = 1; else m1 + T log S_T)
+    entropy = (m1 - m2) - log R - log(L(o) + (m1 - m2 + B / R) / (1 + o)),  L(o) = log1p(o) / o
+    gen     = -logsumexp_j gamma (log p_j + log(1 - p_j))   over the top-M entries, with
+              log(1 - p_top) = log o - log1p(o) for the maximum
+
+(``H = exp(m2 - m1) [R L(o) + ((m1 - m2) R + B) / (1 + o)]``: a sum of non-negative terms, no
+cancellation). GEN needs the top-M entries: the C++ op selects them per row while the row is in
+cache; the Triton and torch paths use ``torch.topk`` on the logits (a second read of the
+logits, only when GEN is requested; see kernels/logit_scores.py).
+
+Infinite and NaN logits (every backend gives the same): ``-inf`` entries have probability 0
+(masked classes). ``+inf`` entries share the probability equally and every finite entry has 0
+(the limit of scaling them up together), so a row with one ``+inf`` has ``msp = entropy = gen =
++inf`` and ``energy = max_logit = +inf``. Equal infinite entries tie like equal finite ones: an
+all ``-inf`` row is read as uniform (``msp = -log(C - 1)``) with ``energy = max_logit = -inf``.
+With a single class (C = 1) ``msp``, ``entropy`` and ``gen`` are ``+inf`` (``p_top = 1``).
+A NaN anywhere in a row makes all five of its scores NaN. ``msp``, ``entropy`` and ``gen`` are
+finite for every finite row with C >= 2 whose margin ``m1 - m2`` is below the float range of
+the result (3.4e38 for float32).
 
 Backends (``backend=``):
 
@@ -36,8 +71,10 @@ Example::
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 
 from ..extension import load_error, triton_interpreting
@@ -152,7 +189,7 @@ def _normalise_names(names: str | Iterable[str]) -> tuple[str, ...]:
         names = (names,)
     names = tuple(names)
     aliases = {"entropy_score": "entropy", "maxlogit": "max_logit", "mls": "max_logit"}
-    names = tuple(aliases.get(n, n) for n in names)
+    names = tuple(dict.fromkeys(aliases.get(n, n) for n in names))  # first mention wins
     unknown = [n for n in names if n not in SCORE_NAMES]
     if unknown or not names:
         raise ValueError(f"names must be a non-empty subset of {SCORE_NAMES}, got {names}")
@@ -171,52 +208,111 @@ def _check_logits(logits: torch.Tensor) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# GEN from logits and the per-row log-normaliser
+# per-row statistics -> scores (shared by the torch and triton paths)
 # --------------------------------------------------------------------------------------------
 
 
-def _gen_from_top(
-    top_logits: torch.Tensor, log_norm: torch.Tensor, others: torch.Tensor, gamma: float
-) -> torch.Tensor:
-    """``-sum p^gamma (1 - p)^gamma`` over the selected logits ``top_logits`` (n x M).
-
-    ``log p = z - log_norm`` and ``1 - p = -expm1(log p)`` for every entry but the row's maximum
-    (``p <= 1/2`` there, so that is accurate); for the maximum ``1 - p = others / S`` where
-    ``others = sum_{k != argmax} exp(z_k - max)`` is summed separately, because ``1 - p_max`` is
-    far below float32's resolution of ``p_max`` for confident rows while ``(1 - p)^0.1`` is not
-    small (``(1e-9)^0.1 = 0.13``).
-    """
-    log_p = top_logits - log_norm[:, None]
-    terms = torch.exp(gamma * (log_p + torch.log(-torch.expm1(log_p))))
-    # log_norm = max + log S, so log p_max = -log S and log(1 - p_max) = log(others) - log S
-    top, where = top_logits.max(dim=1, keepdim=True)
-    log_p_max = top.squeeze(1) - log_norm
-    max_term = torch.exp(gamma * (2.0 * log_p_max + torch.log(others)))
-    terms = terms.scatter(1, where, max_term[:, None])
-    return -terms.sum(dim=1)
-
-
-def _others_sum(shifted_exp: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-    """``sum_{k != argmax} exp(z_k - max)`` per row from ``exp(z - max)`` and the argmax
-    column ``where`` (n x 1; the first index on ties, as ``max`` gives it)."""
-    return shifted_exp.scatter(1, where, 0.0).sum(dim=1)
+def _row_stats(z: torch.Tensor, inv_t: float, want_t: bool) -> tuple[torch.Tensor, ...]:
+    """``(m1, m2, R, B, S_T)`` per row of ``z`` (module docstring), in ``z``'s dtype; ``m1`` is
+    NaN for a row holding a NaN."""
+    neg_inf = float("-inf")
+    m1, where = z.max(dim=1, keepdim=True)
+    m1 = torch.where(torch.isnan(z).any(dim=1, keepdim=True), float("nan"), m1)
+    # the other entries: every column but the first maximum
+    others = torch.ones_like(z, dtype=torch.bool).scatter_(1, where, False)
+    rest = z.masked_fill(~others, neg_inf)
+    m2 = rest.amax(dim=1, keepdim=True)
+    # equal values (infinite ones included) are 0 apart, not NaN
+    d = torch.where(rest == m2, 0.0, rest - m2)
+    e = torch.where(others, torch.exp(d), 0.0)
+    r = e.sum(dim=1)
+    b = torch.where(e > 0, e * -d, 0.0).sum(dim=1)
+    st = torch.zeros_like(r)
+    if want_t:
+        d1 = torch.where(z == m1, 0.0, z - m1)
+        st = torch.exp(d1 * inv_t).sum(dim=1)
+    return m1.squeeze(1), m2.squeeze(1), r, b, st
 
 
-def _gen_chunked(
-    logits: torch.Tensor, log_norm: torch.Tensor, gamma: float, top_m: int, acc: torch.dtype
-) -> torch.Tensor:
-    n_rows, n_cols = logits.shape
-    m = min(top_m, n_cols)
-    rows = max(1, _CHUNK_ELEMENTS // n_cols)
-    out = torch.empty(n_rows, dtype=acc, device=logits.device)
-    for start in range(0, n_rows, rows):
-        z = logits[start : start + rows].to(acc)
-        top, where = z.max(dim=1, keepdim=True)
-        others = _others_sum(torch.exp(z - top), where)
-        selected = z if m == n_cols else torch.topk(z, m, dim=1, sorted=False).values
-        out[start : start + rows] = _gen_from_top(
-            selected, log_norm[start : start + rows], others, gamma
+class _Finished:
+    """The float64 quantities every score is read from, per row."""
+
+    def __init__(self, m1, m2, r, b, st) -> None:
+        m1, m2, r, b, st = (t.to(torch.float64) for t in (m1, m2, r, b, st))
+        self.nan = torch.isnan(m1)
+        self.m1 = m1
+        self.gap = torch.where(m1 == m2, 0.0, m1 - m2)  # m1 - m2 >= 0, or +inf
+        self.r = r
+        self.b = b
+        self.st = st
+        # log o = m2 - m1 + log R (-inf with no other class or an infinite margin)
+        self.log_o = torch.where(
+            (r == 0) | torch.isinf(self.gap), float("-inf"), torch.log(r) - self.gap
         )
+        self.o = torch.exp(self.log_o)
+        self.log1p_o = torch.log1p(self.o)  # log of the softmax normaliser relative to m1
+
+    def _nan(self, values: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.nan, float("nan"), values)
+
+    def msp(self) -> torch.Tensor:
+        return self._nan(-self.log_o)
+
+    def max_logit(self) -> torch.Tensor:
+        return self._nan(self.m1)
+
+    def energy(self, temperature: float) -> torch.Tensor:
+        if temperature == 1.0:
+            return self._nan(self.m1 + self.log1p_o)
+        return self._nan(self.m1 + temperature * torch.log(self.st))
+
+    def entropy(self) -> torch.Tensor:
+        o = self.o
+        ratio = torch.where(o > 0, self.log1p_o / o, 1.0)  # log1p(o) / o -> 1 as o -> 0
+        safe_r = torch.where(self.r > 0, self.r, 1.0)
+        inner = ratio + (self.gap + self.b / safe_r) / (1.0 + o)
+        value = self.gap - torch.log(safe_r) - torch.log(inner)
+        # H = 0 (one class, or one +inf logit): -log H = +inf
+        degenerate = (self.r == 0) | torch.isinf(self.gap)
+        return self._nan(torch.where(degenerate, float("inf"), value))
+
+    def gen(self, top_values: torch.Tensor, gamma: float) -> torch.Tensor:
+        """``-log G`` from the ``M`` largest logits of each row, largest first (n x M)."""
+        top = top_values.to(torch.float64)
+        m1 = self.m1[:, None]
+        d = torch.where(top == m1, 0.0, top - m1)
+        log_p = d - self.log1p_o[:, None]
+        # p <= 1/2 for every entry but the first maximum: -expm1 is exact there
+        log_terms = gamma * (log_p + torch.log(-torch.expm1(log_p)))
+        first = gamma * (self.log_o - 2.0 * self.log1p_o)
+        log_terms = torch.cat([first[:, None], log_terms[:, 1:]], dim=1)
+        return self._nan(-torch.logsumexp(log_terms, dim=1))
+
+
+def _chunk_rows(n_cols: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // n_cols)
+
+
+def _top_values(z: torch.Tensor, top_m: int) -> torch.Tensor:
+    """The ``min(top_m, C)`` largest entries of each row, largest first."""
+    return torch.topk(z, min(top_m, z.shape[1]), dim=1, sorted=True).values
+
+
+def _scores_from(
+    finished: _Finished, names, temperature: float, gen_values
+) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        if name == "msp":
+            out[name] = finished.msp()
+        elif name == "max_logit":
+            out[name] = finished.max_logit()
+        elif name == "energy":
+            out[name] = finished.energy(temperature)
+        elif name == "entropy":
+            out[name] = finished.entropy()
+        else:
+            out[name] = gen_values()
     return out
 
 
@@ -228,37 +324,17 @@ def _gen_chunked(
 def _torch_scores(logits, names, temperature, gamma, top_m) -> dict[str, torch.Tensor]:
     n_rows, n_cols = logits.shape
     acc = accumulation_dtype(logits)
-    want = set(names)
     out = {name: torch.empty(n_rows, dtype=acc, device=logits.device) for name in names}
-    m_eff = min(top_m, n_cols)
-    rows = max(1, _CHUNK_ELEMENTS // n_cols)
+    rows = _chunk_rows(n_cols)
     for start in range(0, n_rows, rows):
-        sl = slice(start, start + rows)
-        z = logits[sl].to(acc)
-        top, where = z.max(dim=1)
-        shifted = z - top[:, None]
-        e = torch.exp(shifted)
-        total = e.sum(dim=1)
-        log_total = torch.log(total)
-        if "msp" in want:
-            out["msp"][sl] = 1.0 / total
-        if "max_logit" in want:
-            out["max_logit"][sl] = top
-        if "energy" in want:
-            if temperature == 1.0:
-                out["energy"][sl] = top + log_total
-            else:
-                out["energy"][sl] = top + temperature * torch.logsumexp(
-                    shifted / temperature, dim=1
-                )
-        if "entropy" in want:
-            # sum p (z - m) - log S, with 0 * (-inf) -> 0 for masked (-inf) logits.
-            weighted = torch.where(e > 0, e * shifted, torch.zeros_like(e)).sum(dim=1)
-            out["entropy"][sl] = weighted / total - log_total
-        if "gen" in want:
-            sel = z if m_eff == n_cols else torch.topk(z, m_eff, dim=1, sorted=False).values
-            others = _others_sum(e, where[:, None])
-            out["gen"][sl] = _gen_from_top(sel, top + log_total, others, gamma)
+        z = logits[start : start + rows].to(acc)
+        finished = _Finished(*_row_stats(z, 1.0 / temperature, temperature != 1.0))
+        part = _scores_from(
+            finished, names, temperature,
+            lambda z=z, finished=finished: finished.gen(_top_values(z, top_m), gamma),
+        )
+        for name in names:
+            out[name][start : start + rows] = part[name]
     return out
 
 
@@ -267,33 +343,35 @@ def _cpu_scores(logits, names, temperature, gamma, top_m) -> dict[str, torch.Ten
     stacked = torch.ops.elogitnorm_fast.logit_scores(
         logits, *flags, float(temperature), float(gamma), int(top_m)
     )
-    requested = [name for name in SCORE_NAMES if name in names]
-    return {name: stacked[k] for k, name in enumerate(requested)}
+    # the op's rows come in the canonical order; the caller asked for its own
+    canonical = [name for name in SCORE_NAMES if name in names]
+    return {name: stacked[canonical.index(name)] for name in names}
+
+
+def _gen_chunked(logits, stats, gamma: float, top_m: int, acc) -> torch.Tensor:
+    """GEN from the kernel's per-row ``stats`` and ``torch.topk`` of the logits, by row chunks."""
+    n_rows, n_cols = logits.shape
+    out = torch.empty(n_rows, dtype=torch.float64, device=logits.device)
+    rows = _chunk_rows(n_cols)
+    for start in range(0, n_rows, rows):
+        sl = slice(start, start + rows)
+        part = _Finished(*(t[sl] for t in stats))
+        out[sl] = part.gen(_top_values(logits[sl].to(acc), top_m), gamma)
+    return out
 
 
 def _triton_scores(logits, names, temperature, gamma, top_m) -> dict[str, torch.Tensor]:
     from elogitnorm_fast.kernels.logit_scores import logit_row_stats
 
-    stats = logit_row_stats(logits, float(temperature))  # (4, N): m, S, A, S_T
-    top, total, weighted, total_t = stats[0], stats[1], stats[2], stats[3]
+    stats = logit_row_stats(logits, float(temperature))  # (5, N): m1, m2, R, B, S_T
     acc = accumulation_dtype(logits)
-    top, total, weighted, total_t = (t.to(acc) for t in (top, total, weighted, total_t))
-    log_total = torch.log(total)
-    out: dict[str, torch.Tensor] = {}
-    if "msp" in names:
-        out["msp"] = 1.0 / total
-    if "max_logit" in names:
-        out["max_logit"] = top
-    if "energy" in names:
-        out["energy"] = top + (
-            log_total if temperature == 1.0 else temperature * torch.log(total_t)
-        )
-    if "entropy" in names:
-        out["entropy"] = weighted / total - log_total
-    if "gen" in names:
-        # Second path (documented): top-M selection is not done inside the streaming kernel.
-        out["gen"] = _gen_chunked(logits, top + log_total, gamma, top_m, acc)
-    return {name: out[name] for name in names}
+    raw = tuple(stats[k] for k in range(5))
+    out = _scores_from(
+        _Finished(*raw), names, temperature,
+        # second path (documented): the top-M selection is not done in the streaming kernel
+        lambda: _gen_chunked(logits, raw, gamma, top_m, acc),
+    )
+    return {name: value.to(acc) for name, value in out.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,18 +391,23 @@ def logit_scores(
     """Several logit scores in one pass over ``logits`` (N x C); returns ``{name: (N,) tensor}``.
 
     ``names`` is any non-empty subset of :data:`SCORE_NAMES` (``"msp"``, ``"max_logit"``,
-    ``"energy"``, ``"entropy"``, ``"gen"``), returned in the order asked. ``temperature`` is the
-    energy temperature ``T``; ``gamma`` and ``top_m`` are GEN's. See the module docstring for the
-    formulas and ``backend``. Higher = more in-distribution for every score.
+    ``"energy"``, ``"entropy"``, ``"gen"``); the dict's keys come in the order asked (a repeated
+    name once). ``temperature`` (finite, > 0) is the energy temperature ``T``; ``gamma`` (finite,
+    > 0) and ``top_m`` (integer >= 1) are GEN's. ``msp``, ``entropy`` and ``gen`` are returned in
+    log forms that rank exactly like the textbook scores; the module docstring gives every
+    formula, the values on infinite / NaN logits and ``backend``. Higher = more
+    in-distribution for every score.
     """
     _check_logits(logits)
     names = _normalise_names(names)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not gamma > 0:
-        raise ValueError(f"gamma must be > 0, got {gamma}")
-    if int(top_m) < 1:
-        raise ValueError(f"top_m must be >= 1, got {top_m}")
+    for label, value in (("temperature", temperature), ("gamma", gamma)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            0 < value < math.inf
+        ):
+            raise ValueError(f"{label} must be a finite number > 0, got {value!r}")
+    if isinstance(top_m, bool) or not isinstance(top_m, int | np.integer) or top_m < 1:
+        raise ValueError(f"top_m must be an integer >= 1, got {top_m!r}")
+    temperature, gamma, top_m = float(temperature), float(gamma), int(top_m)
     chosen = resolve_backend(logits, backend)
     with torch.no_grad():
         if logits.shape[0] == 0:
@@ -338,7 +421,14 @@ def logit_scores(
 
 
 def msp(logits: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """Maximum softmax probability ``max_j softmax(z)_j`` (Hendrycks & Gimpel, ICLR 2017)."""
+    """Maximum softmax probability (Hendrycks & Gimpel, ICLR 2017) as its log-odds.
+
+    Returns ``log(p / (1 - p))`` for ``p = max_j softmax(z)_j``, i.e.
+    ``-log(sum_{j != top} exp(z_j - z_top))``, computed without forming ``p``. The map from
+    ``p`` is strictly increasing, so every ranking metric (AUROC, AUPR, FPR@TPR) equals that of
+    the exact maximum softmax probability, also where ``p`` rounds to 1 in float32 / float64.
+    ``torch.sigmoid(msp(z))`` is the probability. ``+inf`` for C = 1 or a row with one ``+inf``.
+    """
     return logit_scores(logits, ("msp",), backend=backend)["msp"]
 
 
@@ -361,14 +451,22 @@ def gen(
     *,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """GEN (Liu, Lochman & Zach, CVPR 2023): ``-sum_{j in top-M} p_j^gamma (1 - p_j)^gamma``.
+    """GEN (Liu, Lochman & Zach, CVPR 2023) as ``-log G``, ``G = sum_{j in top-M} p_j^gamma
+    (1 - p_j)^gamma``.
 
-    ``p = softmax(z)``, the sum over the ``min(top_m, C)`` largest probabilities; negated so
-    higher = more ID. Ties among probabilities do not matter (equal p, equal terms).
+    ``p = softmax(z)``, the sum over the ``min(top_m, C)`` largest probabilities. The paper's
+    score is ``-G = -exp(-gen)``; ``-log G`` is a strictly increasing function of it (the same
+    ranking metrics) that stays resolved for confident rows, where ``G`` underflows.
+    Ties among probabilities do not matter (equal p, equal terms).
     """
     return logit_scores(logits, ("gen",), gamma=gamma, top_m=top_m, backend=backend)["gen"]
 
 
 def entropy_score(logits: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """Negated Shannon entropy of the softmax, ``sum_j p_j log p_j`` (higher = more ID)."""
+    """``-log H`` for the Shannon entropy ``H = -sum_j p_j log p_j`` of ``softmax(z)``.
+
+    A strictly increasing function of the negated entropy ``-H`` (higher = more ID, the same
+    ranking metrics) that stays resolved for confident rows, where ``H`` underflows or rounds;
+    ``exp(-entropy_score(z))`` is the entropy.
+    """
     return logit_scores(logits, ("entropy",), backend=backend)["entropy"]
