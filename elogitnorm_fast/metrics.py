@@ -1,6 +1,6 @@
 """OOD detection metrics: AUROC, AUPR-In, AUPR-Out, FPR@TPR and ECE, exact with ties.
 
-Conventions (design.md section 2.4): inputs are explicit ``(id_scores, ood_scores)`` and a score
+Conventions: inputs are explicit ``(id_scores, ood_scores)`` and a score
 is an ID confidence, **higher = more in-distribution**. Everything is computed with torch on the
 scores' device (CPU or GPU), sort-based in ``O(n log n)`` (``fpr_at_tpr``: ``O(n)``), with no
 Python loop over samples, so 10^7 scores are fine.
@@ -12,8 +12,11 @@ exactly like scikit-learn's ``roc_curve(..., drop_intermediate=False)`` and
 an OOD sample becomes a diagonal segment of the ROC curve, which the trapezoidal rule credits
 with one half, so ``auroc = P(s_id > s_ood) + 0.5 * P(s_id == s_ood)`` exactly.
 
-Scores of dtype float16 / bfloat16 are widened to float32 (exact) before sorting; counts are
-int64 and the final ratios float64. Integer scores are accepted and widened to float64.
+Scores are 1-D tensors or array-likes (numpy arrays, lists), one score per sample; anything
+else (an (N, K) array, a scalar) raises ``ValueError`` naming the argument and its shape, as do
+NaN, inf and empty inputs. Scores of dtype float16 / bfloat16 are widened to float32 (exact)
+before sorting; counts are int64 and the final ratios float64. Integer scores are accepted and
+widened to float64.
 
 Example::
 
@@ -24,7 +27,9 @@ Example::
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 __all__ = ["auroc", "aupr_in", "aupr_out", "fpr_at_tpr", "ece", "ood_report", "FPR_CONVENTIONS"]
@@ -37,17 +42,27 @@ FPR_CONVENTIONS = ("classical", "openood")
 # --------------------------------------------------------------------------------------------
 
 
+def _as_tensor(values: object, name: str) -> torch.Tensor:
+    """``values`` as a tensor (numpy arrays and nested sequences converted, no copy of
+    tensors); ``ValueError`` naming ``name`` when it cannot be."""
+    if isinstance(values, torch.Tensor):
+        return values
+    try:
+        return torch.as_tensor(np.asarray(values))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(
+            f"{name} must be a tensor or array-like of numbers, got {type(values).__name__}"
+        ) from exc
+
+
 def _check_scores(scores: torch.Tensor, name: str) -> torch.Tensor:
-    if not isinstance(scores, torch.Tensor):
-        try:
-            scores = torch.as_tensor(scores)
-        except Exception as exc:  # pragma: no cover - message only
-            raise ValueError(
-                f"{name} must be a tensor or array of scores, got {type(scores)}"
-            ) from exc
+    scores = _as_tensor(scores, name)
     if scores.dtype == torch.bool or scores.is_complex():
         raise ValueError(f"{name} must hold real scores, got dtype {scores.dtype}")
-    scores = scores.reshape(-1)
+    if scores.dim() != 1:
+        # a flattened (N, K) array would pair scores of different samples or scorers
+        raise ValueError(f"{name} must be 1-D (one score per sample), got shape "
+                         f"{tuple(scores.shape)}")
     if scores.numel() == 0:
         raise ValueError(f"{name} is empty: need at least one score on each side (ID and OOD)")
     if not scores.is_floating_point():
@@ -321,9 +336,16 @@ def ood_report(
 # --------------------------------------------------------------------------------------------
 
 
+def _check_count(value: object, name: str) -> int:
+    """A Python / numpy integer >= 1 as an int; ``ValueError`` naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
 def ece(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
+    logits: torch.Tensor | np.ndarray | Sequence,
+    labels: torch.Tensor | np.ndarray | Sequence,
     n_bins: int = 15,
     *,
     chunk_rows: int | None = None,
@@ -335,8 +357,21 @@ def ece(
     ``b / n_bins < conf <= (b + 1) / n_bins`` (the bin edges are ``torch.linspace(0, 1,
     n_bins + 1)`` in float64; a confidence of exactly 0, impossible for a finite softmax, would
     go to bin 0). Then ``ECE = sum_b |B_b| / N * |accuracy(B_b) - mean conf(B_b)|``. Rows are
-    processed in chunks so no N x C float64 copy is built.
+    processed in chunks of ``chunk_rows`` (a positive integer; default about 4M elements) so no
+    N x C float64 copy is built.
+
+    ``logits`` (N, C) and ``labels`` (N,) integer class indices are tensors or array-likes
+    (numpy arrays, nested lists), like the scores of the ranking metrics.
     """
+    logits = _as_tensor(logits, "logits")
+    labels = _as_tensor(labels, "labels")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got dtype {logits.dtype}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"labels must hold integer class indices, got dtype {labels.dtype}")
+    n_bins = _check_count(n_bins, "n_bins")
+    if chunk_rows is not None:
+        chunk_rows = _check_count(chunk_rows, "chunk_rows")
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D (N, C), got shape {tuple(logits.shape)}")
     labels = labels.reshape(-1)
@@ -347,8 +382,6 @@ def ece(
         )
     if logits.shape[0] == 0:
         raise ValueError("logits is empty: need at least one row")
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     if not torch.isfinite(logits).all():
         raise ValueError("logits contains NaN or inf")
     n_rows, n_cols = logits.shape

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .bank import BankInput, as_array_like
-from .scorer import KNNScorer
+from .scorer import KNNScorer, check_k
 from .selection import EMPTY_INDEX, sort_candidates
 
 
@@ -37,7 +37,10 @@ class DistributedKNNScorer(KNNScorer):
         self.total_rows = 0
 
     def fit(self, bank_features: BankInput, shard: bool = True) -> DistributedKNNScorer:
-        """Store this rank's part of the bank; collective (gathers the shard sizes)."""
+        """Store this rank's part of the bank; collective (gathers the shard sizes). A tensor
+        that requires grad is read detached."""
+        if isinstance(bank_features, torch.Tensor):
+            bank_features = bank_features.detach()
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("DistributedKNNScorer needs torch.distributed to be initialised")
         rank = dist.get_rank(self.group)
@@ -103,15 +106,18 @@ class DistributedKNNScorer(KNNScorer):
         )
         return merged_values.to(queries.device), merged_indices
 
+    @torch.no_grad()
     def score(self, features: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Collective: minus the distance to the k-th nearest row of the whole sharded bank."""
         queries, origin, values, _ = self._global_top(features, self.k, exact_ties=False)
         return self._finish(self._squared_distance(queries, values[:, -1]), origin).neg()
 
-    def kneighbors(self, features, k: int | None = None):
-        """Collective: ``(distances, global indices)`` of the k nearest rows, nearest first."""
-        k = self.k if k is None else k
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.total_rows:
-            raise ValueError(f"k must be in [1, {self.total_rows}], got {k!r}")
+    @torch.no_grad()
+    def kneighbors(
+        self, features: torch.Tensor | np.ndarray, k: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Collective: ``(distances, global indices)`` of the k nearest rows, nearest first;
+        ``k`` a Python or numpy integer."""
+        k = check_k(self.k if k is None else k, self.total_rows)
         queries, origin, values, indices = self._global_top(features, k, exact_ties=True)
         return self._finish(self._squared_distance(queries, values), origin), indices.to(origin)

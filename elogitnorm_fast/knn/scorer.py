@@ -91,7 +91,7 @@ class KNNScorer:
         if bank_dtype not in _BANK_DTYPES:
             raise ValueError(f"bank_dtype must be one of {_BANK_DTYPES}, got {bank_dtype}")
         for name, value in (("query_chunk", query_chunk), ("bank_chunk", bank_chunk)):
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and not _is_positive_int(value):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         self.k = int(k)
         self.normalize = normalize
@@ -99,17 +99,21 @@ class KNNScorer:
         self.device = None if device is None else torch.device(device)
         self.bank_dtype = bank_dtype
         self.allow_tf32 = allow_tf32
-        self.query_chunk = query_chunk
-        self.bank_chunk = bank_chunk
+        self.query_chunk = None if query_chunk is None else int(query_chunk)
+        self.bank_chunk = None if bank_chunk is None else int(bank_chunk)
         self.backend = backend
         self.in_memory = in_memory
         self.progress = progress
         self.bank: Bank | None = None
 
     # ------------------------------------------------------------------ fitting
+    @torch.no_grad()
     def fit(self, bank_features: BankInput) -> KNNScorer:
         """Store the (normalised) bank. ``bank_features``: (N, D) tensor, numpy array or path
-        of a ``.npy`` file (memory-mapped, streamed in chunks). Returns ``self``."""
+        of a ``.npy`` file (memory-mapped, streamed in chunks); a tensor that requires grad is
+        read detached. Returns ``self``."""
+        if isinstance(bank_features, torch.Tensor):
+            bank_features = bank_features.detach()
         device = self.device
         if device is None:
             device = (
@@ -133,9 +137,11 @@ class KNNScorer:
             raise ValueError(f"k must be <= the number of bank rows ({num_rows}), got k={self.k}")
 
     # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
     def score(self, features: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Minus the (squared, if ``squared``) distance of each row of ``features`` (M, D) to its
-        k-th nearest bank row; float32, shape (M,), on the device ``features`` came from."""
+        k-th nearest bank row; float32, shape (M,), on the device ``features`` came from.
+        Features that require grad are read detached; the result carries no graph."""
         queries, origin = self._prepare_queries(features)
         kth = [
             self._search(batch, self.k, exact_ties=False).kth_values()
@@ -144,14 +150,14 @@ class KNNScorer:
         squared_distance = self._squared_distance(queries, torch.cat(kth))
         return self._finish(squared_distance, origin).neg()
 
+    @torch.no_grad()
     def kneighbors(
         self, features: torch.Tensor | np.ndarray, k: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(distances, indices)`` of the ``k`` (default ``self.k``) nearest bank rows, nearest
-        first (equal distances: smaller bank index first); distances squared if ``squared``."""
-        k = self.k if k is None else k
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self._bank().num_rows:
-            raise ValueError(f"k must be in [1, {self._bank().num_rows}], got {k!r}")
+        first (equal distances: smaller bank index first); distances squared if ``squared``.
+        ``k`` is a Python or numpy integer (not a bool or a float)."""
+        k = check_k(self.k if k is None else k, self._bank().num_rows)
         queries, origin = self._prepare_queries(features)
         values, indices = self._sorted_by_batch(queries, k, lambda b: self._search(b, k).sorted())
         squared_distance = self._squared_distance(queries, values)
@@ -181,7 +187,7 @@ class KNNScorer:
         if not features.is_floating_point():
             raise ValueError(f"features must be floating point, got dtype {features.dtype}")
         origin = features.device
-        queries = features.to(device=bank.device, dtype=torch.float32)
+        queries = features.detach().to(device=bank.device, dtype=torch.float32)
         check_finite(queries, "features")
         return prepare_rows(queries, self.normalize).contiguous(), origin
 
@@ -273,6 +279,19 @@ class KNNScorer:
                         torch.addmm(bias, block_queries, rows_t, out=out)
                     top.update(q_start, q_start + block_queries.shape[0], out, chunk.offset)
         return top
+
+
+def _is_positive_int(value: object) -> bool:
+    """A Python or numpy integer >= 1 (bools and integral floats are not integers here)."""
+    return not isinstance(value, bool) and isinstance(value, int | np.integer) and value >= 1
+
+
+def check_k(k: object, num_rows: int) -> int:
+    """``k`` as an int when it is a Python / numpy integer in ``[1, num_rows]``, else
+    ``ValueError`` naming the value."""
+    if not _is_positive_int(k) or k > num_rows:
+        raise ValueError(f"k must be an integer in [1, {num_rows}], got {k!r}")
+    return int(k)
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 import torch
 
 from elogitnorm_fast.scoring.logit_scores import DEFAULT_GAMMA, DEFAULT_TOP_M, logit_scores
@@ -51,9 +52,20 @@ def _model_device(model: Any) -> torch.device | None:
 class Detector:
     """Base class of all detectors: ``fit(data) -> self`` and ``score(data) -> (N,) tensor``.
 
-    **Data.** ``data`` is either one tensor or an iterable of batches (a ``DataLoader``). A batch
-    is a tensor, a tuple / list whose first element is the tensor (labels and the rest are
-    ignored), or a dict with key :attr:`input_key` (``"logits"`` or ``"features"``).
+    **Data.** ``data`` is read by one rule, from its outermost container inwards:
+
+    * a tensor or numpy array: one batch of inputs;
+    * a dict: one batch, its inputs under :attr:`input_key` (``"logits"`` or ``"features"``);
+    * a **tuple**: one batch ``(inputs, labels, ...)``, the inputs first and the rest ignored.
+      This is how a single ``(inputs, labels)`` pair is said explicitly;
+    * anything else iterable (a **list**, a ``DataLoader``, a generator): a sequence of
+      batches, every one of them used. A batch is a tensor / array, a dict as above, or a
+      tuple / list with the inputs first (a ``DataLoader`` over a ``TensorDataset`` yields
+      ``[inputs, labels]`` lists).
+
+    So ``score([batch1, batch2])`` scores both batches, ``score((inputs, labels))`` scores
+    ``inputs``, and ``score(list(loader))`` equals ``score(loader)``. A tuple whose first element
+    is not a tensor / array (e.g. a tuple of batches) raises ``TypeError`` instead of guessing.
 
     **Model.** Without a model the tensors *are* the detector's inputs: logits for the logit
     detectors, penultimate features for the shaping (and KNN) detectors. With ``model=`` (any
@@ -101,6 +113,7 @@ class Detector:
 
     # ---- data plumbing -------------------------------------------------------------------
     def _extract(self, batch: Any) -> torch.Tensor:
+        """The inputs tensor of one batch (tensor / array, dict, or tuple / list inputs-first)."""
         if isinstance(batch, dict):
             if self.input_key not in batch:
                 raise ValueError(
@@ -110,10 +123,17 @@ class Detector:
             batch = batch[self.input_key]
         elif isinstance(batch, (tuple, list)):
             if not batch:
-                raise ValueError("got an empty tuple / list batch")
+                raise ValueError(f"got an empty {type(batch).__name__} as a batch")
             batch = batch[0]
+            if not isinstance(batch, (torch.Tensor, np.ndarray)):
+                raise TypeError(
+                    "the first element of a tuple / list batch must be the inputs tensor, got "
+                    f"{type(batch).__name__}; pass several batches as a list or a loader"
+                )
+        if isinstance(batch, np.ndarray):
+            batch = torch.from_numpy(batch)
         if not isinstance(batch, torch.Tensor):
-            raise TypeError(f"batches must hold tensors, got {type(batch)}")
+            raise TypeError(f"batches must hold tensors, got {type(batch).__name__}")
         return batch
 
     def _inputs(self, batch: Any) -> torch.Tensor:
@@ -130,14 +150,16 @@ class Detector:
         return out.detach()
 
     def _batches(self, data: Any) -> Iterable[torch.Tensor]:
-        if isinstance(data, (torch.Tensor, dict)):
+        # One rule for the outermost container (see the class docstring): a tuple is one
+        # (inputs, labels, ...) batch; a list is a list of batches, never a pair.
+        if isinstance(data, (torch.Tensor, np.ndarray, dict, tuple)):
             yield self._inputs(data)
             return
-        if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
-            # (inputs, labels) given directly, not as batches
-            if len(data) <= 2 and (len(data) == 1 or data[0].shape[0] == data[1].shape[0]):
-                yield self._inputs(data)
-                return
+        if not isinstance(data, Iterable):
+            raise TypeError(
+                "data must be a tensor, an array, a dict, an (inputs, labels) tuple or an "
+                f"iterable of batches, got {type(data).__name__}"
+            )
         for batch in data:
             yield self._inputs(batch)
 
@@ -147,7 +169,11 @@ class Detector:
         return self._fitted
 
     def fit(self, data: Any = None) -> Detector:
-        """Fit ID statistics on ``data`` (tensor or loader, see the class docstring); -> self."""
+        """Fit ID statistics on ``data``; returns ``self``.
+
+        ``data``: a tensor / array, a dict, an ``(inputs, labels)`` tuple, or a list / loader /
+        iterable of batches, all of which are used (the rule is in the class docstring).
+        """
         if data is None:
             if self.requires_fit:
                 raise ValueError(f"{type(self).__name__}.fit needs ID data")
@@ -158,7 +184,10 @@ class Detector:
         return self
 
     def score(self, data: Any) -> torch.Tensor:
-        """ID confidences (N,) for ``data`` (tensor or loader): higher = more in-distribution."""
+        """ID confidences (N,) for ``data``: higher = more in-distribution.
+
+        ``data`` as in :meth:`fit`; the scores of all batches are concatenated in order.
+        """
         if not self.is_fitted:
             raise NotFittedError(
                 f"{type(self).__name__} is not fitted: call .fit(id_data) before .score()"

@@ -1,6 +1,7 @@
 """ELogitNorm's per-row scale ``s`` at test time, memory-lean (no C x C matrix).
 
-For logits ``z`` (N x C) and head weight ``W`` (C x D), per row (design.md section 2.1)::
+For logits ``z`` (N x C) and head weight ``W`` (C x D), per row (the scale of the ELogitNorm
+loss, elogitnorm_fast/reference.py)::
 
     m = argmax_j z_j (first on ties),  v = z_m
     Delta_j = max(||w_m - w_j||_2, eps) for j != m,  Delta_m = 1
@@ -8,7 +9,7 @@ For logits ``z`` (N x C) and head weight ``W`` (C x D), per row (design.md secti
 
 ``divisor`` is ``C`` (``"classes"``, the released code, default) or ``C - 1`` (``"paper"``).
 ``logits / s[:, None]`` are the normalised logits the model was trained on, usable for
-calibrated confidence (e.g. ``msp(logits / s[:, None])``).
+scoring with any logit score (e.g. ``msp(logits / s[:, None])``).
 
 Only the distance rows of the classes a chunk of rows predicts are computed, from ``W`` on the
 fly, with the same geometry as the ``torch`` loss backend
@@ -19,6 +20,7 @@ recomputed exactly), in float32 (float64 when the logits or ``W`` are float64): 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..geometry import accumulation_dtype, distance_rows, unclamped_scale
@@ -41,16 +43,23 @@ def elogitnorm_scale(
 ) -> torch.Tensor:
     """The per-row ELogitNorm scale ``s`` (N,), float32 (float64 for float64 inputs).
 
-    Example: ``s = elogitnorm_scale(logits, model.fc.weight); conf = msp(logits / s[:, None])``.
+    ``chunk_rows``: rows per chunk, a positive integer (default: about 4M logits per chunk).
+
+    Example: ``s = elogitnorm_scale(logits, model.fc.weight); z_norm = logits / s[:, None]``,
+    then score ``z_norm`` like raw logits, e.g. ``msp(z_norm)``.
     """
+    if chunk_rows is not None and (
+        isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int | np.integer)
+        or chunk_rows < 1
+    ):
+        raise ValueError(f"chunk_rows must be an integer >= 1 or None, got {chunk_rows!r}")
     check_logits(logits)
     check_weight(weight, logits)
     n_rows, n_cols = logits.shape
     div = divisor_value(n_cols, divisor)
     acc = accumulation_dtype(logits, weight)
     out = torch.empty(n_rows, dtype=acc, device=logits.device)
-    if chunk_rows is None:
-        chunk_rows = max(1, _CHUNK_ELEMENTS // n_cols)
+    chunk_rows = max(1, _CHUNK_ELEMENTS // n_cols) if chunk_rows is None else int(chunk_rows)
     refine = logits.device.type == "cpu"  # finding the entries to refine syncs elsewhere
     for start in range(0, n_rows, chunk_rows):
         z = logits[start : start + chunk_rows].detach().to(acc)

@@ -59,15 +59,23 @@ def _flat(features: torch.Tensor) -> torch.Tensor:
     return features.reshape(features.shape[0], -1)
 
 
-def percentile(values: torch.Tensor, q: float) -> float:
-    """``numpy.percentile(values, q)`` (linear interpolation) with two k-th value selections."""
+def percentile(values: torch.Tensor, q: float, name: str = "values") -> float:
+    """``numpy.percentile(values, q)`` (linear interpolation) with two k-th value selections.
+
+    ``values`` must be non-empty and finite: a NaN or inf would be sorted among the activations
+    and silently move the threshold, so it raises ``ValueError`` naming ``name`` and the count.
+    """
     q = _check_percentile(q)
     flat = values.detach().reshape(-1)
     n = flat.numel()
     if n == 0:
-        raise ValueError("cannot take a percentile of an empty tensor")
+        raise ValueError(f"{name} is empty: cannot take a percentile of no values")
     if flat.dtype in (torch.float16, torch.bfloat16):
         flat = flat.float()
+    if flat.is_floating_point() and not bool(torch.isfinite(flat).all()):
+        nan = int(torch.isnan(flat).sum())
+        kind, count = ("NaN", nan) if nan else ("inf", int(torch.isinf(flat).sum()))
+        raise ValueError(f"{name} contains {kind} ({count} of {n} values)")
     position = (n - 1) * q / 100.0
     lo = math.floor(position)
     hi = min(lo + 1, n - 1)
@@ -110,26 +118,48 @@ def ash_b(features: torch.Tensor, percentile: float = 90.0) -> torch.Tensor:
     return out.reshape(features.shape)
 
 
-def _sum_ratio(flat: torch.Tensor, pct: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    k = _kept_count(flat.shape[1], pct)
+def _sum_ratio(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``s1 / s2`` per row (s1 the row's sum, s2 that of its ``k`` largest entries), the kept
+    values and their indices. An all-zero row gets ratio 0: ``s1 / s2`` is 0 / 0 there, while
+    ``h * exp(s1 / s2)`` tends to the zero row as ``h`` tends to it (for non-negative rows the
+    ratio stays in ``[1, D / k]``), so any finite ratio gives that limit."""
     values, index = torch.topk(flat, k, dim=1)
     total = flat.sum(dim=1)
     kept = values.sum(dim=1)
-    return total / kept, values, index
+    zero_row = (flat == 0).all(dim=1)
+    ratio = torch.where(zero_row, torch.zeros_like(total), total / kept)
+    return ratio, values, index
 
 
 def ash_s(features: torch.Tensor, percentile: float = 90.0) -> torch.Tensor:
-    """ASH-S: prune like ASH-P, then multiply by ``exp(s1 / s2)`` (s1 before, s2 after)."""
+    """ASH-S: prune like ASH-P, then multiply by ``exp(s1 / s2)`` (s1 before, s2 after).
+
+    An all-zero row stays zero (the limit of the formula, which reads 0 / 0 there); a
+    ``percentile`` that keeps no entry of the row prunes everything and returns zeros.
+    """
     flat = _flat(features)
-    ratio, values, index = _sum_ratio(flat, percentile)
-    out = torch.zeros_like(flat).scatter_(1, index, values) * torch.exp(ratio)[:, None]
+    k = _kept_count(flat.shape[1], percentile)
+    if k == 0:
+        return torch.zeros_like(features)
+    ratio, values, index = _sum_ratio(flat, k)
+    out = torch.zeros_like(flat).scatter_(1, index, values * torch.exp(ratio)[:, None])
     return out.reshape(features.shape)
 
 
 def scale_features(features: torch.Tensor, percentile: float = 85.0) -> torch.Tensor:
-    """SCALE: ``h * exp(s1 / s2)`` with ASH-S's sum ratio, no pruning."""
+    """SCALE: ``h * exp(s1 / s2)`` with ASH-S's sum ratio, no pruning.
+
+    An all-zero row stays zero (the formula's limit). ``ValueError`` when ``percentile`` keeps
+    no entry of a row of ``D`` features (``s2`` would be an empty sum).
+    """
     flat = _flat(features)
-    ratio, _, _ = _sum_ratio(flat, percentile)
+    k = _kept_count(flat.shape[1], percentile)
+    if k == 0:
+        raise ValueError(
+            f"percentile={float(percentile)} keeps no activation of {flat.shape[1]} per sample "
+            "(SCALE needs at least one: lower the percentile)"
+        )
+    ratio, _, _ = _sum_ratio(flat, k)
     return (flat * torch.exp(ratio)[:, None]).reshape(features.shape)
 
 
@@ -187,10 +217,14 @@ class ReAct(_Shaping):
 
     def __init__(self, percentile: float = 90.0, threshold: float | None = None):
         super().__init__(percentile)
+        if threshold is not None and math.isnan(float(threshold)):
+            raise ValueError(f"threshold must be a number, got {threshold}")
         self.threshold = None if threshold is None else float(threshold)
 
     def fit(self, id_features: torch.Tensor) -> ReAct:
-        self.threshold = percentile(id_features, self.percentile)
+        """Set :attr:`threshold` to the ``percentile`` of all ``id_features`` (finite values,
+        ``ValueError`` naming ``id_features`` otherwise); returns ``self``."""
+        self.threshold = percentile(id_features, self.percentile, name="id_features")
         return self
 
     @property
