@@ -40,8 +40,11 @@ def test_scores_and_report_match_direct_computation(files):
         rows = list(csv.DictReader(handle))
     assert len(rows) == 40 + 30 and {r["split"] for r in rows} == {"id", "noise"}
     id_logits = torch.from_numpy(id_test) @ head["weight"].T + head["bias"]
-    written_msp = torch.tensor([float(r["msp"]) for r in rows if r["split"] == "id"])
-    torch.testing.assert_close(written_msp, id_logits.softmax(dim=1).max(dim=1).values,
+    written_msp = torch.tensor([float(r["msp"]) for r in rows if r["split"] == "id"],
+                               dtype=torch.float64)
+    # MSP is written as the log-odds of the top probability: its sigmoid is max softmax
+    torch.testing.assert_close(written_msp.sigmoid(),
+                               id_logits.double().softmax(dim=1).max(dim=1).values,
                                rtol=1e-5, atol=1e-6)
     written_energy = torch.tensor([float(r["energy"]) for r in rows if r["split"] == "id"])
     torch.testing.assert_close(written_energy, torch.logsumexp(id_logits, dim=1), rtol=1e-5,
@@ -69,12 +72,14 @@ def test_npy_format_writes_one_file_per_split_and_scorer(files):
     ood_logits = torch.from_numpy(ood) @ head["weight"].T + head["bias"]
     torch.testing.assert_close(torch.from_numpy(np.load(out / "ood_max_logit.npy")),
                                ood_logits.max(dim=1).values, rtol=1e-5, atol=1e-5)
-    # GEN (Liu et al. 2023, gamma = 0.1, M = all classes here): -sum_j p_j^g (1 - p_j)^g
+    # GEN (Liu et al. 2023, gamma = 0.1, M = all classes here) is written as -log G with
+    # G = sum_j p_j^g (1 - p_j)^g (the paper's score is -G)
     p = ood_logits.double().softmax(dim=1)
-    gen = -(p.pow(0.1) * (1 - p).pow(0.1)).sum(dim=1)
-    # fp32 (1 - p) cancels for p near 1: ~1e-4 absolute here; test_logit_scores checks precision
-    torch.testing.assert_close(torch.from_numpy(np.load(out / "ood_gen.npy")).double(), gen,
-                               rtol=1e-3, atol=2e-4)
+    # 1 - p_j as the sum of the other probabilities: float64's 1 - p cancels where p ~ 1
+    rest = torch.stack([torch.cat([p[:, :j], p[:, j + 1:]], 1).sum(1) for j in range(4)], 1)
+    g_sum = (p.pow(0.1) * rest.pow(0.1)).sum(dim=1)
+    written = torch.from_numpy(np.load(out / "ood_gen.npy")).double()
+    torch.testing.assert_close(torch.exp(-written), g_sum, rtol=1e-4, atol=1e-6)
 
 
 def test_pt_bank_scores_like_the_npy_bank(files):
@@ -99,25 +104,26 @@ def test_pt_bank_scores_like_the_npy_bank(files):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--scorers", "knnx"], "unknown scorer"),
-        (["--scorers", "knn"], "need --bank"),
-        (["--scorers", "msp"], "need --head"),
-        (["--scorers", "msp", "--head", "missing.pt"], "file not found"),
-        (["--scorers", "knn", "--bank", "BANK_WRONG"], "columns"),
+        (["--scorers", "knnx"], "--scorers: unknown scorer(s) 'knnx'"),
+        (["--scorers", "knn"], "--bank: scorer(s) knn need --bank"),
+        (["--scorers", "msp"], "--head: scorer(s) msp on features need --head"),
+        (["--scorers", "msp", "--head", "missing.pt"], "--head: file not found: 'missing.pt'"),
+        (["--scorers", "knn", "--bank", "BANK_WRONG"], "has 5 columns but the inputs have 12"),
     ],
 )
 def test_errors_are_clear(files, extra, message, capsys):
     folder, *_ = files
     np.save(folder / "wrong.npy", np.zeros((10, 5), dtype=np.float32))
     extra = [str(folder / "wrong.npy") if e == "BANK_WRONG" else e for e in extra]
-    with pytest.raises(SystemExit, match=message):
-        main(["score", "--id", str(folder / "id.npy"), "--ood", str(folder / "ood.pt"),
-              "--out", str(folder / "o"), *extra])
+    code = main(["score", "--id", str(folder / "id.npy"), "--ood", str(folder / "ood.pt"),
+                 "--out", str(folder / "o"), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and message in err, err
 
 
-def test_shape_mismatch_between_inputs_is_reported(files):
+def test_shape_mismatch_between_inputs_is_reported(files, capsys):
     folder, *_ = files
     np.save(folder / "other.npy", np.zeros((10, 5), dtype=np.float32))
-    with pytest.raises(SystemExit, match="same number of columns"):
-        main(["score", "--id", str(folder / "id.npy"), "--ood", str(folder / "other.npy"),
-              "--inputs", "logits", "--scorers", "msp", "--out", str(folder / "o")])
+    code = main(["score", "--id", str(folder / "id.npy"), "--ood", str(folder / "other.npy"),
+                 "--inputs", "logits", "--scorers", "msp", "--out", str(folder / "o")])
+    assert code == 2 and "same number of columns" in capsys.readouterr().err
