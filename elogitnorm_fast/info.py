@@ -8,6 +8,11 @@ import torch
 
 from .backends import BACKENDS, unavailable_reason
 
+INTERPRETER_NOTE = (
+    "note: TRITON_INTERPRET=1 runs the Triton kernels in a slow Python interpreter, a mode for "
+    "debugging kernels; it is not a way to train on the CPU (the cpu and torch backends are)"
+)
+
 
 def collect() -> dict:
     """Everything ``info`` prints, as a dict (also recorded in benchmark JSON)."""
@@ -22,6 +27,7 @@ def collect() -> dict:
         devices += [f"cuda:{i} ({torch.cuda.get_device_name(i)})"
                     for i in range(torch.cuda.device_count())]
     from . import __version__
+    from .extension import triton_interpreting
     from .knn.selection import native_kernels
 
     return {
@@ -35,6 +41,7 @@ def collect() -> dict:
         "knn_cpu_kernels": native_kernels(),
         "devices": devices,
         "backends": {name: unavailable_reason(name) for name in BACKENDS},
+        "triton_interpret": triton_interpreting(),
     }
 
 
@@ -45,6 +52,12 @@ def render(details: dict) -> str:
     lines.append("knn_cpu_kernels: " + (", ".join(kernels) if kernels else "none (no _C)"))
     lines.append("devices: " + ", ".join(details["devices"]))
     lines.append("backends:")
+    interpreting = details.get("triton_interpret", False)
     for name, reason in details["backends"].items():
-        lines.append(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+        state = "available" if reason is None else "unavailable: " + reason
+        if name == "triton" and reason is None and interpreting:
+            state += " (TRITON_INTERPRET=1: the slow Triton interpreter, for debugging only)"
+        lines.append(f"  {name:<10} {state}")
+    if any("TRITON_INTERPRET" in (reason or "") for reason in details["backends"].values()):
+        lines.append(INTERPRETER_NOTE)
     return "\n".join(lines)

@@ -50,8 +50,15 @@ def test_demo_smoke_run(tmp_path, capsys):
 
 
 def test_cli_demo_entry(tmp_path, capsys):
-    code = main(["demo", "--epochs", "1", "--seeds", "1", "--no-progress", "--out",
-                 str(tmp_path / "cli")])
+    out = tmp_path / "cli"
+    out.mkdir()
+    (out / "mine.txt").write_text("kept")
+    code = main(["demo", "--epochs", "1", "--seeds", "1", "--out", str(out)])
     assert code == 0
-    assert (tmp_path / "cli" / "results.json").exists()
-    assert "elogitnorm" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "elogitnorm" in captured.out
+    # stderr is not a terminal under capture: no progress bars unless --progress
+    assert captured.err == ""
+    # the three outputs replace nothing else, and no temporary file is left
+    assert sorted(p.name for p in out.iterdir()) == [
+        "demo.png", "mine.txt", "results.csv", "results.json"]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import BinaryIO
+
 import numpy as np
 
 
-def save_figure(summary: dict, scores: dict, path: str) -> None:
+def save_figure(summary: dict, scores: dict, path: str | BinaryIO) -> None:
     """Top: near/far AUROC per scorer, one bar per loss (mean, std as error bar). Bottom: the
-    first seed's energy scores of ID, near- and far-OOD test data for each loss."""
+    first seed's energy scores of ID, near- and far-OOD test data for each loss. ``path``: a
+    file name or a binary file; PNG either way."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,5 +47,5 @@ def save_figure(summary: dict, scores: dict, path: str) -> None:
             axis.hist(energy[part].numpy(), bins=bins, alpha=0.5, density=True, label=label)
         axis.set_title(f"{loss}: energy score (seed 0)")
         axis.legend(fontsize=8)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
+import io
 import json
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..cli_support import UsageError, check_device, check_output_dir, write_files
 from .data import ID_CLASSES, load_splits
 from .evaluate import SCORERS, evaluate
 from .train import LOSSES, Recipe, train_model
 
 COLUMNS = ("near/auroc", "near/fpr95", "far/auroc", "far/fpr95")
+OUTPUTS = ("results.csv", "results.json", "demo.png")
 
 
 @dataclass
@@ -31,6 +35,43 @@ class DemoConfig:
     out: str = "demo_output"
     progress: bool = True
     figure: bool = True
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def check_config(config: DemoConfig, option_prefix: str = "") -> None:
+    """Raise :class:`~elogitnorm_fast.cli_support.UsageError` (a ``ValueError``) naming the
+    first unusable field of ``config`` (prefixed by ``option_prefix``, e.g. ``"--"`` for the
+    command line) and its value; run before any training so that no run fails at its end."""
+    def name(field: str) -> str:
+        return option_prefix + field
+
+    if not _is_int(config.epochs) or config.epochs < 1:
+        raise UsageError(f"{name('epochs')}: must be an integer >= 1, got {config.epochs!r}")
+    seeds = tuple(config.seeds) if isinstance(config.seeds, tuple | list) else None
+    if not seeds or not all(_is_int(seed) and seed >= 0 for seed in seeds):
+        raise UsageError(f"{name('seeds')}: must be a non-empty sequence of integers >= 0, got "
+                         f"{config.seeds!r}")
+    losses = tuple(config.losses) if isinstance(config.losses, tuple | list) else ()
+    if not losses or any(loss not in LOSSES for loss in losses):
+        raise UsageError(f"{name('losses')}: must be a non-empty subset of {LOSSES}, got "
+                         f"{config.losses!r}")
+    device = check_device(config.device, name("device"))
+    from ..backends import BACKENDS, unavailable_reason
+
+    if config.backend != "auto":
+        if config.backend not in BACKENDS:
+            raise UsageError(f"{name('backend')}: {config.backend!r} is not a backend; choose "
+                             f"from auto, {', '.join(BACKENDS)}")
+        reason = unavailable_reason(config.backend, device)
+        if reason is not None:
+            raise UsageError(f"{name('backend')}: {config.backend!r} cannot run on {device}: "
+                             f"{reason}")
+    check_output_dir(config.out, name("out"), OUTPUTS if config.figure else OUTPUTS[:2])
+    if config.figure and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError(f"{name('figure')}: demo.png needs matplotlib (pip install matplotlib)")
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -83,35 +124,37 @@ def verdict(summary: dict) -> str:
 
 
 def _write_files(config: DemoConfig, per_seed: dict, summary: dict, scores: dict) -> list[str]:
-    os.makedirs(config.out, exist_ok=True)
-    written = []
-    path = os.path.join(config.out, "results.csv")
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
+    """results.csv, results.json (and demo.png) in ``config.out``, all or nothing."""
+    def write_csv(handle) -> None:
+        text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
+        writer = csv.writer(text)
         writer.writerow(["loss", "metric", "mean", "std", "per_seed"])
         for loss, metrics in summary.items():
             for name, (mean, std) in metrics.items():
                 values = " ".join(f"{v:.6f}" for v in per_seed[loss][name])
                 writer.writerow([loss, name, f"{mean:.6f}", f"{std:.6f}", values])
-    written.append(path)
-    path = os.path.join(config.out, "results.json")
-    with open(path, "w") as handle:
-        json.dump({"config": asdict(config), "id_classes": list(ID_CLASSES),
-                   "per_seed": per_seed,
-                   "summary": {loss: {k: {"mean": m, "std": s} for k, (m, s) in metrics.items()}
-                               for loss, metrics in summary.items()}}, handle, indent=1)
-    written.append(path)
+        text.flush()
+        text.detach()  # write_files syncs and closes the binary file
+
+    payload = json.dumps(
+        {"config": asdict(config), "id_classes": list(ID_CLASSES), "per_seed": per_seed,
+         "summary": {loss: {k: {"mean": m, "std": s} for k, (m, s) in metrics.items()}
+                     for loss, metrics in summary.items()}}, indent=1).encode("utf-8")
+    writers = {"results.csv": write_csv, "results.json": lambda handle: handle.write(payload)}
     if config.figure:
         from .figure import save_figure
 
-        path = os.path.join(config.out, "demo.png")
-        save_figure(summary, scores, path)
-        written.append(path)
-    return written
+        writers["demo.png"] = lambda handle: save_figure(summary, scores, handle)
+    return write_files(config.out, writers)
 
 
 def run_demo(config: DemoConfig) -> dict:
-    """Train every loss for every seed, evaluate, print the table, write CSV / JSON / PNG."""
+    """Train every loss for every seed, evaluate, print the table, write CSV / JSON / PNG.
+
+    ``config`` is checked first (:func:`check_config`: ``ValueError`` naming the field); the
+    files are written only when everything succeeded, replacing those of an earlier run.
+    """
+    check_config(config)
     splits = load_splits()
     recipe = Recipe(epochs=config.epochs)
     per_seed: dict[str, dict[str, list[float]]] = {}
