@@ -14,13 +14,9 @@ from .cli_support import UsageError, resolve_progress
 
 DESCRIPTION = """\
 LogitNorm / ELogitNorm losses and post-hoc OOD scoring.
-
-  demo    train cross-entropy, LogitNorm and ELogitNorm on a small dataset and score OOD data
-  score   score your own features or logits files
-  info    versions, available backends and devices
-  bench   run the benchmarks (from a source checkout)
-
 Run 'elogitnorm-fast COMMAND --help' for a command's options.
+
+Exit status: 0 success, 2 a user error (one line on stderr), 130 interrupted (Ctrl-C).
 """
 
 
