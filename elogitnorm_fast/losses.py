@@ -3,6 +3,9 @@
 Every call validates its inputs once, then dispatches to a backend
 (:mod:`elogitnorm_fast.backends`): ``triton`` / ``cuda`` on GPU, ``cpu`` (the C++ extension) on
 CPU, ``torch`` anywhere, ``reference`` for the all-pairs formula.
+
+The loss has the logits' dtype, except under autocast, where it is what ``F.cross_entropy``
+returns there: float32 for float16 / bfloat16 logits, computed in float32 from them.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import torch
 from torch import nn
 
 from .backends import check_backend_name, resolve_backend
+from .geometry import as_dtype
 from .reference import DEFAULT_EPS, DEFAULT_TAU, divisor_value
 from .validation import (
     check_compute_range,
@@ -20,6 +24,39 @@ from .validation import (
     check_target,
     check_weight,
 )
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _autocasting(device: torch.device) -> bool:
+    """Whether autocast is on for ``device``'s type (never for a type autocast does not know,
+    such as ``meta``)."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:
+        return False
+
+
+def _run(module, name: str, logits: torch.Tensor, *args, **options) -> torch.Tensor:
+    """``module.<name>(logits, *args, **options)``, the loss in the dtype this module's text states.
+
+    Under autocast the backend runs with autocast off, so that its matrix products keep the
+    precision it computes in (autocast would take them to 16 bits), and a float16 / bfloat16
+    loss becomes float32 as ``F.cross_entropy``'s: a backend that takes ``loss_dtype``
+    (``TAKES_LOSS_DTYPE``) returns its float32 accumulation directly, the others are given
+    float32 logits, which is what autocast does for ``F.cross_entropy``.
+    """
+    call = getattr(module, name)
+    if not _autocasting(logits.device):
+        return as_dtype(call(logits, *args, **options), logits.dtype)
+    loss_dtype = torch.float32 if logits.dtype in _HALF else logits.dtype
+    with torch.autocast(logits.device.type, enabled=False):
+        if loss_dtype != logits.dtype:
+            if getattr(module, "TAKES_LOSS_DTYPE", False):
+                options["loss_dtype"] = loss_dtype
+            else:
+                logits = logits.float()
+        return as_dtype(call(logits, *args, **options), loss_dtype)
 
 
 def elogitnorm_loss(
@@ -74,10 +111,8 @@ def elogitnorm_loss(
     module = resolve_backend(backend, logits.device)
     target = check_target(target, logits, ignore_index,
                           values=not getattr(module, "CHECKS_TARGET_VALUES", False))
-    return module.elogitnorm_loss(
-        logits, weight, target, reduction=reduction, ignore_index=ignore_index, eps=eps,
-        divisor=divisor_number,
-    )
+    return _run(module, "elogitnorm_loss", logits, weight, target, reduction=reduction,
+                ignore_index=ignore_index, eps=eps, divisor=divisor_number)
 
 
 def logitnorm_loss(
@@ -116,9 +151,8 @@ def logitnorm_loss(
     module = resolve_backend(backend, logits.device)
     target = check_target(target, logits, ignore_index,
                           values=not getattr(module, "CHECKS_TARGET_VALUES", False))
-    return module.logitnorm_loss(
-        logits, target, tau=tau, reduction=reduction, ignore_index=ignore_index
-    )
+    return _run(module, "logitnorm_loss", logits, target, tau=tau, reduction=reduction,
+                ignore_index=ignore_index)
 
 
 class ELogitNormLoss(nn.Module):

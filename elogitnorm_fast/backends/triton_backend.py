@@ -57,6 +57,9 @@ from ..validation import check_first_derivative
 from . import torch_backend
 
 NAME = "triton"
+#: The loss functions take ``loss_dtype``: under autocast the public API asks for a float32
+#: loss from float16 / bfloat16 logits, which the kernels accumulate in float32 anyway.
+TAKES_LOSS_DTYPE = True
 
 _HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
 # Looked up once (without importing triton): torch.compile cannot trace importlib.
@@ -305,6 +308,10 @@ def _gemm_weight_gradient(weight, rows, predicted, coefficients):
     """dW (fp32) from the coefficients by :func:`elogitnorm_fast.geometry.weight_gradient`;
     ``rows``: the forward's ``W[predicted]`` (one per sample), or None (the op path, or one row
     per class: gathered here, or ``W`` itself)."""
+    if torch.is_autocast_enabled(weight.device.type):
+        # A backward run inside an autocast region: its GEMMs would run in 16 bits.
+        with torch.autocast(weight.device.type, enabled=False):
+            return _gemm_weight_gradient(weight, rows, predicted, coefficients)
     w = as_dtype(weight, torch.float32)
     if rows is None:
         rows, per_sample = predicted_rows(w, predicted)
@@ -490,15 +497,19 @@ def elogitnorm_loss(
     eps: float,
     divisor: int,
     block_cols: int | None = None,
+    loss_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """ELogitNorm (inputs already validated); ``divisor`` is the number, C or C - 1.
 
     ``block_cols`` (a power of two) forces the kernel's column block and the GEMM-distance path
     (tests use it to exercise the streaming path at small C); None picks both from C and D.
+    ``loss_dtype``: the returned loss's dtype (None: the logits').
     """
+    out_dtype = loss_dtype or logits.dtype
     if logits.dtype == torch.float64 or weight.dtype == torch.float64:
-        return torch_backend.elogitnorm_loss(logits, weight, target, reduction=reduction,
-                                             ignore_index=ignore_index, eps=eps, divisor=divisor)
+        return as_dtype(torch_backend.elogitnorm_loss(
+            as_dtype(logits, torch.promote_types(logits.dtype, out_dtype)), weight, target,
+            reduction=reduction, ignore_index=ignore_index, eps=eps, divisor=divisor), out_dtype)
     need_logits_grad, need_weight_grad = _needs_grad(logits), _needs_grad(weight)
     inputs = (_unit_column_stride(logits), weight, target.contiguous(), ignore_index, float(eps),
               int(divisor), need_logits_grad, need_weight_grad, block_cols or 0)
@@ -512,12 +523,12 @@ def elogitnorm_loss(
                     logits.shape[1], weight.shape[1], block_cols), reduction):
             reduce = rows.REDUCE_CODES[reduction]
             if (need_logits_grad or need_weight_grad) and _native_backward(_capturing(logits)):
-                return as_dtype(_elogitnorm_through_node(inputs, reduce), logits.dtype)
+                return as_dtype(_elogitnorm_through_node(inputs, reduce), out_dtype)
         losses, *_ = _EagerELogitNorm.apply(*inputs, reduce)
         if reduce:
-            return as_dtype(losses, logits.dtype)
+            return as_dtype(losses, out_dtype)
     count = mean_count(reduction, target, ignore_index, torch.float32)
-    return as_dtype(reduce_rows(losses, reduction, count), logits.dtype)
+    return as_dtype(reduce_rows(losses, reduction, count), out_dtype)
 
 
 def logitnorm_loss(
@@ -528,8 +539,11 @@ def logitnorm_loss(
     reduction: str,
     ignore_index: int,
     block_cols: int | None = None,
+    loss_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """LogitNorm (inputs already validated); see :func:`elogitnorm_loss` for ``block_cols``."""
+    """LogitNorm (inputs already validated); see :func:`elogitnorm_loss` for ``block_cols`` and
+    ``loss_dtype``."""
+    out_dtype = loss_dtype or logits.dtype
     if logits.dtype == torch.float64:
         return torch_backend.logitnorm_loss(logits, target, tau=tau, reduction=reduction,
                                             ignore_index=ignore_index)
@@ -548,10 +562,10 @@ def logitnorm_loss(
                     reduction=reduction, write_grad=True, one_program=one_program,
                     block_cols=block_cols, write_stats=False, traced=False)
                 return as_dtype(_unit_gradient_node(loss, logits, None, grad, None, "LogitNorm"),
-                           logits.dtype)
+                                out_dtype)
             return as_dtype(_EagerReducedLogitNorm.apply(
                 logits, target, 1.0 / tau, ignore_index, reduction, write_grad, one_program,
-                block_cols or 0), logits.dtype)
+                block_cols or 0), out_dtype)
     count = mean_count(reduction, target, ignore_index, torch.float32)
     if _use_op():
         losses, _ = _logitnorm_rows(logits, target, 1.0 / tau, ignore_index, block_cols or 0)
@@ -563,4 +577,4 @@ def logitnorm_loss(
             expected = count.reciprocal() if count is not None else 1.0
         losses, _ = _EagerLogitNorm.apply(logits, target, 1.0 / tau, ignore_index,
                                           block_cols or 0, expected)
-    return as_dtype(reduce_rows(losses, reduction, count), logits.dtype)
+    return as_dtype(reduce_rows(losses, reduction, count), out_dtype)
