@@ -15,8 +15,8 @@ with one half, so ``auroc = P(s_id > s_ood) + 0.5 * P(s_id == s_ood)`` exactly.
 Scores are 1-D tensors or array-likes (numpy arrays, lists), one score per sample; anything
 else (an (N, K) array, a scalar) raises ``ValueError`` naming the argument and its shape, as do
 NaN, inf and empty inputs. Scores of dtype float16 / bfloat16 are widened to float32 (exact)
-before sorting; counts are int64 and the final ratios float64. Integer scores are accepted and
-widened to float64.
+before sorting; counts are int64 and the final ratios float64. Integer scores are compared as
+int64 (exact at any size); integer scores against float ones are compared in float64.
 
 Example::
 
@@ -66,7 +66,8 @@ def _check_scores(scores: torch.Tensor, name: str) -> torch.Tensor:
     if scores.numel() == 0:
         raise ValueError(f"{name} is empty: need at least one score on each side (ID and OOD)")
     if not scores.is_floating_point():
-        scores = scores.to(torch.float64)
+        # int64 keeps every integer distinct (float64 would merge those above 2^53)
+        scores = scores.to(torch.int64)
     elif scores.dtype in (torch.float16, torch.bfloat16):
         scores = scores.to(torch.float32)
     if not bool(torch.isfinite(scores).all()):  # one pass; details only on failure
@@ -86,8 +87,17 @@ def _check_pair(id_scores, ood_scores) -> tuple[torch.Tensor, torch.Tensor]:
             f"id_scores and ood_scores must be on one device, got {id_scores.device} and "
             f"{ood_scores.device}"
         )
-    dtype = torch.promote_types(id_scores.dtype, ood_scores.dtype)
+    if id_scores.is_floating_point() != ood_scores.is_floating_point():
+        dtype = torch.float64  # integers against floats: compare both in float64
+    else:
+        dtype = torch.promote_types(id_scores.dtype, ood_scores.dtype)
     return id_scores.to(dtype), ood_scores.to(dtype)
+
+
+def _reversed(scores: torch.Tensor) -> torch.Tensor:
+    """Scores in reversed order: ``-x`` for floats, ``~x = -x - 1`` for int64 (no overflow at
+    the smallest int64, whose negation is itself)."""
+    return scores.neg() if scores.is_floating_point() else torch.bitwise_not(scores)
 
 
 def _check_rate(value: float, name: str) -> float:
@@ -113,7 +123,7 @@ def _order_keys(scores: torch.Tensor) -> torch.Tensor:
         int_type, flip = torch.int32, 0x7FFFFFFF
     elif scores.dtype == torch.float64:
         int_type, flip = torch.int64, 0x7FFFFFFFFFFFFFFF
-    else:  # integer scores were widened to float64 by validation; keep anything else as is
+    else:  # int64 scores (validation made every integer dtype int64) are their own keys
         return scores
     bits = (scores + 0.0).view(int_type)
     return torch.where(bits < 0, bits ^ flip, bits)
@@ -255,7 +265,7 @@ def aupr_out(id_scores: torch.Tensor, ood_scores: torch.Tensor) -> float:
     Equals ``auc(recall, precision)`` of ``precision_recall_curve(y_ood, -s)``.
     """
     pos, neg = _check_pair(id_scores, ood_scores)
-    return _aupr_from_curve(*_binary_curve(-neg, -pos))
+    return _aupr_from_curve(*_binary_curve(_reversed(neg), _reversed(pos)))
 
 
 def fpr_at_tpr(
@@ -290,7 +300,7 @@ def fpr_at_tpr(
     rate = _check_rate(tpr, "tpr")
     pos, neg = _check_pair(id_scores, ood_scores)
     if convention == "openood":
-        pos, neg = -neg, -pos
+        pos, neg = _reversed(neg), _reversed(pos)
     if drop_intermediate is None:
         drop_intermediate = convention == "openood"
     if not drop_intermediate:
@@ -316,7 +326,8 @@ def ood_report(
     rate = _check_rate(tpr, "tpr")
     pos, neg = _check_pair(id_scores, ood_scores)
     tps, fps = _binary_curve(pos, neg)
-    out_tps, out_fps = _binary_curve(-neg, -pos)  # OOD positive: AUPR-Out, OpenOOD's FPR
+    # OOD positive: AUPR-Out, OpenOOD's FPR
+    out_tps, out_fps = _binary_curve(_reversed(neg), _reversed(pos))
     if convention == "classical":
         fpr = _fpr_from_curve(tps, fps, rate)
     else:
@@ -360,8 +371,9 @@ def ece(
     processed in chunks of ``chunk_rows`` (a positive integer; default about 4M elements) so no
     N x C float64 copy is built.
 
-    ``logits`` (N, C) and ``labels`` (N,) integer class indices are tensors or array-likes
-    (numpy arrays, nested lists), like the scores of the ranking metrics.
+    ``logits`` (N, C) and ``labels`` (N,) integer class indices in ``[0, C)`` are tensors or
+    array-likes (numpy arrays, nested lists), like the scores of the ranking metrics; drop
+    ignored rows (e.g. label -100) before calling.
     """
     logits = _as_tensor(logits, "logits")
     labels = _as_tensor(labels, "labels")
@@ -385,6 +397,11 @@ def ece(
     if not torch.isfinite(logits).all():
         raise ValueError("logits contains NaN or inf")
     n_rows, n_cols = logits.shape
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= n_cols:
+        # an ignore_index such as -100 would otherwise count as a wrong prediction
+        bad = low if low < 0 else high
+        raise ValueError(f"labels must be class indices in [0, {n_cols}), got {bad}")
     if chunk_rows is None:
         chunk_rows = max(1, (1 << 22) // max(n_cols, 1))
     edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64, device=logits.device)

@@ -147,3 +147,27 @@ def test_triton_ranking_matches_exact_scores_and_order_asked():
         ours = metrics.ood_report(ours_id[name], ours_ood[name])
         for key in ("auroc", "aupr_in", "aupr_out", "fpr_at_tpr"):
             assert ours[key] == pytest.approx(oracle[key], abs=1e-12), (name, key)
+
+
+if INTERPRETING:  # hypothesis drives the interpreter only in the child process
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from test_scoring_properties import NAMES, assert_scores_match, laid_out, logit_rows
+
+    @settings(max_examples=15, deadline=None)
+    @given(z=logit_rows(), wide=st.booleans(), names=st.permutations(NAMES),
+           layout=st.sampled_from(["contiguous", "transposed", "strided"]))
+    def test_triton_matches_the_exact_scores_on_extremes(z, wide, names, layout):
+        # wide: the same rows padded past one column block with -inf (masked classes), so the
+        # running merge of blocks sees every kind of row
+        from exact_scores import exact_scores
+
+        from elogitnorm_fast.scoring import logit_scores
+
+        if wide:
+            pad = torch.full((z.shape[0], 1100), float("-inf"), dtype=z.dtype)
+            z = torch.cat([pad[:, :700], z, pad[:, 700:]], dim=1)
+        logits = laid_out(z.float(), layout)
+        out = logit_scores(logits, names, backend="triton")
+        assert list(out) == list(names)
+        assert_scores_match(out, exact_scores(logits), torch.float32)

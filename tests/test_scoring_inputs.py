@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import auc, precision_recall_curve, roc_auc_score
 from torch.utils.data import DataLoader, TensorDataset
 
 from elogitnorm_fast import metrics
@@ -175,6 +176,21 @@ def test_metrics_reject_scores_that_are_not_1d(shape):
             fn(good, bad.numpy())
 
 
+def test_integer_scores_stay_distinct_beyond_float64_precision():
+    # 2^60 and 2^60 + 1 are one float64: widening them would tie ID with OOD
+    big = 2**60
+    id_scores = np.array([big + 1, big + 3, -(2**63)], dtype=np.int64)
+    ood_scores = np.array([big, big + 2, -(2**63) + 1], dtype=np.int64)
+    y = np.r_[np.ones(3), np.zeros(3)]
+    ranks = np.argsort(np.argsort(np.r_[id_scores, ood_scores]))  # exact integer order
+    expected = roc_auc_score(y, ranks)
+    assert metrics.auroc(id_scores, ood_scores) == pytest.approx(expected, abs=1e-12)
+    report = metrics.ood_report(id_scores, ood_scores)
+    p, r, _ = precision_recall_curve(1 - y, -ranks)
+    assert report["aupr_out"] == pytest.approx(auc(r, p), abs=1e-12)
+    assert metrics.aupr_out(id_scores, ood_scores) == pytest.approx(auc(r, p), abs=1e-12)
+
+
 def test_ece_accepts_array_likes_and_checks_chunk_rows():
     rng = np.random.default_rng(3)
     logits = rng.normal(size=(50, 4)) * 2
@@ -201,6 +217,10 @@ def test_ece_accepts_array_likes_and_checks_chunk_rows():
             metrics.ece(logits, labels, n_bins=bad)
     with pytest.raises(ValueError, match="labels must hold integer"):
         metrics.ece(logits, labels + 0.5)
+    for bad in (-100, 4):  # an ignore_index, a class past C
+        message = f"labels must be class indices in \\[0, 4\\), got {bad}"
+        with pytest.raises(ValueError, match=message):
+            metrics.ece(logits, np.r_[labels[:-1], bad])
 
 
 def test_react_threshold_refuses_nan_and_inf():
