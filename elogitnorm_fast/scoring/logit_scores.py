@@ -214,23 +214,41 @@ def _check_logits(logits: torch.Tensor) -> None:
 
 def _row_stats(z: torch.Tensor, inv_t: float, want_t: bool) -> tuple[torch.Tensor, ...]:
     """``(m1, m2, R, B, S_T)`` per row of ``z`` (module docstring), in ``z``'s dtype; ``m1`` is
-    NaN for a row holding a NaN."""
+    NaN for a row holding a NaN.
+
+    Rows whose two largest entries are finite take a short path (the first maximum's slot set
+    to ``-inf`` contributes ``exp(-inf) = 0``); the rest (infinite or NaN entries at the top, a
+    single class) are redone by :func:`_row_stats_exact`, which has the tie rules.
+    """
+    m1, where = z.max(dim=1, keepdim=True)  # NaN propagates
+    rest = z.scatter(1, where, float("-inf"))
+    m2 = rest.amax(dim=1, keepdim=True)
+    e = torch.exp(rest - m2)
+    r = e.sum(dim=1)
+    b = -torch.xlogy(e, e).sum(dim=1)  # sum e (m2 - z) with e log e = 0 where e = 0
+    st = torch.exp((z - m1) * inv_t).sum(dim=1) if want_t else torch.zeros_like(r)
+    special = ~(torch.isfinite(m1) & torch.isfinite(m2)).squeeze(1)
+    if bool(special.any()):
+        rows = special.nonzero().squeeze(1)
+        _, _, r[rows], b[rows], st[rows] = _row_stats_exact(z[rows], inv_t, want_t)
+    return m1.squeeze(1), m2.squeeze(1), r, b, st
+
+
+def _row_stats_exact(z: torch.Tensor, inv_t: float, want_t: bool) -> tuple[torch.Tensor, ...]:
+    """:func:`_row_stats` for any row: equal values (infinite ones too) are 0 apart, and only
+    the other entries (not the first maximum's slot) are summed."""
     neg_inf = float("-inf")
     m1, where = z.max(dim=1, keepdim=True)
-    m1 = torch.where(torch.isnan(z).any(dim=1, keepdim=True), float("nan"), m1)
-    # the other entries: every column but the first maximum
     others = torch.ones_like(z, dtype=torch.bool).scatter_(1, where, False)
     rest = z.masked_fill(~others, neg_inf)
     m2 = rest.amax(dim=1, keepdim=True)
-    # equal values (infinite ones included) are 0 apart, not NaN
     d = torch.where(rest == m2, 0.0, rest - m2)
     e = torch.where(others, torch.exp(d), 0.0)
     r = e.sum(dim=1)
     b = torch.where(e > 0, e * -d, 0.0).sum(dim=1)
     st = torch.zeros_like(r)
     if want_t:
-        d1 = torch.where(z == m1, 0.0, z - m1)
-        st = torch.exp(d1 * inv_t).sum(dim=1)
+        st = torch.exp(torch.where(z == m1, 0.0, z - m1) * inv_t).sum(dim=1)
     return m1.squeeze(1), m2.squeeze(1), r, b, st
 
 
