@@ -131,10 +131,15 @@ if not interpreter.inside():
 
 else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors ----------------
 
-    @pytest.mark.parametrize("kind", ["elogitnorm", "logitnorm"])
-    @pytest.mark.parametrize("reduction", REDUCTIONS)
-    @pytest.mark.parametrize("c", [6, 130])  # fused distances; GEMM distances and dW
-    @pytest.mark.parametrize("logits_dtype", [None, torch.float32])
+    #: (loss, reduction, C, logits dtype: None for autocast's float16). C = 6 takes the fused
+    #: distances, C = 130 the GEMM distances and weight gradient (which autocast would run in
+    #: 16 bits whatever the logits' dtype); ``none`` runs its backward inside the region.
+    TRITON_CASES = [("elogitnorm", reduction, c, dtype) for reduction in REDUCTIONS
+                    for c, dtype in ((6, None), (130, None), (130, torch.float32))] + [
+                   ("logitnorm", reduction, 6, None) for reduction in REDUCTIONS] + [
+                   ("logitnorm", "mean", 6, torch.float32)]
+
+    @pytest.mark.parametrize("kind, reduction, c, logits_dtype", TRITON_CASES)
     def test_triton_float16_autocast_gives_a_float32_loss(kind, reduction, c, logits_dtype):
         check_autocast(_call("triton", kind), kind, shape=(5, c, 8), reduction=reduction,
                        amp=torch.float16, logits_dtype=logits_dtype,

@@ -119,8 +119,10 @@ def _grad_scaler_step(backend, enabled, generator):
     return got, torch.autograd.grad(expected, (ref_logits, ref_weight))
 
 
-def check_grad_scaler(backend, generator=None):
-    for enabled in (True, False):
+def check_grad_scaler(backend, generator=None, enabled_values=(True, False)):
+    """Gradients through a GradScaler with each of ``enabled_values`` (its ``enabled``) equal the
+    float64 reference's."""
+    for enabled in enabled_values:
         got, expected = _grad_scaler_step(backend, enabled, generator)
         for grad, want in zip(got, expected, strict=True):
             torch.testing.assert_close(grad.double(), want, rtol=RTOL, atol=ATOL)
@@ -230,9 +232,9 @@ else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors -------
         check_ops(call, kind, logits, weight, target, reduction, ["/=", "*=", "+="])
 
     def test_triton_grad_scaler_with_accumulation():
-        check_grad_scaler("triton")
+        check_grad_scaler("triton", enabled_values=(True,))
 
-    @settings(max_examples=8, deadline=None)
+    @settings(max_examples=6, deadline=None)
     @given(
         path=st.sampled_from(sorted(p for p in TRITON_PATHS if "C D" not in p)),
         ops=st.lists(st.sampled_from(OPS), min_size=1, max_size=4),
