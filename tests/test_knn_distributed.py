@@ -14,6 +14,7 @@ from parity import knn_oracle_sorted
 WORKER = textwrap.dedent(
     """
     import sys
+    import numpy as np
     import torch
     import torch.distributed as dist
     from elogitnorm_fast.knn import DistributedKNNScorer
@@ -34,6 +35,14 @@ WORKER = textwrap.dedent(
     # shard=False: every rank passes the full bank and keeps its half
     scorer = DistributedKNNScorer(k=data["k"], bank_chunk=64, backend="torch")
     results["score_split"] = scorer.fit(data["bank"], shard=False).score(data["queries"])
+    # features that require grad (taken outside no_grad) and a numpy integer k
+    scale = torch.ones(data["bank"].shape[1], requires_grad=True)
+    for backend in ("auto", "torch"):
+        scorer = DistributedKNNScorer(k=data["k"], squared=True, backend=backend)
+        scorer.fit(shard * scale)
+        results[f"score_grad_{backend}"] = scorer.score(data["queries"] * scale)
+        results[f"kneighbors_k5_{backend}"] = scorer.kneighbors(data["queries"] * scale,
+                                                                k=np.int64(5))
     try:
         DistributedKNNScorer(k=10_000).fit(shard)
     except ValueError as err:
@@ -70,3 +79,11 @@ def test_two_gloo_ranks_equal_single_process(tmp_path):
         assert torch.equal(indices, expected_indices)
         torch.testing.assert_close(got["score_split"], unsquared, rtol=1e-6, atol=1e-5)
         assert "over all ranks (403)" in got["error"]
+        five_distances, five_indices = single.kneighbors(queries, k=5)
+        for backend in ("auto", "torch"):
+            scores = got[f"score_grad_{backend}"]
+            assert not scores.requires_grad
+            torch.testing.assert_close(scores, expected_scores, rtol=1e-6, atol=1e-6)
+            distances, indices = got[f"kneighbors_k5_{backend}"]
+            torch.testing.assert_close(distances, five_distances, rtol=1e-6, atol=1e-6)
+            assert torch.equal(indices, five_indices)
