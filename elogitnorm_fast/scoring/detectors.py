@@ -231,7 +231,9 @@ class LogitDetector(Detector):
 
 
 class MSPDetector(LogitDetector):
-    """Maximum softmax probability (Hendrycks & Gimpel 2017)."""
+    """Maximum softmax probability (Hendrycks & Gimpel 2017), returned as its log-odds
+    ``log(p / (1 - p))`` (:func:`~elogitnorm_fast.scoring.msp`): the same ranking, without the
+    ties of ``p`` rounding to 1 for confident samples."""
 
     score_name = "msp"
 
@@ -252,13 +254,15 @@ class EnergyDetector(LogitDetector):
 
 
 class EntropyDetector(LogitDetector):
-    """Negated softmax entropy."""
+    """Softmax entropy ``H`` as ``-log H`` (:func:`~elogitnorm_fast.scoring.entropy_score`):
+    ranks like the negated entropy."""
 
     score_name = "entropy"
 
 
 class GENDetector(LogitDetector):
-    """GEN, generalized entropy over the top-M probabilities (Liu et al. 2023)."""
+    """GEN, generalized entropy over the top-M probabilities (Liu et al. 2023), as ``-log G``
+    (:func:`~elogitnorm_fast.scoring.gen`): ranks like the paper's ``-G``."""
 
     score_name = "gen"
 
