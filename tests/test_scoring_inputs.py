@@ -17,6 +17,7 @@ from elogitnorm_fast.knn import KNNScorer
 from elogitnorm_fast.knn.selection import native_select_available
 from elogitnorm_fast.scoring import (
     SCALE,
+    ASHDetector,
     KNNDetector,
     MSPDetector,
     ReAct,
@@ -275,3 +276,26 @@ def test_elogitnorm_scale_rejects_bad_chunk_rows(bad):
         elogitnorm_scale(logits, weight, chunk_rows=bad)
     whole = elogitnorm_scale(logits, weight)
     torch.testing.assert_close(elogitnorm_scale(logits, weight, chunk_rows=np.int64(2)), whole)
+
+
+@pytest.mark.parametrize("detector", ["ash", "scale"])
+def test_shaped_energy_survives_a_factor_beyond_float32(detector):
+    # exp(s1 / s2) = exp(94) overflows float32 although the energy (about 7e34) does not: the
+    # factor multiplies the head's output in float64 instead of the float32 features
+    features = torch.full((2, 190), 0.99)
+    features[:, :2] = 1.0  # the two kept activations (percentile 98.95 keeps k = 2)
+    weight = torch.zeros(3, 190)
+    weight[:, 0], weight[:, 1] = 4e-6, -3e-6  # mixed signs: inf - inf in the float32 path
+    bias = torch.tensor([0.5, -1.0, 2.0])
+    cls = ASHDetector if detector == "ash" else SCALEDetector
+    options = {"mode": "s"} if detector == "ash" else {}
+    scores = cls(weight, bias, percentile=98.95, **options).score(features)
+    f = features.double()
+    ratio = f.sum(dim=1) / f.topk(2, dim=1).values.sum(dim=1)
+    base = f.clone()
+    if detector == "ash":
+        base[:, 2:] = 0.0
+    logits = torch.exp(ratio)[:, None] * (base @ weight.double().T) + bias.double()
+    expected = torch.logsumexp(logits, dim=1)
+    assert torch.isfinite(scores).all()
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=0.0)

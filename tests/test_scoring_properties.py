@@ -18,6 +18,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from elogitnorm_fast import metrics
 from elogitnorm_fast.knn import KNNScorer
 from elogitnorm_fast.scoring import (
+    ASH,
+    SCALE,
     KNNDetector,
     MSPDetector,
     ReActDetector,
@@ -250,8 +252,14 @@ def test_ash_s_and_scale_are_finite_and_exact_on_zero_rows(n, d, pct, zero_rows,
             continue
         shaped = fn(x, pct)
         assert torch.isfinite(shaped).all()
-        torch.testing.assert_close(shaped.double(), shaped_reference(x, pct, prune),
-                                   rtol=1e-5, atol=1e-6)
+        reference = shaped_reference(x, pct, prune)
+        torch.testing.assert_close(shaped.double(), reference, rtol=1e-5, atol=1e-6)
+        weight = torch.randn(3, d, generator=g, dtype=dtype)
+        bias = torch.randn(3, generator=g, dtype=dtype)
+        shaping = ASH(pct, "s") if prune else SCALE(pct)
+        expected = torch.logsumexp(reference @ weight.double().T + bias.double(), dim=1)
+        torch.testing.assert_close(shaping.energy(x, weight, bias).double(), expected,
+                                   rtol=1e-5, atol=1e-5)
 
 
 @FAST

@@ -131,27 +131,19 @@ def _sum_ratio(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, 
     return ratio, values, index
 
 
-def ash_s(features: torch.Tensor, percentile: float = 90.0) -> torch.Tensor:
-    """ASH-S: prune like ASH-P, then multiply by ``exp(s1 / s2)`` (s1 before, s2 after).
-
-    An all-zero row stays zero (the limit of the formula, which reads 0 / 0 there); a
-    ``percentile`` that keeps no entry of the row prunes everything and returns zeros.
-    """
+def _ash_s_parts(features: torch.Tensor, percentile: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """ASH-S as ``(pruned rows (N x D'), s1 / s2 per row)``: the shaped rows are
+    ``pruned * exp(ratio)``."""
     flat = _flat(features)
     k = _kept_count(flat.shape[1], percentile)
-    if k == 0:
-        return torch.zeros_like(features)
+    if k == 0:  # everything pruned: zero rows, whatever the factor
+        return torch.zeros_like(flat), flat.new_zeros(flat.shape[0])
     ratio, values, index = _sum_ratio(flat, k)
-    out = torch.zeros_like(flat).scatter_(1, index, values * torch.exp(ratio)[:, None])
-    return out.reshape(features.shape)
+    return torch.zeros_like(flat).scatter_(1, index, values), ratio
 
 
-def scale_features(features: torch.Tensor, percentile: float = 85.0) -> torch.Tensor:
-    """SCALE: ``h * exp(s1 / s2)`` with ASH-S's sum ratio, no pruning.
-
-    An all-zero row stays zero (the formula's limit). ``ValueError`` when ``percentile`` keeps
-    no entry of a row of ``D`` features (``s2`` would be an empty sum).
-    """
+def _scale_parts(features: torch.Tensor, percentile: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SCALE as ``(rows (N x D'), s1 / s2 per row)``; the shaped rows are ``rows * exp(ratio)``."""
     flat = _flat(features)
     k = _kept_count(flat.shape[1], percentile)
     if k == 0:
@@ -160,7 +152,48 @@ def scale_features(features: torch.Tensor, percentile: float = 85.0) -> torch.Te
             "(SCALE needs at least one: lower the percentile)"
         )
     ratio, _, _ = _sum_ratio(flat, k)
-    return (flat * torch.exp(ratio)[:, None]).reshape(features.shape)
+    return flat, ratio
+
+
+def ash_s(features: torch.Tensor, percentile: float = 90.0) -> torch.Tensor:
+    """ASH-S: prune like ASH-P, then multiply by ``exp(s1 / s2)`` (s1 before, s2 after).
+
+    An all-zero row stays zero (the limit of the formula, which reads 0 / 0 there); a
+    ``percentile`` that keeps no entry of the row prunes everything and returns zeros. The
+    factor overflows float32 for ``s1 / s2 > 88`` (only when fewer than 1/88 of non-negative
+    activations are kept); :meth:`ASH.energy` applies it to the head's output in float64.
+    """
+    pruned, ratio = _ash_s_parts(features, percentile)
+    return (pruned * torch.exp(ratio)[:, None]).reshape(features.shape)
+
+
+def scale_features(features: torch.Tensor, percentile: float = 85.0) -> torch.Tensor:
+    """SCALE: ``h * exp(s1 / s2)`` with ASH-S's sum ratio, no pruning.
+
+    An all-zero row stays zero (the formula's limit). ``ValueError`` when ``percentile`` keeps
+    no entry of a row of ``D`` features (``s2`` would be an empty sum). For factors beyond
+    float32 see :func:`ash_s`; :meth:`SCALE.energy` applies it in float64.
+    """
+    rows, ratio = _scale_parts(features, percentile)
+    return (rows * torch.exp(ratio)[:, None]).reshape(features.shape)
+
+
+def _scaled_energy(
+    rows: torch.Tensor,
+    ratio: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    temperature: float,
+) -> torch.Tensor:
+    """``shaped_energy(rows * exp(ratio)[:, None], ...)`` with the factor applied to ``W rows``
+    (N x K) in float64, so a factor beyond float32 (or an inf - inf in the GEMM) cannot turn a
+    representable energy into inf or NaN. Returns the dtype :func:`shaped_energy` would."""
+    acc = torch.float64 if torch.float64 in (rows.dtype, weight.dtype) else torch.float32
+    head = (rows.to(acc) @ weight.detach().to(acc).T).to(torch.float64)
+    logits = torch.exp(ratio.to(torch.float64))[:, None] * head
+    if bias is not None:
+        logits = logits + bias.detach().to(torch.float64)
+    return (temperature * torch.logsumexp(logits / temperature, dim=1)).to(acc)
 
 
 def shaped_energy(
@@ -251,6 +284,21 @@ class ASH(_Shaping):
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         return self.MODES[self.mode](features, self.percentile)
 
+    @torch.no_grad()
+    def energy(
+        self,
+        features: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """Energy of the shaped features under the head; ASH-S applies its factor to the
+        head's output in float64 (see :func:`ash_s`)."""
+        if self.mode != "s":
+            return super().energy(features, weight, bias, temperature)
+        return _scaled_energy(*_ash_s_parts(features, self.percentile), weight, bias,
+                              temperature)
+
     def __repr__(self) -> str:
         return f"ASH(percentile={self.percentile}, mode={self.mode!r})"
 
@@ -263,3 +311,16 @@ class SCALE(_Shaping):
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         return scale_features(features, self.percentile)
+
+    @torch.no_grad()
+    def energy(
+        self,
+        features: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """Energy of the shaped features under the head, the factor applied to the head's
+        output in float64 (see :func:`scale_features`)."""
+        return _scaled_energy(*_scale_parts(features, self.percentile), weight, bias,
+                              temperature)
