@@ -11,6 +11,10 @@ fp64 for fp64 inputs, clamped at 0):
 
 Both backends that run the math in PyTorch (``torch`` and the glue of the compiled ones) share
 these functions, so the GEMM layout and the weight-gradient formula exist once.
+
+Squared norms overflow fp32 once entries pass ~1e19, so the distances are computed from ``W``
+times a power of two (:func:`power_of_two_reciprocal` of its largest entry): exact scaling, so
+ordinary weights give bitwise the same distances, and any finite weight gives finite ones.
 """
 
 from __future__ import annotations
@@ -31,19 +35,52 @@ def as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
+def power_of_two_reciprocal(magnitude: torch.Tensor, *, at_most_one: bool = False) -> torch.Tensor:
+    """A power of two ``p`` per element of ``magnitude`` (>= 0, fp32 or fp64) with
+    ``magnitude * p`` in ``[1, 4)`` for normal numbers (below 1 for subnormals and 0).
+
+    Multiplying by ``p`` is exact, so a computation done on ``x * p`` and scaled back rounds
+    exactly as on ``x``, without overflowing. ``at_most_one``: ``p <= 1`` (only large values are
+    scaled). Read from the exponent bits (no ``frexp``, which some devices lack; no host sync):
+    ``p`` stays representable for every input, inf and NaN included (``p`` is then
+    ``2^-126`` / ``2^-1022``, and the product stays inf or NaN).
+    """
+    if magnitude.dtype == torch.float64:
+        int_dtype, mantissa_bits, exponent_mask, top = torch.int64, 52, 0x7FF, 2046
+    elif magnitude.dtype == torch.float32:
+        int_dtype, mantissa_bits, exponent_mask, top = torch.int32, 23, 0xFF, 254
+    else:
+        raise TypeError(f"magnitude must be float32 or float64, got {magnitude.dtype}")
+    exponent = (magnitude.view(int_dtype) >> mantissa_bits) & exponent_mask
+    # magnitude in [2^(e - bias), 2^(e - bias + 1)): p = 2^(bias - e) has the biased exponent
+    # top - e, kept >= 1 (a normal power of two) and <= top (2^bias, or 1 with at_most_one).
+    biased = (top - exponent).clamp(1, top // 2 if at_most_one else top)
+    return (biased << mantissa_bits).view(magnitude.dtype)
+
+
 class DistanceRows(NamedTuple):
     """Distances from the predicted classes to every class.
 
-    ``rows`` (R x D) are the weight rows the distances start from and ``row_class`` (R,) their
-    class indices; ``distances`` (R x C) holds ``||rows[r] - w_j||`` with the self-distance set to
-    1 (the released code adds the identity). ``per_sample`` says whether row ``r`` belongs to
-    sample ``r`` (R = N) or to class ``r`` (R = C).
+    ``distances`` (R x C) holds ``||w_m - w_j||`` for the class ``m = row_class[r]`` of each row,
+    with the self-distance set to 1 (the released code adds the identity). ``per_sample`` says
+    whether row ``r`` belongs to sample ``r`` (R = N) or to class ``r`` (R = C).
+
+    ``weight_scale`` (0-d) is the power of two the distances were computed at: ``weight`` is
+    ``W * weight_scale`` (in the compute dtype) and ``rows`` (R x D) its rows for ``row_class``.
+    :func:`weight_gradient` on ``weight`` and ``rows`` with coefficients divided by
+    ``weight_scale`` gives dW of the unscaled weight without overflow or underflow.
+
+    ``refined``: the (row, column) indices of the entries recomputed from the direct difference
+    (None where none were looked for); :func:`weight_gradient` takes them for the same reason.
     """
 
     rows: torch.Tensor
     row_class: torch.Tensor
     distances: torch.Tensor
     per_sample: bool
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    refined: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def for_samples(self, predicted: torch.Tensor) -> torch.Tensor:
         """The N x C distance rows of the samples' predicted classes."""
@@ -66,9 +103,12 @@ def predicted_rows(weight: torch.Tensor, predicted: torch.Tensor) -> tuple[torch
     return (weight.index_select(0, predicted) if per_sample else weight), per_sample
 
 
-#: Entries whose squared distance is below this fraction of ``|a|^2 + |b|^2`` lose most of their
-#: digits to cancellation in ``|a|^2 + |b|^2 - 2 a.b``; :func:`distance_rows` recomputes them.
-CANCELLATION_RATIO = 1e-2
+#: Entries whose squared distance is below this fraction of ``|a|^2 + |b|^2`` lose digits to
+#: cancellation in ``|a|^2 + |b|^2 - 2 a.b`` (the rounding grows by up to its inverse), and the
+#: weight gradient's GEMMs lose as many in ``c (w_m - w_j)`` formed as ``c w_m - c w_j``:
+#: :func:`distance_rows` and :func:`weight_gradient` recompute them from the difference. Rows
+#: of a trained head are far apart (few such entries); low-dimensional ones cost little.
+CANCELLATION_RATIO = 0.25
 
 
 def distance_rows(
@@ -78,10 +118,17 @@ def distance_rows(
 
     The GEMM form loses relative precision when two weight rows nearly coincide (in fp32 an
     exact duplicate comes out near ``1e-3 |w|`` instead of 0). With ``refine=True`` the few
-    entries below :data:`CANCELLATION_RATIO` are recomputed from the direct difference; finding
-    them (``nonzero``) synchronises with the device, so callers enable it on the CPU only.
+    entries below :data:`CANCELLATION_RATIO` are recomputed from the direct difference (and
+    listed in ``refined``); finding them (``nonzero``) synchronises with the device, so callers
+    enable it on the CPU only. Under torch.compile the recomputation is traced with its
+    data-dependent size (no graph break).
     """
     w = as_dtype(weight, dtype)
+    if w.numel() > 0:
+        weight_scale = power_of_two_reciprocal(w.abs().amax())
+        w = w * weight_scale
+    else:
+        weight_scale = torch.ones((), dtype=dtype, device=w.device)
     rows, per_sample = predicted_rows(w, predicted)
     row_class = predicted if per_sample else torch.arange(w.shape[0], device=w.device)
     squared_norms = (w * w).sum(dim=1)
@@ -91,18 +138,22 @@ def distance_rows(
     squared = (squared_norms.index_select(0, row_class)[:, None] + squared_norms[None, :]).addmm_(
         rows, w.t(), alpha=-2.0
     )
-    if refine and dtype != torch.float64:
+    refined = None
+    if refine:
         suspicious = squared < CANCELLATION_RATIO * (
             squared_norms.index_select(0, row_class)[:, None] + squared_norms[None, :]
         )
         suspicious.scatter_(1, row_class[:, None], False)
         row_index, column_index = suspicious.nonzero(as_tuple=True)
-        if row_index.numel() > 0:
+        # Eager: skip the empty recomputation (the usual case). Traced: no branch on the count.
+        if torch.compiler.is_compiling() or row_index.numel() > 0:
             difference = rows.index_select(0, row_index) - w.index_select(0, column_index)
             squared[row_index, column_index] = (difference * difference).sum(dim=1)
-    distances = squared.clamp_min_(0.0).sqrt_()
+        refined = (row_index, column_index)
+    # Back to the weight's units: exact, inf only where the distance itself exceeds the dtype.
+    distances = squared.clamp_min_(0.0).sqrt_().div_(weight_scale)
     distances.scatter_(1, row_class[:, None], 1.0)
-    return DistanceRows(rows, row_class, distances, per_sample)
+    return DistanceRows(rows, row_class, distances, per_sample, w, weight_scale, refined)
 
 
 def unclamped_scale(
@@ -122,8 +173,9 @@ def weight_gradient(
     coefficients: torch.Tensor,
     *,
     rows_sum_to_zero: bool = False,
+    exact: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Gradient of the loss with respect to ``W`` through the distances (design.md section 2.1).
+    """Gradient of the loss with respect to ``W`` through the distances.
 
     ``coefficients`` (N x C) holds ``c_nj = dL/dDelta_nj / Delta_nj`` for each sample ``n`` and
     class ``j``, so that ``dw_m += c_nj (w_m - w_j)`` and ``dw_j -= c_nj (w_m - w_j)``. Summed over
@@ -140,7 +192,15 @@ def weight_gradient(
     gives the same dW. ``rows_sum_to_zero`` (per sample only): the caller put minus the rest of
     the row there (the Triton kernels do for N < C), so ``rowsum(R) = 0`` and the form drops
     that term (a sum and a multiply): ``dW = colsum(R) * W - R^T W_rows - scatter_rows(R W)``.
+
+    ``exact`` (:attr:`DistanceRows.refined`, not with ``rows_sum_to_zero``): (row, column)
+    entries of ``R`` whose rows are close against their norms. The GEMMs form their terms as
+    ``c w_m - c w_j``, which cancels where ``c (w_m - w_j)`` is much smaller (and ``c`` grows as
+    ``1 / Delta^3`` there); these entries are left out of the GEMMs and added from the
+    difference instead.
     """
+    if exact is not None and rows_sum_to_zero:
+        raise ValueError("weight_gradient: exact entries would break rows_sum_to_zero")
     w = as_dtype(weight, coefficients.dtype)
     if per_sample:
         pooled = coefficients
@@ -148,12 +208,38 @@ def weight_gradient(
         pooled = torch.zeros(
             w.shape[0], w.shape[0], dtype=coefficients.dtype, device=coefficients.device
         ).index_add_(0, predicted, coefficients)
+    row_class = predicted if per_sample else None
+    if exact is not None:
+        pooled, exact_part = _split_exact(pooled, rows, w, row_class, exact)
+    if per_sample:
+        # In place on the fresh products, as in distance_rows.
+        transposed = pooled.t()
+        grad = (transposed.sum(dim=1, keepdim=True) * w).addmm_(transposed, rows, alpha=-1.0)
+        if rows_sum_to_zero:
+            grad.index_add_(0, predicted, torch.mm(pooled, w), alpha=-1.0)
+        else:
+            row_part = (pooled.sum(dim=1, keepdim=True) * rows).addmm_(pooled, w, alpha=-1.0)
+            grad.index_add_(0, predicted, row_part)
+    else:
         symmetric = pooled + pooled.t()
-        return (symmetric.sum(dim=1, keepdim=True) * w).addmm_(symmetric, w, alpha=-1.0)
-    # In place on the fresh products, as in distance_rows.
-    transposed = pooled.t()
-    grad = (transposed.sum(dim=1, keepdim=True) * w).addmm_(transposed, rows, alpha=-1.0)
-    if rows_sum_to_zero:
-        return grad.index_add_(0, predicted, torch.mm(pooled, w), alpha=-1.0)
-    row_part = (pooled.sum(dim=1, keepdim=True) * rows).addmm_(pooled, w, alpha=-1.0)
-    return grad.index_add_(0, predicted, row_part)
+        grad = (symmetric.sum(dim=1, keepdim=True) * w).addmm_(symmetric, w, alpha=-1.0)
+    if exact is not None:
+        grad = exact_part(grad)
+    return grad
+
+
+def _split_exact(pooled, rows, w, row_class, exact):
+    """``pooled`` without the ``exact`` entries, and a function adding their terms
+    ``c (w_m - w_j)`` to ``dw_m`` and ``-c (w_m - w_j)`` to ``dw_j`` from the difference
+    (``row_class``: each row's class, None where row ``r`` is class ``r``)."""
+    row_index, column_index = exact
+    picked = pooled[row_index, column_index]
+    pooled = pooled.index_put((row_index, column_index), torch.zeros_like(picked))
+
+    def add(grad: torch.Tensor) -> torch.Tensor:
+        own = row_index if row_class is None else row_class.index_select(0, row_index)
+        terms = picked[:, None] * (rows.index_select(0, row_index) - w.index_select(0,
+                                                                                   column_index))
+        return grad.index_add_(0, own, terms).index_add_(0, column_index, terms, alpha=-1.0)
+
+    return pooled, add

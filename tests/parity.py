@@ -10,7 +10,11 @@ from __future__ import annotations
 import torch
 
 import elogitnorm_fast as ef
-from elogitnorm_fast.reference import elogitnorm_reference, logitnorm_reference
+from elogitnorm_fast.reference import (
+    elogitnorm_reference,
+    elogitnorm_scale_reference,
+    logitnorm_reference,
+)
 
 REDUCTIONS = ("mean", "sum", "none")
 #: Logit patterns: gaussian, integer-valued (ties with the max), all-equal rows, a few ignored
@@ -135,6 +139,65 @@ def check_bf16_error(backend, kind, n, c, d, device="cpu"):
     for value, truth, baseline in zip((ours, *ours_grads), (exact, *exact_grads),
                                       (plain, *plain_grads), strict=True):
         assert error(value, truth) <= 2 * error(baseline, truth) + 1e-4
+
+
+def elogitnorm_oracle(logits, weight, target, reduction, grad, *, eps=1e-6, divisor="classes"):
+    """Loss and both gradients of the reference in float64 on the same input values, each row
+    shifted by its maximum first (the loss is shift invariant, so the values are the same; the
+    shift keeps ``z / s`` small, where the plain formula would lose the small margins of large
+    logits even in float64). ``grad``: the upstream gradient.
+
+    Also returns each row's term size ``|g_n| / s_n`` (N, 1): the logits gradient is a sum of
+    terms ``G_j / s`` and can cancel far below them, so a rounding error is relative to this.
+    """
+    z = logits.detach().double().requires_grad_(True)
+    w = weight.detach().double().requires_grad_(True)
+    shifted = z - z.detach().amax(dim=1, keepdim=True)
+    loss = elogitnorm_reference(shifted, w, target, reduction=reduction, eps=eps,
+                                divisor=divisor)
+    grads = torch.autograd.grad(loss, (z, w), grad.double())
+    scale = elogitnorm_scale_reference(shifted.detach(), w.detach(), eps=eps, divisor=divisor)
+    valid = target != -100
+    per_row = grad.double().expand(valid.shape) if grad.dim() == 0 and reduction == "none" \
+        else grad.double()
+    if reduction == "mean":
+        per_row = per_row / valid.sum().clamp_min(1)
+    per_row = torch.where(valid, per_row.expand(valid.shape), torch.zeros_like(scale))
+    return loss.detach(), grads[0], grads[1], (per_row.abs() / scale)[:, None]
+
+
+def logitnorm_oracle(logits, target, reduction, grad, *, tau=0.04):
+    """Loss and logits gradient of the LogitNorm reference in float64 on the same values."""
+    z = logits.detach().double().requires_grad_(True)
+    loss = logitnorm_reference(z, target, tau=tau, reduction=reduction)
+    return loss.detach(), torch.autograd.grad(loss, z, grad.double())[0]
+
+
+def assert_close_to_scale(name, actual, expected, *, rtol, floor=0.0, per_row=False,
+                          terms=None):
+    """``|actual - expected| <= rtol * (|expected| + M) + floor`` elementwise, with ``M`` the
+    largest ``|expected|`` of the tensor (of the row with ``per_row``), or ``terms`` (broadcast
+    against it) where larger: entries that are sums of larger terms are held to the size of
+    those terms, not to their own. ``floor``: an absolute allowance (the subnormal range of the
+    output dtype). NaN must match NaN."""
+    a, e = actual.detach().double(), expected.detach().double()
+    assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    finite = torch.where(e.isfinite(), e.abs(), torch.zeros_like(e))
+    if per_row and e.dim() == 2:
+        top = finite.amax(dim=1, keepdim=True) if e.shape[1] else finite
+    else:
+        top = finite.max() if e.numel() else finite
+    if terms is not None:
+        top = torch.maximum(top, torch.nan_to_num(terms.double(), posinf=0.0))
+    allowed = rtol * (e.abs() + top) + floor
+    ok = ((a - e).abs() <= allowed) | (a.isnan() & e.isnan()) | (a == e)
+    if not bool(ok.all()):
+        bad = (~ok).nonzero()[0].tolist()
+        index = tuple(bad)
+        raise AssertionError(
+            f"{name}: {int((~ok).sum())} of {ok.numel()} entries off, e.g. at {index}: "
+            f"{a[index].item()!r} against {e[index].item()!r} (allowed {allowed[index].item():.3g})"
+        )
 
 
 def knn_oracle_sorted(queries, bank, normalize=True):

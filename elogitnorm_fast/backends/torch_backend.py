@@ -2,16 +2,41 @@
 
 ELogitNorm never builds the C x C x D difference tensor of the released code: only the distance
 rows of the predicted classes (:mod:`elogitnorm_fast.geometry`), ``O(N C + C D)`` memory, and a
-closed-form backward (design.md section 2.1) that reaches both the logits and the weight.
+closed-form backward that reaches both the logits and the weight.
+
+Everything is written with the margins ``d_j = v - z_j >= 0`` (``v`` the row maximum) and the
+normalised margins ``u_j = d_j / s``, never with ``z / s``: ``logsumexp(z / s) - z_y / s`` equals
+``log sum_j exp(-u_j) + u_y``, whose terms are bounded, where ``z / s`` is huge when the margins
+are small against the logits (``3 + 1e-3 * randn``: ``z / s`` near 1e4 leaves fp32 a few bits
+of the differences that matter). Each row is first multiplied by a power of two that brings
+its largest entry below 4 (exact, :func:`elogitnorm_fast.geometry.power_of_two_reciprocal`), so
+margins and sums stay finite for every finite fp32 logit; ``eps`` is scaled with it, which keeps
+the clamp of ``s`` where it was. Gradients, with ``G = g (softmax(-u) - onehot(y))`` for the
+row's upstream gradient ``g``, ``r = 1 / s`` and ``q = sum_j G_j u_j`` (0 where ``s`` is
+clamped; ``sum_j G_j = 0``, so ``q s`` is ``-sum_j G_j z_j``)::
+
+    k_j  = [z_j < v] q r / (divisor Delta_j)
+    dz_j = r G_j - k_j + [j = m] sum_i k_i
+    c_j  = -(q / divisor) (u_j / Delta_j) / Delta_j / Delta_j   (0 where Delta_j is clamped)
+
+with ``c_j = dL/dDelta_j / Delta_j`` the weight gradient's coefficients; ``u_j / Delta_j`` is at
+most ``divisor``, so nothing there overflows either.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from ..geometry import accumulation_dtype, distance_rows, unclamped_scale, weight_gradient
+from ..geometry import (
+    accumulation_dtype,
+    as_dtype,
+    distance_rows,
+    power_of_two_reciprocal,
+    weight_gradient,
+)
 from ..reduction import reduce_rows, row_gradient_weights, valid_count
-from ..reference import logitnorm_reference
+from ..reference import LOGITNORM_NORM_EPS
 from ..validation import check_first_derivative
 
 NAME = "torch"
@@ -26,67 +51,108 @@ def _safe_target(target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, target, torch.zeros_like(target))
 
 
+def _row_scales(z: torch.Tensor) -> torch.Tensor:
+    """Per row, the power of two (<= 1) that brings the row's largest magnitude below 4."""
+    return power_of_two_reciprocal(z.abs().amax(dim=1), at_most_one=True)
+
+
+def _scaled_margins(z: torch.Tensor, predicted: torch.Tensor, row_scale: torch.Tensor):
+    """``(v - z) * row_scale`` (N x C) without forming ``v - z`` (which overflows for logits of
+    both signs near the fp32 limit), and the top values ``v`` (N, 1). Both products are exact,
+    so this rounds once, as ``v - z`` would."""
+    top = z.gather(1, predicted[:, None])
+    return torch.addcmul(top * row_scale[:, None], z, row_scale[:, None], value=-1.0), top
+
+
+def _normalise(margins: torch.Tensor, raw_scale: torch.Tensor, row_scale: torch.Tensor,
+               eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``u = d / max(s, eps)`` in place on the scaled margins, whether the clamp is active, and
+    ``1 / max(s, eps)`` in the logits' units (at most ``1 / eps``).
+
+    ``raw_scale`` is ``s`` in the row's scaled units. A clamped row divides by ``eps`` and then
+    by ``row_scale``, not by their product, which is subnormal for rows near the fp32 limit.
+    """
+    clamped = raw_scale / row_scale < eps  # s itself: exact, or inf (never clamped); NaN: no
+    divide = torch.where(clamped, torch.full_like(raw_scale, eps), raw_scale)
+    unscale = torch.where(clamped, row_scale.reciprocal(), torch.ones_like(row_scale))
+    normalised = margins.div_(divide[:, None]).mul_(unscale[:, None])
+    inverse = torch.where(clamped, torch.full_like(raw_scale, 1.0 / eps), row_scale / raw_scale)
+    return normalised, clamped, inverse
+
+
 class _ELogitNorm(torch.autograd.Function):
+    """Inputs: logits, weight, target, then the no-grad geometry (predicted classes, raw
+    distances, the scaled weight, its rows (None where they are the weight itself), its scale
+    and the refined entries: :class:`~..geometry.DistanceRows`), and the options. The geometry
+    comes in as inputs so that torch.compile traces its data-dependent refinement outside the
+    Function."""
+
     @staticmethod
-    def forward(ctx, logits, weight, target, reduction, ignore_index, eps, divisor):
-        dtype = accumulation_dtype(logits, weight)
-        z = logits.to(dtype)
-        values, predicted = z.max(dim=1)
-        # CPU: recompute near-coincident weight rows exactly (the check is a sync elsewhere).
-        geometry = distance_rows(weight, predicted, dtype, refine=weight.device.type == "cpu")
-        raw_distances = geometry.for_samples(predicted)
-        raw_scale = unclamped_scale(z, values, raw_distances, eps, divisor)
-        scale = raw_scale.clamp_min(eps)
-        scaled = z / scale[:, None]
-        log_norm = torch.logsumexp(scaled, dim=1)
+    def forward(ctx, logits, weight, target, predicted, raw_distances, scaled_weight, rows,
+                weight_scale, refined_rows, refined_columns, per_sample, reduction,
+                ignore_index, eps, divisor):
+        dtype = raw_distances.dtype
+        z = as_dtype(logits, dtype)
+        row_scale = _row_scales(z)
+        margins, _ = _scaled_margins(z, predicted, row_scale)
+        # s in the row's scaled units (margins at most 8: no overflow in the sum).
+        raw_scale = (margins / raw_distances.clamp_min(eps)).sum(dim=1) / divisor
+        normalised, _, _ = _normalise(margins, raw_scale, row_scale, eps)
+        log_norm = torch.log(torch.exp(-normalised).sum(dim=1))
         valid = target != ignore_index
         target_safe = _safe_target(target, valid)
-        picked = scaled.gather(1, target_safe[:, None])[:, 0]
-        row_losses = torch.where(valid, log_norm - picked, torch.zeros_like(log_norm))
-        ctx.save_for_backward(
-            z, weight, target_safe, valid, predicted, raw_scale, log_norm, raw_distances
-        )
-        # the weight gradient needs the rows, not the distances (C x C when N >= C)
-        ctx.rows, ctx.per_sample = geometry.rows, geometry.per_sample
-        ctx.options = (reduction, eps, divisor)
-        ctx.logits_dtype = logits.dtype
+        picked = normalised.gather(1, target_safe[:, None])[:, 0]
+        row_losses = torch.where(valid, log_norm + picked, torch.zeros_like(log_norm))
+        ctx.save_for_backward(logits, scaled_weight, rows, weight_scale, target_safe, valid,
+                              predicted, row_scale, raw_scale, log_norm, raw_distances,
+                              refined_rows, refined_columns)
+        ctx.options = (reduction, eps, divisor, per_sample)
+        ctx.weight_dtype = weight.dtype
         count = valid_count(valid, dtype) if reduction == "mean" else None
         return reduce_rows(row_losses, reduction, count).to(logits.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
         check_first_derivative(NAME, "ELogitNorm")
-        z, weight, target, valid, predicted, raw_scale, log_norm, raw_distances = ctx.saved_tensors
-        reduction, eps, divisor = ctx.options
-        dtype = z.dtype
+        (logits, scaled_weight, rows, weight_scale, target, valid, predicted, row_scale,
+         raw_scale, log_norm, raw_distances, refined_rows, refined_columns) = ctx.saved_tensors
+        reduction, eps, divisor, per_sample = ctx.options
+        dtype = raw_distances.dtype
+        z = as_dtype(logits, dtype)
         g = row_gradient_weights(grad_output, valid, reduction, dtype)
-        scale = raw_scale.clamp_min(eps)
-        # G_j = g (p_j - [j = y]), p = softmax(z / s).
-        grad_scaled = torch.exp(z / scale[:, None] - log_norm[:, None]) * g[:, None]
+        margins, top = _scaled_margins(z, predicted, row_scale)
+        normalised, clamped, inverse_scale = _normalise(margins, raw_scale, row_scale, eps)
+        # G_j = g (p_j - [j = y]), p = softmax(-u) = softmax(z / s).
+        grad_scaled = torch.exp(-normalised - log_norm[:, None]) * g[:, None]
         grad_scaled.scatter_add_(1, target[:, None], -g[:, None])
-        grad_logits = grad_scaled / scale[:, None]
-        # ds = -(sum_j G_j z_j) / s^2, zero where the clamp s >= eps is active.
-        grad_scale = -(grad_scaled * z).sum(dim=1) / (scale * scale)
-        grad_scale = torch.where(raw_scale >= eps, grad_scale, torch.zeros_like(grad_scale))
+        grad_logits = grad_scaled * inverse_scale[:, None]
+        # q = sum_j G_j u_j, so ds = q / s; zero where the clamp s >= eps is active. u beyond
+        # the dtype (inf) has p = 0: kept finite so that 0 * u stays 0.
+        normalised.clamp_max_(torch.finfo(dtype).max)
+        dot = (grad_scaled * normalised).sum(dim=1)
+        dot = torch.where(clamped, torch.zeros_like(dot), dot)
         distances = raw_distances.clamp_min(eps)
-        values = z.gather(1, predicted[:, None])
-        margins = values - z
-        # Through s = (1/divisor) sum_j (v - z_j) / Delta_j, for z_j strictly below the max.
-        per_class = grad_scale[:, None] / (divisor * distances)
-        per_class = torch.where(margins > 0, per_class, torch.zeros_like(per_class))
+        # Through s = (1/divisor) sum_j (v - z_j) / Delta_j, for z_j strictly below the max
+        # (compared unscaled: a tiny margin may round to 0 once scaled).
+        below = z < top
+        per_class = (dot * inverse_scale / divisor)[:, None] / distances
+        per_class = torch.where(below, per_class, torch.zeros_like(per_class))
         grad_logits = grad_logits - per_class
         grad_logits.scatter_add_(1, predicted[:, None], per_class.sum(dim=1, keepdim=True))
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            # c_j = ds * (-(v - z_j) / (divisor Delta_j^2)) / Delta_j, zero where Delta is clamped.
-            coefficients = -per_class * margins / (distances * distances)
+            # c_j / weight_scale for the GEMMs on the scaled weight (geometry.DistanceRows);
+            # u_j / Delta_j <= divisor, so each step stays in range.
+            coefficients = (normalised / distances).div_(distances).div_(
+                distances * weight_scale).mul_((-dot / divisor)[:, None])
             coefficients = torch.where(
-                raw_distances >= eps, coefficients, torch.zeros_like(coefficients)
+                below & (raw_distances >= eps), coefficients, torch.zeros_like(coefficients)
             )
-            grad_weight = weight_gradient(weight, ctx.rows, ctx.per_sample, predicted,
-                                          coefficients)
-            grad_weight = grad_weight.to(weight.dtype)
-        return grad_logits.to(ctx.logits_dtype), grad_weight, None, None, None, None, None
+            rows = scaled_weight if rows is None else rows
+            exact = None if refined_rows is None else (refined_rows, refined_columns)
+            grad_weight = weight_gradient(scaled_weight, rows, per_sample, predicted,
+                                          coefficients, exact=exact).to(ctx.weight_dtype)
+        return (grad_logits.to(logits.dtype), grad_weight) + (None,) * 13
 
 
 def elogitnorm_loss(
@@ -100,7 +166,18 @@ def elogitnorm_loss(
     divisor: int,
 ) -> torch.Tensor:
     """ELogitNorm (inputs already validated); ``divisor`` is the number, C or C - 1."""
-    return _ELogitNorm.apply(logits, weight, target, reduction, ignore_index, eps, divisor)
+    dtype = accumulation_dtype(logits, weight)
+    with torch.no_grad():
+        predicted = logits.argmax(dim=1)  # first index on ties, as torch.max
+        # CPU: recompute near-coincident weight rows exactly (the check is a sync elsewhere).
+        geometry = distance_rows(weight.detach(), predicted, dtype,
+                                 refine=weight.device.type == "cpu")
+    return _ELogitNorm.apply(
+        logits, weight, target, predicted, geometry.for_samples(predicted), geometry.weight,
+        geometry.rows if geometry.per_sample else None,  # else the weight itself: not twice
+        geometry.weight_scale, *(geometry.refined or (None, None)), geometry.per_sample,
+        reduction, ignore_index, eps, divisor,
+    )
 
 
 def logitnorm_loss(
@@ -111,9 +188,17 @@ def logitnorm_loss(
     reduction: str,
     ignore_index: int,
 ) -> torch.Tensor:
-    """LogitNorm with fp32 (or fp64) accumulation: the reference formula (one row-wise norm,
-    no all-pairs term to avoid) on widened logits; autograd gives the closed-form gradient."""
-    z = logits.to(accumulation_dtype(logits))
-    loss = logitnorm_reference(z, target, tau=tau, reduction=reduction,
-                               ignore_index=ignore_index)
+    """LogitNorm with fp32 (or fp64) accumulation; autograd gives the closed-form gradient.
+
+    The reference formula on rows multiplied by a power of two that brings their largest entry
+    below 4 (the norm's ``1e-7`` scaled with it): the same value, without the overflow of
+    ``||z||^2`` past ~1e19 in fp32 (the loss is scale invariant up to that ``1e-7``).
+    """
+    z = as_dtype(logits, accumulation_dtype(logits))
+    with torch.no_grad():
+        row_scale = _row_scales(z)[:, None]
+    z = z * row_scale
+    norms = torch.linalg.vector_norm(z, dim=1, keepdim=True) + LOGITNORM_NORM_EPS * row_scale
+    loss = F.cross_entropy(z / (norms * tau), target, reduction=reduction,
+                           ignore_index=ignore_index)
     return loss.to(logits.dtype)
