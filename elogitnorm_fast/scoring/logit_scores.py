@@ -3,9 +3,9 @@
 For logits ``z`` (N x C) with ``p = softmax(z)``, ``top`` the first index of the row maximum
 and ``o = sum_{j != top} exp(z_j - z_top)`` (so ``p_top = 1 / (1 + o)``):
 
-* ``msp``        the **log-odds of the maximum softmax probability**,
-                 ``log(p_top / (1 - p_top)) = -log(o)`` (Hendrycks & Gimpel 2017 rank by
-                 ``p_top``). It is a strictly increasing function of ``p_top``, so AUROC, AUPR
+* ``msp``        the **log-odds of the maximum softmax probability** (Hendrycks & Gimpel
+                 2017), ``log(p_top / (1 - p_top)) = -log(o)``. It is a strictly
+                 increasing function of ``p_top``, so AUROC, AUPR
                  and FPR@TPR equal those of the max softmax probability, and it stays resolved
                  where ``p_top`` rounds to 1 (float32 does so from a margin of about 17, float64
                  from about 37; confident models reach that on most ID samples). The probability
@@ -22,8 +22,8 @@ and ``o = sum_{j != top} exp(z_j - z_top)`` (so ``p_top = 1 / (1 + o)``):
                  not saturate at 0 for confident rows.
 
 The three bounded scores are returned in these log forms because their natural values round
-to their bound for confident models (in float32, 322 of 325 ID samples of one trained network
-had ``p_top == 1.0``), which turns distinct samples into ties and changes the metrics.
+to their bound for confident models (``p_top == 1.0`` in float32 for most ID samples of a
+well-trained network), which turns distinct samples into ties and changes the metrics.
 
 How: one pass per row keeps the maximum ``m1``, the largest of the other entries ``m2`` (a
 tie for the maximum makes ``m2 = m1``), ``R = sum_{j != top} exp(z_j - m2)`` (``>= 1``),
