@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     with open(log_path, "w") as log:
         if args.device == "cpu":
             files = sorted(BENCHMARKS.glob("bench_*.py"))
-            for path in tqdm(files, desc="benchmarks (cpu)", unit="file"):
+            for path in progress_bar(files, show=None, large=True, desc="benchmarks (cpu)"):
                 json_path = out / f"{path.stem.removeprefix('bench_')}_cpu.json"
                 code = _run([sys.executable, "-m", "pytest", str(path), "-q", "-p",
                              "no:cacheprovider", f"--benchmark-json={json_path}"], env, log)
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             scripts = sorted(BENCHMARKS.glob("gpu_*.py"))
             scripts = [s for s in scripts if s.name != "gpu_summary.py"]
-            for path in tqdm(scripts, desc="benchmarks (cuda)", unit="script"):
+            for path in progress_bar(scripts, show=None, large=True, desc="benchmarks (cuda)"):
                 command = [sys.executable, str(path), "--out", str(out)]
                 code = _run(command + (["--quick"] if args.quick else []), env, log)
                 if code != 0:

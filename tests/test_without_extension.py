@@ -37,7 +37,9 @@ SCRIPT = textwrap.dedent(
                                elogitnorm_reference(logits, weight, target))
     scores = scoring.logit_scores(logits.float(), ("msp", "energy"))
     torch.testing.assert_close(scores["energy"], torch.logsumexp(logits.float(), dim=1))
-    torch.testing.assert_close(scores["msp"], logits.float().softmax(dim=1).amax(dim=1))
+    # msp is the log-odds of the top class: its sigmoid is the maximum softmax probability.
+    torch.testing.assert_close(torch.sigmoid(scores["msp"]),
+                               logits.float().softmax(dim=1).amax(dim=1))
     bank, queries = torch.randn(20, 3), torch.randn(4, 3)
     knn = scoring.KNNScorer(k=2).fit(bank)
     normalize = torch.nn.functional.normalize

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+
+from ..progress import progress_bar
 
 BankInput = torch.Tensor | np.ndarray | str | os.PathLike
 
@@ -265,8 +266,8 @@ class Bank:
         half_sq = torch.empty(num_rows, dtype=torch.float32, device=device)
         all_unit = torch.ones((), dtype=torch.bool, device=device)
         starts = range(0, num_rows, chunk_rows)
-        show = progress if progress is not None else len(starts) > 8
-        for start in tqdm(starts, desc="KNN bank", unit="chunk", disable=not show):
+        for start in progress_bar(starts, show=progress, large=len(starts) > 8, desc="KNN bank",
+                                  unit="chunk"):
             end = min(start + chunk_rows, num_rows)
             rows = read_rows(source, start, end, device)
             check_finite(rows, "bank_features", start)

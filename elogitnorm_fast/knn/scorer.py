@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from .bank import Bank, BankInput, as_array_like, check_finite, prepare_rows
 from .selection import RunningTopK, native_select_available, slot_width
 
@@ -64,7 +64,7 @@ class KNNScorer:
             block, any device) or ``"auto"``.
         in_memory: keep the prepared bank in memory (default). ``False`` with a ``.npy`` path
             keeps it on disk and streams it in chunks for every ``score`` call.
-        progress: tqdm bars for long runs (``None``: only when the work is large).
+        progress: progress bars (needs tqdm; ``None``: only for large work on a terminal).
 
     Usage: ``scores = KNNScorer(k=50).fit(train_features).score(test_features)``.
     """
@@ -110,7 +110,7 @@ class KNNScorer:
     @torch.no_grad()
     def fit(self, bank_features: BankInput) -> KNNScorer:
         """Store the (normalised) bank. ``bank_features``: (N, D) tensor, numpy array or path
-        of a ``.npy`` file (memory-mapped, streamed in chunks); a tensor that requires grad is
+        of a ``.npy`` file (read in chunks, never held whole); a tensor that requires grad is
         read detached. Returns ``self``."""
         if isinstance(bank_features, torch.Tensor):
             bank_features = bank_features.detach()
@@ -255,11 +255,11 @@ class KNNScorer:
             buffer = torch.empty((query_chunk, bank_chunk), dtype=compute_dtype,
                                  device=bank.device)
         work = num_queries * bank.num_rows * bank.dim
-        show = self.progress if self.progress is not None else work >= 2**40
         chunks = bank.chunks(bank_chunk)
         total = -(-bank.num_rows // bank_chunk)
         with _tf32(bank.device, self.allow_tf32):
-            for chunk in tqdm(chunks, total=total, desc="KNN search", disable=not show):
+            for chunk in progress_bar(chunks, show=self.progress, large=work >= 2**40,
+                                      total=total, desc="KNN search"):
                 if top.native:  # GEMM tiles and selection fused in C++
                     bias = None
                     if chunk.half_sq_norms is not None:
