@@ -17,6 +17,13 @@ from pathlib import Path
 
 from .progress import progress_bar
 
+DESCRIPTION = (
+    "Run the benchmark matrix from a source checkout and render its tables and plot. CPU: every "
+    "benchmarks/bench_*.py through pytest-benchmark, one JSON per file; CUDA: every "
+    "benchmarks/gpu_*.py script. A full-size run writes benchmarks/results/ and renders "
+    "docs/performance.md; --quick (or --out) writes and renders elsewhere, so it never replaces "
+    "full-size results."
+)
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 
@@ -39,7 +46,8 @@ def destinations(quick: bool, out: str | None) -> tuple[Path, Path]:
 
 def run(args: argparse.Namespace) -> int:
     if not BENCHMARKS.is_dir():
-        raise SystemExit(f"error: bench runs from a source checkout; {BENCHMARKS} not found")
+        print(f"error: bench runs from a source checkout; {BENCHMARKS} not found", file=sys.stderr)
+        return 2
     out, report = destinations(args.quick, args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, ELOGITNORM_BENCH_SIZE="quick" if args.quick else "full",
@@ -75,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(commands) -> None:
     parser = commands.add_parser("bench", help="run the benchmarks, render tables and plot",
-                                 description=__doc__)
+                                 description=DESCRIPTION)
     parser.add_argument("--quick", action="store_true",
                         help="fewer rows for scorer / metric benchmarks (< 10 min on 2 cores)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
