@@ -16,7 +16,7 @@
 #include "first_derivative.h"
 
 TORCH_LIBRARY_FRAGMENT(elogitnorm_fast, m) {
-  // Returns `loss` (a view of it); its backward gives `logits` the gradient
+  // Returns `loss` itself as the node's output (not a view); its backward gives `logits` the gradient
   // `logits_grad * g` and `weight` the gradient `(weight_grad * g).to(weight.dtype)`, where
   // g is the loss's upstream gradient (`loss` must be 0-d). An absent gradient gives none.
   // `backend` and `loss_name` name the refusal of create_graph=True.
@@ -47,7 +47,10 @@ class UnitGradientNode : public torch::autograd::Function<UnitGradientNode> {
     }
     ctx->saved_data["backend"] = std::string(backend);
     ctx->saved_data["loss_name"] = std::string(loss_name);
-    return loss;  // returned input: autograd makes it a view carrying this node
+    // Marked as modified, the input comes back as this node's output itself; a returned input
+    // would otherwise be a view, on which autograd refuses in-place ops (`loss /= steps`).
+    ctx->mark_dirty({loss});
+    return loss;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
