@@ -40,3 +40,13 @@ def test_bars_only_when_asked_or_large_on_a_terminal():
     assert progress_bar(items, show=False, large=True) is items
     shown = progress_bar(items, show=True, large=False, file=io.StringIO())
     assert shown is not items and list(shown) == items
+
+
+def test_import_without_triton_prints_nothing():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import elogitnorm_fast, elogitnorm_fast.scoring, elogitnorm_fast.knn\n"
+            "assert 'triton' not in elogitnorm_fast.available_backends()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (done.stdout, done.stderr) == ("", "")

@@ -75,7 +75,8 @@ def unavailable_reason(device: torch.device | None) -> str | None:
     if device is None:
         if torch.cuda.is_available() or triton_interpreting():
             return None
-        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)"
+        return ("no CUDA device (TRITON_INTERPRET=1 runs the kernels on CPU tensors in Triton's "
+                "slow debugging interpreter, for tests only)")
     if device.type == "cuda":
         return None if torch.cuda.is_available() else "torch cannot reach a CUDA device"
     if device.type == "cpu" and triton_interpreting():
@@ -402,7 +403,9 @@ class _EagerELogitNorm(torch.autograd.Function):
     backward = staticmethod(_elogitnorm_backward)
 
 
-if _HAS_TRITON_OP:
+# Registered only where triton is installed: without it the backend is unavailable, and torch
+# logs a warning for each triton_op defined.
+if _HAS_TRITON_OP and _HAS_TRITON:
     from torch.library import triton_op
 
     @triton_op("elogitnorm_fast::triton_logitnorm_rows", mutates_args=())
