@@ -51,6 +51,11 @@ def test_no_grad_and_errors():
         elogitnorm_scale(logits, torch.randn(4, 2))
     with pytest.raises(ValueError, match="2-D"):
         elogitnorm_scale(torch.randn(3), weight)
+    # eps that is 0 (or not a number) in the dtype the scale computes in is refused, named.
+    for eps in (0.0, -1.0, float("nan"), float("inf"), 1e-50):
+        with pytest.raises(ValueError, match=r"eps .*" + repr(eps).replace("+", r"\+")):
+            elogitnorm_scale(logits, weight, eps=eps)
+    assert torch.isfinite(elogitnorm_scale(logits.double(), weight, eps=1e-50)).all()
 
 
 def test_near_duplicate_weight_rows_stay_exact_in_float32():

@@ -25,7 +25,7 @@ import torch
 
 from ..geometry import accumulation_dtype, distance_rows, unclamped_scale
 from ..reference import DEFAULT_EPS, divisor_value
-from ..validation import check_logits, check_weight
+from ..validation import check_compute_range, check_logits, check_positive, check_weight
 
 __all__ = ["elogitnorm_scale"]
 
@@ -55,6 +55,8 @@ def elogitnorm_scale(
         raise ValueError(f"chunk_rows must be an integer >= 1 or None, got {chunk_rows!r}")
     check_logits(logits)
     check_weight(weight, logits)
+    check_positive("eps", eps)
+    check_compute_range("eps", eps, logits, weight)
     n_rows, n_cols = logits.shape
     div = divisor_value(n_cols, divisor)
     acc = accumulation_dtype(logits, weight)
