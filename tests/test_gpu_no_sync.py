@@ -1,4 +1,4 @@
-"""No host synchronisation in an eager loss step on a CUDA device (design.md section 3).
+"""No host synchronisation in an eager loss step on a CUDA device.
 
 A training step that synchronises with the device (``.item()``, a data-dependent shape, a copy
 to the host) stalls the host until the GPU drains, and the host can no longer run ahead of the
