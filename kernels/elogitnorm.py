@@ -1,18 +1,27 @@
 """Triton kernel for ELogitNorm: per block of rows, loss, logits gradient and distance coefficients.
 
-ELogitNorm (Ding et al., CVPR 2026, https://arxiv.org/abs/2504.11434; design.md section 2.1),
-per row ``z`` (C,) with predicted class ``m`` (first argmax), ``v = z_m`` and the distance row
-``Delta_j = max(||w_m - w_j||, eps)`` (``Delta_m = 1``)::
+ELogitNorm (Ding et al., CVPR 2026, https://arxiv.org/abs/2504.11434), per row ``z`` (C,)
+with predicted class ``m`` (first argmax), ``v = z_m``, the margins ``d_j = v - z_j >= 0`` and
+the distance row ``Delta_j = max(||w_m - w_j||, eps)`` (``Delta_m = 1``)::
 
-    s = max((1 / divisor) sum_j (v - z_j) / Delta_j, eps)
-    loss = log(sum_j exp((z_j - v) / s)) + (v - z_y) / s
+    s = max((1 / divisor) sum_j d_j / Delta_j, eps),   u_j = d_j / s
+    loss = log(sum_j exp(-u_j)) + u_y
 
 Gradient for an upstream gradient of 1 (the backward rescales rows; everything is linear in it),
-with ``p = softmax(z / s)``, ``G = p - onehot(y)``, ``ds = -(G . z) / s^2`` (0 while the clamp on
-``s`` is active), ``k_j = ds / (divisor Delta_j)`` and ``T = {j : z_j < v}``::
+with ``p = softmax(-u) = softmax(z / s)``, ``G = p - onehot(y)``, ``q = sum_j G_j u_j`` (so
+``ds = q / s``; 0 while the clamp on ``s`` is active), ``k_j = q / (s divisor Delta_j)`` and
+``T = {j : z_j < v}``::
 
     dz_j = G_j / s - [j in T] k_j + [j = m] sum_{i in T} k_i
-    c_j  = -[j in T] k_j (v - z_j) / Delta_j^2      (0 where the clamp on Delta_j is active)
+    c_j  = -[j in T] (q / divisor) (u_j / Delta_j) / Delta_j / Delta_j   (0 where Delta_j is
+           clamped)
+
+Nothing here forms ``z / s`` or ``s^2``: ``u_j <= divisor Delta_j``, and ``1 / s <= 1 / eps``.
+Each row's margins are taken at a power of two (:func:`.rows._row_scale` of the row's largest
+magnitude; ``s`` and the clamp in the same units), exact, so they and their sums stay finite for
+every finite fp32 logit; a clamped row divides by ``eps`` and then by that power (their product
+can be subnormal). Distances too large for fp32 squares (``|w| > ~1e19``) are recomputed from
+halved differences at a power of two (:func:`_scaled_distances`).
 
 ``c`` feeds the two weight-gradient GEMMs (:func:`elogitnorm_fast.geometry.weight_gradient`).
 Its entry at the predicted class multiplies ``w_m - w_m = 0`` there. Where those GEMMs take one
@@ -21,10 +30,11 @@ the rows of ``c`` sum to zero, and the GEMMs skip the term ``(sum_j c_j) w_m``
 (``rows_sum_to_zero=True``), two torch ops and an N x D pass fewer, for about twice the
 rounding error in dW (fp32: relative 4e-7 against 2e-7 at N = 64, C = 1000). With one row per
 class (N >= C) the entry stays 0: the pooled form would only gain that rounding.
-The max of ``z / s`` is ``v / s``, known before the row is read, so no online max is needed.
-Rows with ``C <= BLOCK`` are read once; longer rows stream over column blocks (pass 1: the
-scale; pass 2: the exponential sums; pass 3: gradient and coefficients). int64 offsets, fp32
-arithmetic. Imported lazily (needs triton).
+The max of ``z / s`` is ``v / s`` (``u_m = 0``), known before the row is read, so no online
+max is needed. Rows with ``C <= BLOCK`` are read once; longer rows stream over column blocks
+(pass 1: the scale, the row's power of two updated as larger entries arrive; pass 2: the
+exponential sums; pass 3: gradient and coefficients). int64 offsets, fp32 arithmetic. Imported
+lazily (needs triton).
 
 GEMM path (:func:`elogitnorm_rows`): the host runs only the argmax, one GEMM of raw inner
 products ``w_m . w_j`` (one row per sample for N < C, one per class otherwise) and the row
@@ -59,7 +69,9 @@ import triton.language as tl
 from ..geometry import one_row_per_sample
 from .rows import (
     COUNT_BLOCK,
+    FLOAT32_MAX,
     _program_rows,
+    _row_scale,
     _row_targets,
     _row_weight,
     cdiv,
@@ -85,9 +97,10 @@ def _distance_tile(inner_base, cols, col_mask, mask, predicted, row_squared, nor
     ``|a|^2 + |b|^2 - 2 a.b`` (``row_squared`` = ``|w_m|^2``, ``norms_ptr`` the norms ``|w_j|``,
     squared here), clamped at 0 (NaN kept). In fp32 that form has an absolute error near
     ``eps_32 * (|a|^2 + |b|^2)``, so (near-)duplicate weight rows would get distances of ~1e-3
-    instead of ~0: entries whose squared value is below
-    :data:`elogitnorm_fast.geometry.CANCELLATION_RATIO` of ``|a|^2 + |b|^2`` are recomputed
-    from the difference; tiles without one (the normal case) skip the loop.
+    instead of ~0: entries whose squared value is below 1e-2 of ``|a|^2 + |b|^2`` (the torch
+    backend's CPU path uses :data:`elogitnorm_fast.geometry.CANCELLATION_RATIO`) are recomputed
+    from the difference, as are entries whose ``|a|^2 + |b|^2`` overflowed (``|w| > ~1e19``);
+    tiles without one (the normal case) skip the loop.
     """
     inner = tl.load(inner_base + cols[None, :], mask=mask, other=0.0)
     col_norm = tl.load(norms_ptr + cols, mask=col_mask, other=0.0)
@@ -95,34 +108,88 @@ def _distance_tile(inner_base, cols, col_mask, mask, predicted, row_squared, nor
     norm_sum = row_squared[:, None] + col_squared[None, :]
     squared = norm_sum - 2.0 * inner
     lanes = mask & (cols[None, :] != predicted[:, None])
-    suspect = lanes & (squared < 1e-2 * norm_sum)
+    # Also where |w|^2 overflowed (norms or inner products of |w| > ~1e19), or is NaN.
+    suspect = lanes & ((squared < 1e-2 * norm_sum) | ~(norm_sum <= FLOAT32_MAX))
     distance = tl.where(lanes, tl.sqrt(tl.where(squared < 0.0, 0.0, squared)), 1.0)
     if tl.max(suspect.to(tl.int32)) > 0:
-        exact = tl.zeros(squared.shape, dtype=tl.float32)
-        for k in range(0, n_features):
-            a = tl.load(weight_ptr + predicted * weight_stride + k * weight_col_stride)
-            b = tl.load(weight_ptr + cols[None, :] * weight_stride + k * weight_col_stride,
-                        mask=suspect, other=0.0)
-            diff = a.to(tl.float32)[:, None] - b.to(tl.float32)
-            exact += diff * diff
-        distance = tl.where(suspect, tl.sqrt(exact), distance)
+        exact = _scaled_distances(
+            weight_ptr + (predicted[:, None] * weight_stride + 0 * cols[None, :]),
+            weight_ptr + (0 * predicted[:, None] + cols[None, :] * weight_stride),
+            weight_col_stride, n_features, suspect)
+        distance = tl.where(suspect, exact, distance)
     return distance
 
 
 @triton.jit
-def _elogitnorm_tiles(z, raw_distance, cols, mask, value, predicted, target, scale, log_sum,
-                      k_scale, below_sum, eps):
-    """Gradient and coefficient tiles of one column block (see the module docstring)."""
+def _scaled_distances(row_base, col_base, col_stride, n_features, lanes):
+    """``||a - b||`` per lane from the halved differences ``a / 2 - b / 2`` (exact halving, so
+    no overflow even for entries of opposite sign near the fp32 limit), summed as squares at the
+    power of two of their largest magnitude (:func:`.rows._row_scale`): two passes over the
+    features, one load a lane per feature; a lane's NaN or inf comes out NaN or inf."""
+    largest = tl.zeros(lanes.shape, dtype=tl.float32)
+    for k in range(0, n_features):
+        half = _half_difference(row_base, col_base, col_stride, k, lanes)
+        largest = tl.where(tl.abs(half) > largest, tl.abs(half), largest)
+        largest = tl.where(half != half, half, largest)  # keep NaN (tl.maximum may drop it)
+    scale = _row_scale(largest)
+    squares = tl.zeros(lanes.shape, dtype=tl.float32)
+    for k in range(0, n_features):
+        half = _half_difference(row_base, col_base, col_stride, k, lanes) * scale
+        squares += half * half
+    return 2.0 * (tl.sqrt(squares) / scale)
+
+
+@triton.jit
+def _half_difference(row_base, col_base, col_stride, k, lanes):
+    a = tl.load(row_base + k * col_stride, mask=lanes, other=0.0).to(tl.float32)
+    b = tl.load(col_base + k * col_stride, mask=lanes, other=0.0).to(tl.float32)
+    return 0.5 * a - 0.5 * b
+
+
+@triton.jit
+def _scaled_margins(z, mask, value, row_scale):
+    """``(v - z) * row_scale`` (0 on masked lanes) without forming ``v - z``: both products are
+    exact, so it rounds once, as ``v - z`` would, and cannot overflow."""
+    return tl.where(mask, value[:, None] * row_scale[:, None] - z * row_scale[:, None], 0.0)
+
+
+@triton.jit
+def _normalisation(raw_scale, row_scale, eps):
+    """From ``s`` in the row's scaled units: whether the clamp is active, the divisor and the
+    factor that give ``u = d / max(s, eps)`` from the scaled margins ``d``
+    (:func:`_normalised`), and ``1 / max(s, eps)`` in the logits' units. NaN: not clamped."""
+    clamped = raw_scale / row_scale < eps  # s itself: exact, or inf (never clamped)
+    divide = tl.where(clamped, eps, raw_scale)
+    unscale = tl.where(clamped, 1.0 / row_scale, 1.0)
+    inverse = tl.where(clamped, 1.0 / eps, row_scale / raw_scale)
+    return clamped, divide, unscale, inverse
+
+
+@triton.jit
+def _normalised(margin, divide, unscale):
+    """``u = d / max(s, eps)`` from the scaled margins (see :func:`_normalisation`)."""
+    return margin / divide[:, None] * unscale[:, None]
+
+
+@triton.jit
+def _elogitnorm_tiles(z, margin, raw_distance, cols, mask, value, predicted, target, divide,
+                      unscale, inverse, log_sum, k_scale, coefficient_scale, below_sum, eps):
+    """Gradient and coefficient tiles of one column block (see the module docstring): ``k_scale``
+    is ``q / (s divisor)``, ``coefficient_scale`` ``-q / divisor`` (0 on clamped or ignored
+    rows)."""
     distance = _clamped(raw_distance, eps)
-    p = tl.exp((z - value[:, None]) / scale[:, None] - log_sum[:, None])
+    normalised = _normalised(margin, divide, unscale)
+    p = tl.exp(-normalised - log_sum[:, None])
     onehot = (cols[None, :] == target[:, None]).to(tl.float32)
     below = mask & (z < value[:, None])
     k = tl.where(below, k_scale[:, None] / distance, 0.0)
     is_predicted = cols[None, :] == predicted[:, None]
-    grad = (p - onehot) / scale[:, None] - k
+    grad = (p - onehot) * inverse[:, None] - k
     grad += tl.where(is_predicted, (k_scale * below_sum)[:, None], 0.0)
-    margin = value[:, None] - z
-    coefficients = tl.where(raw_distance >= eps, -k * margin / (distance * distance), 0.0)
+    # u / Delta <= divisor; u held finite so that a zero coefficient scale stays 0.
+    ratio = tl.minimum(normalised, FLOAT32_MAX) / distance
+    coefficients = tl.where(below & (raw_distance >= eps),
+                            coefficient_scale[:, None] * ratio / distance / distance, 0.0)
     return grad, coefficients
 
 
@@ -135,27 +202,29 @@ def _single_block(z, raw_distance, cols, mask, value, predicted, target, z_targe
     stay 0, the loss's are 0 x inf = NaN for an all-ignored mean). ``raw_distance`` is the
     unclamped distance tile (1 on the predicted class and on masked lanes). ``FOLD``: the
     predicted class's coefficient is minus the rest of the row (module docstring)."""
-    # Scale s = max(sum_j (v - z_j) / Delta_j / divisor, eps), and sum_{j in T} 1 / Delta_j.
+    # The row's power of two, the scaled margins, s and sum_{j in T} 1 / Delta_j.
+    row_scale = _row_scale(tl.max(tl.where(mask, tl.abs(z), 0.0), axis=1))
+    margin = _scaled_margins(z, mask, value, row_scale)
     distance = _clamped(raw_distance, eps)
-    margin_sum = tl.sum(tl.where(mask, (value[:, None] - z) / distance, 0.0), axis=1)
+    margin_sum = tl.sum(margin / distance, axis=1)
     below_sum = tl.sum(tl.where(mask & (z < value[:, None]), 1.0 / distance, 0.0), axis=1)
-    raw_scale = margin_sum * inv_divisor
-    scale = _clamped(raw_scale, eps)
-    # sum_j exp((z_j - v) / s) and sum_j exp(...) (z_j - v); the max of z / s is v / s.
-    e = tl.where(mask, tl.exp((z - value[:, None]) / scale[:, None]), 0.0)
+    clamped, divide, unscale, inverse = _normalisation(margin_sum * inv_divisor, row_scale, eps)
+    # sum_j exp(-u_j) and sum_j exp(-u_j) u_j; the max of -u is u_m = 0.
+    normalised = _normalised(margin, divide, unscale)
+    e = tl.where(mask, tl.exp(-normalised), 0.0)
     exp_sum = tl.sum(e, axis=1)
-    exp_dot = tl.sum(e * tl.where(mask, z - value[:, None], 0.0), axis=1)
     log_sum = tl.log(exp_sum)
-    loss = tl.where(valid, log_sum + (value - z_target) / scale, 0.0) * row_weight
+    target_normalised = (value * row_scale - z_target * row_scale) / divide * unscale
+    loss = tl.where(valid, log_sum + target_normalised, 0.0) * row_weight
     grad = z
     coefficients = z
     if WANT_TILES:
-        # ds = -(G . z) / s^2 with G . z = sum_j p_j (z_j - v) - (z_y - v); 0 on an active clamp.
-        dot = exp_dot / exp_sum - (z_target - value)
-        grad_scale = tl.where((raw_scale >= eps) & valid, -dot / (scale * scale), 0.0)
-        grad, coefficients = _elogitnorm_tiles(z, raw_distance, cols, mask, value, predicted,
-                                               target, scale, log_sum, grad_scale * inv_divisor,
-                                               below_sum, eps)
+        # q = sum_j p_j u_j - u_y; ds = q / s; 0 on an active clamp or an ignored row.
+        exp_dot = tl.sum(e * tl.minimum(normalised, FLOAT32_MAX), axis=1)
+        q = tl.where(valid & ~clamped, exp_dot / exp_sum - target_normalised, 0.0)
+        grad, coefficients = _elogitnorm_tiles(
+            z, margin, raw_distance, cols, mask, value, predicted, target, divide, unscale,
+            inverse, log_sum, q * inverse * inv_divisor, -q * inv_divisor, below_sum, eps)
         grad = tl.where(valid[:, None], grad * row_weight, 0.0)
         coefficients = tl.where(valid[:, None], coefficients * row_weight, 0.0)
         if FOLD:  # minus the row's sum at the predicted class (module docstring)
@@ -238,53 +307,55 @@ def _elogitnorm_kernel(
         if WRITE_COEFFICIENTS:
             tl.store(coefficient_base + cols[None, :], coefficients, mask=mask)
     else:
-        # 2. Scale s = max(sum_j (v - z_j) / Delta_j / divisor, eps), sum_{j in T} 1 / Delta_j,
-        #    and, where coefficients are written per sample, sum_{j in T, unclamped}
-        #    (v - z_j) / Delta_j^3 (the coefficients' sum is -k_scale times it: the predicted
-        #    class's coefficient, folded).
+        # 2. s = sum_j d_j / Delta_j / divisor in the row's scaled units, and sum_{j in T}
+        #    1 / Delta_j. The row's power of two starts at |v| and shrinks as larger entries
+        #    arrive; the sum shrinks with it (exactly).
+        largest = tl.abs(value)
+        row_scale = _row_scale(largest)
         margin_sum = tl.zeros([ROWS], dtype=tl.float32)
         below_sum = tl.zeros([ROWS], dtype=tl.float32)
-        cubic_sum = tl.zeros([ROWS], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
             block_cols = start + cols
             col_mask = block_cols < n_cols
             mask = row_mask[:, None] & col_mask[None, :]
             zb = tl.load(row_base + block_cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            db = _distance_tile(inner_base, block_cols, col_mask, mask, predicted, row_squared,
-                                norms_ptr, weight_ptr, weight_stride, weight_col_stride,
-                                n_features)
-            unclamped = db >= eps
-            db = _clamped(db, eps)
-            margin = value[:, None] - zb
-            below = mask & (zb < value[:, None])
-            margin_sum += tl.sum(tl.where(mask, margin / db, 0.0), axis=1)
-            below_sum += tl.sum(tl.where(below, 1.0 / db, 0.0), axis=1)
-            if PER_SAMPLE and WRITE_COEFFICIENTS:
-                cubic_sum += tl.sum(tl.where(below & unclamped, margin / (db * db * db), 0.0),
-                                    axis=1)
-        raw_scale = margin_sum * inv_divisor
-        scale = _clamped(raw_scale, eps)
+            db = _clamped(_distance_tile(inner_base, block_cols, col_mask, mask, predicted,
+                                         row_squared, norms_ptr, weight_ptr, weight_stride,
+                                         weight_col_stride, n_features), eps)
+            block_largest = tl.max(tl.where(mask, tl.abs(zb), 0.0), axis=1)
+            largest = tl.where(block_largest > largest, block_largest, largest)
+            new_scale = _row_scale(largest)
+            shrink = new_scale / row_scale  # a power of two <= 1
+            row_scale = new_scale
+            margin = _scaled_margins(zb, mask, value, row_scale)
+            margin_sum = margin_sum * shrink + tl.sum(margin / db, axis=1)
+            below_sum += tl.sum(tl.where(mask & (zb < value[:, None]), 1.0 / db, 0.0), axis=1)
+        clamped, divide, unscale, inverse = _normalisation(margin_sum * inv_divisor, row_scale,
+                                                           eps)
 
-        # 3. sum_j exp((z_j - v) / s) and sum_j exp(...) (z_j - v); the max of z / s is v / s.
+        # 3. sum_j exp(-u_j) and sum_j exp(-u_j) u_j; the max of -u is u_m = 0.
         exp_sum = tl.zeros([ROWS], dtype=tl.float32)
         exp_dot = tl.zeros([ROWS], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
             block_cols = start + cols
             mask = row_mask[:, None] & (block_cols[None, :] < n_cols)
             zb = tl.load(row_base + block_cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            e = tl.where(mask, tl.exp((zb - value[:, None]) / scale[:, None]), 0.0)
+            normalised = _normalised(_scaled_margins(zb, mask, value, row_scale), divide,
+                                     unscale)
+            e = tl.where(mask, tl.exp(-normalised), 0.0)
             exp_sum += tl.sum(e, axis=1)
-            exp_dot += tl.sum(e * tl.where(mask, zb - value[:, None], 0.0), axis=1)
+            exp_dot += tl.sum(e * tl.minimum(normalised, FLOAT32_MAX), axis=1)
         log_sum = tl.log(exp_sum)
-        loss = log_sum + (value - z_target) / scale
+        target_normalised = (value * row_scale - z_target * row_scale) / divide * unscale
+        loss = log_sum + target_normalised
         tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0) * row_weight, mask=row_mask)
 
-        # 4. ds = -(G . z) / s^2 with G . z = sum_j p_j (z_j - v) - (z_y - v); 0 on an active
-        # clamp.
+        # 4. q = sum_j p_j u_j - u_y, ds = q / s; 0 on an active clamp or an ignored row.
         if WRITE_GRAD or WRITE_COEFFICIENTS:
-            dot = exp_dot / exp_sum - (z_target - value)
-            grad_scale = tl.where((raw_scale >= eps) & valid, -dot / (scale * scale), 0.0)
-            k_scale = grad_scale * inv_divisor
+            q = tl.where(valid & ~clamped, exp_dot / exp_sum - target_normalised, 0.0)
+            k_scale = q * inverse * inv_divisor
+            coefficient_scale = -q * inv_divisor
+            row_sum = tl.zeros([ROWS], dtype=tl.float32)
             for start in range(0, n_cols, BLOCK):
                 block_cols = start + cols
                 col_mask = block_cols < n_cols
@@ -294,19 +365,24 @@ def _elogitnorm_kernel(
                 db = _distance_tile(inner_base, block_cols, col_mask, mask, predicted,
                                     row_squared, norms_ptr, weight_ptr, weight_stride,
                                     weight_col_stride, n_features)
-                grad, coefficients = _elogitnorm_tiles(zb, db, block_cols, mask, value,
-                                                       predicted, target, scale, log_sum,
-                                                       k_scale, below_sum, eps)
+                grad, coefficients = _elogitnorm_tiles(
+                    zb, _scaled_margins(zb, mask, value, row_scale), db, block_cols, mask, value,
+                    predicted, target, divide, unscale, inverse, log_sum, k_scale,
+                    coefficient_scale, below_sum, eps)
                 if WRITE_GRAD:
                     grad = tl.where(valid[:, None], grad * row_weight, 0.0)
                     tl.store(grad_base + block_cols[None, :],
                              grad.to(grad_ptr.dtype.element_ty), mask=mask)
                 if WRITE_COEFFICIENTS:
-                    if PER_SAMPLE:
-                        coefficients = tl.where(block_cols[None, :] == predicted[:, None],
-                                                (k_scale * cubic_sum)[:, None], coefficients)
                     coefficients = tl.where(valid[:, None], coefficients * row_weight, 0.0)
+                    if PER_SAMPLE:  # the predicted class's entry is stored after the loop
+                        row_sum += tl.sum(coefficients, axis=1)
+                        mask = mask & (block_cols[None, :] != predicted[:, None])
                     tl.store(coefficient_base + block_cols[None, :], coefficients, mask=mask)
+            if WRITE_COEFFICIENTS and PER_SAMPLE:
+                # Minus the rest of the row (module docstring): the sum of what was stored.
+                tl.store(coefficient_ptr + rows * coefficient_stride + predicted, -row_sum,
+                         mask=row_mask)
 
 
 #: The fused small-C kernel (:func:`elogitnorm_rows_fused`) computes each row's distances from
@@ -482,6 +558,14 @@ def _elogitnorm_fused_kernel(
     raw_distance = _direct_distances(weight_ptr, weight_stride, weight_col_stride, n_features,
                                      predicted, cols, row_mask, col_mask, ROWS, BLOCK, FEATURES,
                                      DEFERRED)
+    # Squares past fp32 (|w| > ~1e19) overflowed: those lanes again, from scaled differences.
+    overflow = mask & ~(raw_distance <= FLOAT32_MAX)
+    if tl.max(overflow.to(tl.int32)) > 0:
+        exact = _scaled_distances(
+            weight_ptr + (predicted[:, None] * weight_stride + 0 * cols[None, :]),
+            weight_ptr + (0 * predicted[:, None] + cols[None, :].to(tl.int64) * weight_stride),
+            weight_col_stride, n_features, overflow)
+        raw_distance = tl.where(overflow, exact, raw_distance)
     # Delta_m = 1 (the released code adds the identity); masked lanes 1, as in _distance_tile.
     raw_distance = tl.where(mask & (cols[None, :] != predicted[:, None]), raw_distance, 1.0)
     loss, grad, coefficients = _single_block(

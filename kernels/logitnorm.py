@@ -6,13 +6,21 @@ LogitNorm (Wei et al., ICML 2022, https://arxiv.org/abs/2205.09310), per row ``z
     loss = logsumexp(a z) - a z_y = log(sum_j exp(a (z_j - max z))) + a (max z - z_y)
     dloss/dz_k = a (p_k - [k = y]) - a (sum_j p_j z_j - z_y) z_k / ((r + 1e-7) r)
 
-with ``p = softmax(a z)`` (design.md section 2.2; the second term is 0 at ``z = 0``).
+with ``p = softmax(a z)`` (the second term is 0 at ``z = 0``).
 
-The forward writes the loss and four numbers per row (``a``, the coupling
-``a (G . z) / ((r + 1e-7) r)``, ``log sum_j exp(a (z_j - max z))`` and ``max z``), and the backward
-recomputes the gradient from the logits and those, times the row's upstream gradient, in one
-elementwise pass: logits read twice, gradient written once. (A caller that only rescales the
-forward's gradient, the C++ node, asks for no statistics: ``write_stats=False``.)
+``||z||^2`` overflows fp32 past ``|z| ~ 1e19``, and the coupling ``a (G . z) / ((r + 1e-7) r)``
+(of size ``1 / |z|^2``) underflows there, so each row is taken at a power of two
+(:func:`.rows._row_scale` of its largest magnitude, ``rho``; exact): with ``z' = rho z``,
+``r' = ||z'||`` and ``b = 1 / (tau (r' + 1e-7 rho))`` (so ``a = rho b`` and ``a z = b z'``),
+the loss is ``log sum_j exp(b (z'_j - max z')) + b (max z' - z'_y)`` and the gradient
+``rho (b (p - onehot) - c' z')`` with ``c' = b (G . z') / ((r' + 1e-7 rho) r')``, every factor
+in range for any finite logit; rows below 1 are not scaled (``rho = 1``: the formulas above).
+
+The forward writes the loss and five numbers per row (``b``, ``c'``,
+``log sum_j exp(b (z'_j - max z'))``, ``max z'`` and ``rho``), and the backward recomputes the
+gradient from the logits and those, times the row's upstream gradient, in one elementwise pass:
+logits read twice, gradient written once. (A caller that only rescales the forward's gradient,
+the C++ node, asks for no statistics: ``write_stats=False``.)
 
 The backward learns the upstream gradient late, but the reduction makes it predictable: 1 per
 valid row for ``sum``, ``1 / count`` for ``mean``. Given that expected value, a forward whose rows
@@ -30,7 +38,8 @@ larger ones take a block of rows per program, each program counting all N target
 its rows' shares, and one sum adds them up (deterministic: no atomics).
 
 In the forward, rows with ``C <= BLOCK`` are loaded once and kept on chip; longer rows stream over
-column blocks (pass 1: norm and max; pass 2: the exponential sums) and leave the gradient to the
+column blocks (pass 1: norm and max, the row's power of two updated as larger entries arrive;
+pass 2: the exponential sums) and leave the gradient to the
 backward (writing it in the forward would read them a third time there instead). The backward
 tiles rows and columns independently; where it mostly checks and stops (the forward wrote the
 gradient), one program takes several column tiles of the same rows
@@ -60,6 +69,7 @@ from .rows import (
     COUNTED_TARGETS,
     REDUCE_CODES,
     _program_rows,
+    _row_scale,
     _row_targets,
     _row_upstream,
     _row_weight,
@@ -75,13 +85,19 @@ from .rows import (
     upstream_stride,
 )
 
+#: Row statistics the forward writes for the backward, after the expected upstream gradient:
+#: ``b``, ``c'``, the log of the exponential sum, ``max z'`` and ``rho`` (module docstring).
+STATS_PER_ROW = 5
+
 
 @triton.jit
-def _logitnorm_grad_tile(z, cols, target, scale, coupling, log_norm_sum, zmax):
-    """Gradient tile: ``a (p - onehot) - coupling z`` with ``p = exp(a (z - max)) / sum``."""
+def _logitnorm_grad_tile(z, cols, target, scale, coupling, log_norm_sum, zmax, row_scale):
+    """Gradient tile ``rho (b (p - onehot) - c' z')`` with ``z' = rho z`` and
+    ``p = exp(b (z' - max z')) / sum`` (``scale`` is ``b``, ``zmax`` is ``max z'``)."""
+    z = z * row_scale[:, None]
     p = tl.exp(scale[:, None] * (z - zmax[:, None]) - log_norm_sum[:, None])
     onehot = (cols[None, :] == target[:, None]).to(tl.float32)
-    return scale[:, None] * (p - onehot) - coupling[:, None] * z
+    return row_scale[:, None] * (scale[:, None] * (p - onehot) - coupling[:, None] * z)
 
 
 @triton.jit
@@ -165,26 +181,39 @@ def _logitnorm_block(rows, logits_ptr, logits_stride, target_ptr, stats_ptr, gra
     z_target = tl.load(logits_ptr + rows * logits_stride + target, mask=in_range,
                        other=float("nan")).to(tl.float32)
 
-    # 2. Norm and max.
+    # 2. Norm and max of z' = rho z (module docstring).
     if SINGLE:
         mask = row_mask[:, None] & (cols[None, :] < n_cols)
         z = tl.load(row_base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        row_scale = _row_scale(tl.max(tl.where(mask, tl.abs(z), 0.0), axis=1))
+        z = z * row_scale[:, None]
         sum_squares = tl.sum(z * z, axis=1)
         zmax = tl.max(tl.where(mask, z, float("-inf")), axis=1)
     else:
+        # rho shrinks as larger entries arrive, and the sum of squares by its square (exact).
+        largest = tl.zeros([ROWS], dtype=tl.float32)
+        row_scale = tl.full([ROWS], 1.0, dtype=tl.float32)
         sum_squares = tl.zeros([ROWS], dtype=tl.float32)
         zmax = tl.full([ROWS], float("-inf"), dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
             block_cols = start + cols
             mask = row_mask[:, None] & (block_cols[None, :] < n_cols)
             zb = tl.load(row_base + block_cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            sum_squares += tl.sum(zb * zb, axis=1)
-            zmax = tl.maximum(zmax, tl.max(tl.where(mask, zb, float("-inf")), axis=1))
+            block_largest = tl.max(tl.where(mask, tl.abs(zb), 0.0), axis=1)
+            largest = tl.where(block_largest > largest, block_largest, largest)
+            new_scale = _row_scale(largest)
+            shrink = new_scale / row_scale
+            row_scale = new_scale
+            zb = zb * row_scale[:, None]
+            sum_squares = sum_squares * (shrink * shrink) + tl.sum(zb * zb, axis=1)
+            zmax = tl.maximum(zmax * shrink, tl.max(tl.where(mask, zb, float("-inf")), axis=1))
     # A NaN anywhere in the row makes the norm, hence everything below, NaN.
     norm = tl.sqrt(sum_squares)
-    scale = inv_tau / (norm + 1e-7)
+    norm_eps = 1e-7 * row_scale
+    scale = inv_tau / (norm + norm_eps)
+    z_target = z_target * row_scale
 
-    # 3. sum_j exp(a (z_j - max)) and sum_j exp(...) (z_j - max).
+    # 3. sum_j exp(b (z'_j - max)) and sum_j exp(...) (z'_j - max).
     if SINGLE:
         e = tl.where(mask, tl.exp(scale[:, None] * (z - zmax[:, None])), 0.0)
         exp_sum = tl.sum(e, axis=1)
@@ -196,22 +225,24 @@ def _logitnorm_block(rows, logits_ptr, logits_stride, target_ptr, stats_ptr, gra
             block_cols = start + cols
             mask = row_mask[:, None] & (block_cols[None, :] < n_cols)
             zb = tl.load(row_base + block_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            zb = zb * row_scale[:, None]
             e = tl.where(mask, tl.exp(scale[:, None] * (zb - zmax[:, None])), 0.0)
             exp_sum += tl.sum(e, axis=1)
             exp_dot += tl.sum(e * tl.where(mask, zb - zmax[:, None], 0.0), axis=1)
     log_sum = tl.log(exp_sum)
     loss = tl.where(valid, log_sum + scale * (zmax - z_target), 0.0)
 
-    # 4. What the backward needs besides z: G.z = sum_j p_j z_j - z_y (shifted by max z).
+    # 4. What the backward needs besides z: G.z' = sum_j p_j z'_j - z'_y (shifted by max z').
     dot = exp_dot / exp_sum - (z_target - zmax)
     safe_norm = tl.where(norm > 0, norm, 1.0)
-    coupling = tl.where(norm > 0, scale * dot / ((norm + 1e-7) * safe_norm), 0.0)
+    coupling = tl.where(norm > 0, scale * dot / ((norm + norm_eps) * safe_norm), 0.0)
     coupling = tl.where(valid, coupling, 0.0)
     if WRITE_STATS:
         tl.store(stats_ptr + 1 + rows, scale, mask=row_mask)
         tl.store(stats_ptr + 1 + n_rows + rows, coupling, mask=row_mask)
         tl.store(stats_ptr + 1 + 2 * n_rows + rows, log_sum, mask=row_mask)
         tl.store(stats_ptr + 1 + 3 * n_rows + rows, zmax, mask=row_mask)
+        tl.store(stats_ptr + 1 + 4 * n_rows + rows, row_scale, mask=row_mask)
 
     # 5. Rows on chip: the gradient for the upstream gradient g the backward expects (the same
     #    arithmetic as the backward's recompute). The row is read again (from cache: it was
@@ -219,7 +250,7 @@ def _logitnorm_block(rows, logits_ptr, logits_stride, target_ptr, stats_ptr, gra
     #    at C = 32768 (ptxas, sm_90); reloaded, as much as no write.
     if WRITE_GRAD:
         z = tl.load(row_base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        grad = _logitnorm_grad_tile(z, cols, target, scale, coupling, log_sum, zmax)
+        grad = _logitnorm_grad_tile(z, cols, target, scale, coupling, log_sum, zmax, row_scale)
         grad = tl.where(valid[:, None], g * grad, 0.0)
         tl.store(grad_ptr + rows[:, None] * n_cols + cols[None, :],
                  grad.to(grad_ptr.dtype.element_ty), mask=mask)
@@ -297,9 +328,10 @@ def _logitnorm_backward_tile(logits_ptr, logits_stride, stats_ptr, grad_ptr, row
     coupling = tl.load(stats_ptr + 1 + n_rows + rows, mask=row_mask, other=0.0)
     log_sum = tl.load(stats_ptr + 1 + 2 * n_rows + rows, mask=row_mask, other=0.0)
     zmax = tl.load(stats_ptr + 1 + 3 * n_rows + rows, mask=row_mask, other=0.0)
+    row_scale = tl.load(stats_ptr + 1 + 4 * n_rows + rows, mask=row_mask, other=1.0)
     z = tl.load(logits_ptr + rows[:, None] * logits_stride + cols[None, :], mask=mask,
                 other=0.0).to(tl.float32)
-    grad = _logitnorm_grad_tile(z, cols, target, scale, coupling, log_sum, zmax)
+    grad = _logitnorm_grad_tile(z, cols, target, scale, coupling, log_sum, zmax, row_scale)
     grad = tl.where(valid[:, None], g[:, None] * grad, 0.0)
     tl.store(grad_ptr + rows[:, None] * n_cols + cols[None, :],
              grad.to(grad_ptr.dtype.element_ty), mask=mask)
@@ -323,7 +355,7 @@ def logitnorm_rows(
     expected_upstream: torch.Tensor | float | None = None,
     traced: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Per-row LogitNorm losses (fp32, 0 on ignored rows), the (4 N + 1,) fp32 row statistics
+    """Per-row LogitNorm losses (fp32, 0 on ignored rows), the (5 N + 1,) fp32 row statistics
     :func:`logitnorm_backward_rows` needs (``stats[0]``: the expected upstream gradient, 1 where
     none is given), and the gradient for ``expected_upstream`` or None.
 
@@ -414,7 +446,7 @@ def _launch_forward(logits, target, loss, inv_tau, ignore_index, config, reduce,
     ``write_grad`` asks for it), the statistics (None) only with ``write_stats``."""
     n_rows, n_cols = logits.shape
     write_grad = write_grad and bool(config["SINGLE"])
-    stats = (torch.empty(4 * n_rows + 1, dtype=torch.float32, device=logits.device)
+    stats = (torch.empty(STATS_PER_ROW * n_rows + 1, dtype=torch.float32, device=logits.device)
              if write_stats else None)
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if write_grad else None
     if n_rows == 0:

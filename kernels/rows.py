@@ -111,6 +111,22 @@ def unused_pointer(tensor: torch.Tensor, traced: bool) -> torch.Tensor:
     return tensor.new_empty(1) if traced else tensor
 
 
+#: Largest finite fp32 value: normalised margins beyond it (inf) are held here so that
+#: ``0 * u`` stays 0 where a probability underflowed.
+FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
+
+
+@triton.jit
+def _row_scale(magnitude):
+    """A power of two ``p <= 1`` per element of the fp32 ``magnitude`` (>= 0) with
+    ``magnitude * p < 4``: multiplying a row by it is exact and keeps its sums of margins and
+    squares finite (``elogitnorm_fast.geometry.power_of_two_reciprocal``, read from the
+    exponent bits the same way; inf and NaN give ``2^-126``)."""
+    exponent = (magnitude.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    biased = tl.minimum(tl.maximum(254 - exponent, 1), 127)
+    return (biased << 23).to(tl.float32, bitcast=True)
+
+
 @triton.jit
 def _row_targets(target_ptr, rows, row_mask, n_cols, ignore_index):
     """Targets of a block of rows as int64, the valid-row mask and the in-range mask."""
