@@ -108,8 +108,10 @@ def _distance_tile(inner_base, cols, col_mask, mask, predicted, row_squared, nor
     norm_sum = row_squared[:, None] + col_squared[None, :]
     squared = norm_sum - 2.0 * inner
     lanes = mask & (cols[None, :] != predicted[:, None])
-    # Also where |w|^2 overflowed (norms or inner products of |w| > ~1e19), or is NaN.
-    suspect = lanes & ((squared < 1e-2 * norm_sum) | ~(norm_sum <= FLOAT32_MAX))
+    # Also where |w|^2 overflowed (norms, or an inner product's partial sums, of |w| > ~1e19),
+    # or is NaN.
+    overflowed = ~(norm_sum <= FLOAT32_MAX) | ~(tl.abs(inner) <= FLOAT32_MAX)
+    suspect = lanes & ((squared < 1e-2 * norm_sum) | overflowed)
     distance = tl.where(lanes, tl.sqrt(tl.where(squared < 0.0, 0.0, squared)), 1.0)
     if tl.max(suspect.to(tl.int32)) > 0:
         exact = _scaled_distances(
@@ -173,19 +175,21 @@ def _normalised(margin, divide, unscale):
 
 @triton.jit
 def _elogitnorm_tiles(z, margin, raw_distance, cols, mask, value, predicted, target, divide,
-                      unscale, inverse, log_sum, k_scale, coefficient_scale, below_sum, eps):
-    """Gradient and coefficient tiles of one column block (see the module docstring): ``k_scale``
-    is ``q / (s divisor)``, ``coefficient_scale`` ``-q / divisor`` (0 on clamped or ignored
-    rows)."""
+                      unscale, inverse, log_sum, inverse_divided, q, coefficient_scale, below_sum,
+                      eps):
+    """Gradient and coefficient tiles of one column block (see the module docstring):
+    ``inverse_divided`` is ``1 / (s divisor)``, ``q`` as there (0 on clamped or ignored rows),
+    ``coefficient_scale`` ``-q / divisor``. ``k = (1 / (s divisor Delta)) q`` in that order:
+    ``1 / s`` can be near the subnormal range (s ~ 1e36), ``1 / (s Delta)`` less so."""
     distance = _clamped(raw_distance, eps)
     normalised = _normalised(margin, divide, unscale)
     p = tl.exp(-normalised - log_sum[:, None])
     onehot = (cols[None, :] == target[:, None]).to(tl.float32)
     below = mask & (z < value[:, None])
-    k = tl.where(below, k_scale[:, None] / distance, 0.0)
+    k = tl.where(below, inverse_divided[:, None] / distance * q[:, None], 0.0)
     is_predicted = cols[None, :] == predicted[:, None]
     grad = (p - onehot) * inverse[:, None] - k
-    grad += tl.where(is_predicted, (k_scale * below_sum)[:, None], 0.0)
+    grad += tl.where(is_predicted, (inverse_divided * below_sum * q)[:, None], 0.0)
     # u / Delta <= divisor; u held finite so that a zero coefficient scale stays 0.
     ratio = tl.minimum(normalised, FLOAT32_MAX) / distance
     coefficients = tl.where(below & (raw_distance >= eps),
@@ -224,7 +228,7 @@ def _single_block(z, raw_distance, cols, mask, value, predicted, target, z_targe
         q = tl.where(valid & ~clamped, exp_dot / exp_sum - target_normalised, 0.0)
         grad, coefficients = _elogitnorm_tiles(
             z, margin, raw_distance, cols, mask, value, predicted, target, divide, unscale,
-            inverse, log_sum, q * inverse * inv_divisor, -q * inv_divisor, below_sum, eps)
+            inverse, log_sum, inverse * inv_divisor, q, -q * inv_divisor, below_sum, eps)
         grad = tl.where(valid[:, None], grad * row_weight, 0.0)
         coefficients = tl.where(valid[:, None], coefficients * row_weight, 0.0)
         if FOLD:  # minus the row's sum at the predicted class (module docstring)
@@ -353,7 +357,7 @@ def _elogitnorm_kernel(
         # 4. q = sum_j p_j u_j - u_y, ds = q / s; 0 on an active clamp or an ignored row.
         if WRITE_GRAD or WRITE_COEFFICIENTS:
             q = tl.where(valid & ~clamped, exp_dot / exp_sum - target_normalised, 0.0)
-            k_scale = q * inverse * inv_divisor
+            inverse_divided = inverse * inv_divisor
             coefficient_scale = -q * inv_divisor
             row_sum = tl.zeros([ROWS], dtype=tl.float32)
             for start in range(0, n_cols, BLOCK):
@@ -367,7 +371,7 @@ def _elogitnorm_kernel(
                                     weight_col_stride, n_features)
                 grad, coefficients = _elogitnorm_tiles(
                     zb, _scaled_margins(zb, mask, value, row_scale), db, block_cols, mask, value,
-                    predicted, target, divide, unscale, inverse, log_sum, k_scale,
+                    predicted, target, divide, unscale, inverse, log_sum, inverse_divided, q,
                     coefficient_scale, below_sum, eps)
                 if WRITE_GRAD:
                     grad = tl.where(valid[:, None], grad * row_weight, 0.0)

@@ -167,10 +167,21 @@ def elogitnorm_oracle(logits, weight, target, reduction, grad, *, eps=1e-6, divi
 
 
 def logitnorm_oracle(logits, target, reduction, grad, *, tau=0.04):
-    """Loss and logits gradient of the LogitNorm reference in float64 on the same values."""
+    """Loss and logits gradient of the LogitNorm reference in float64 on the same values, and
+    each row's term size ``|g_n| a_n`` (N, 1), ``a = 1 / (tau (||z|| + 1e-7))``: the gradient
+    ``a (p - onehot) - coupling z`` cancels far below its terms where the softmax saturates."""
     z = logits.detach().double().requires_grad_(True)
     loss = logitnorm_reference(z, target, tau=tau, reduction=reduction)
-    return loss.detach(), torch.autograd.grad(loss, z, grad.double())[0]
+    gradient = torch.autograd.grad(loss, z, grad.double())[0]
+    valid = target != -100
+    per_row = grad.double().expand(valid.shape) if grad.dim() == 0 and reduction == "none" \
+        else grad.double()
+    if reduction == "mean":
+        per_row = per_row / valid.sum().clamp_min(1)
+    per_row = torch.where(valid, per_row.expand(valid.shape), torch.zeros(valid.shape,
+                                                                          dtype=torch.float64))
+    a = 1.0 / (tau * (torch.linalg.vector_norm(z.detach(), dim=1) + 1e-7))
+    return loss.detach(), gradient, (per_row.abs() * a)[:, None]
 
 
 def assert_close_to_scale(name, actual, expected, *, rtol, floor=0.0, per_row=False,

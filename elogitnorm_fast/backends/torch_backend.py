@@ -135,8 +135,10 @@ class _ELogitNorm(torch.autograd.Function):
         # Through s = (1/divisor) sum_j (v - z_j) / Delta_j, for z_j strictly below the max
         # (compared unscaled: a tiny margin may round to 0 once scaled).
         below = z < top
-        per_class = (dot * inverse_scale / divisor)[:, None] / distances
+        # (1 / s) / Delta first: 1 / s alone can be near the subnormal range (s ~ 1e36).
+        per_class = inverse_scale[:, None] / distances
         per_class = torch.where(below, per_class, torch.zeros_like(per_class))
+        per_class.mul_((dot / divisor)[:, None])
         grad_logits = grad_logits - per_class
         grad_logits.scatter_add_(1, predicted[:, None], per_class.sum(dim=1, keepdim=True))
         grad_weight = None
