@@ -23,7 +23,8 @@
 TORCH_LIBRARY(elogitnorm_fast, m) {
   m.set_python_module("elogitnorm_fast.backends._extension_ops");
   // Outputs: loss (logits dtype; () or (N,)), grad_unit (N, C) accumulation dtype or (0,),
-  // scale_grad (N,) or (0,), sample_slot (N,) int64 (distance row of each sample, -1 = ignored),
+  // scale_grad (N,) or (0,), sample_slot (N,) int64 (distance row of each sample, -1 = ignored;
+  // the kernels keep each row's logit rescale exponent in its high bits),
   // row_class (R,) int64 (class of each distance row, -1 = unused) or (0,), distances (R, C) or
   // (0, C), valid_count () accumulation dtype. R = min(N, C); the last three and scale_grad are
   // only filled when need_weight_grad.

@@ -3,7 +3,9 @@
 // Per row, with a = 1 / (tau (||z|| + 1e-7)) and p = softmax(a z):
 //   loss = logsumexp(a z) - a z_y
 //   dz   = a (p - e_y) - a ((p - e_y) . z) z / ((||z|| + 1e-7) ||z||)   (second term 0 at z = 0)
-// Forward writes dz for an upstream gradient of 1 ("unit"); backward rescales it by g_n.
+// Forward writes dz for an upstream gradient of 1 ("unit"); backward rescales it by g_n. Rows
+// whose largest magnitude would overflow ||z||^2 (or underflow it) are computed divided by a
+// power of two (rescale_factor, loss_math.h): any finite row gives its exact loss.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -21,8 +23,12 @@ constexpr const char* kForward = "logitnorm_forward";
 constexpr const char* kBackward = "logitnorm_backward";
 constexpr double kNormEps = 1e-7;  // added to ||z|| as in the authors' code
 
+// One row, given as z / k for the power of two k of rescale_factor (loss_math.h): the norm and
+// its 1e-7 shrink by k and a grows by k, so a z is unchanged; the logits gradient is divided
+// by k.
 template <typename acc_t>
-inline double logitnorm_row(const acc_t* z, int64_t classes, int64_t y, acc_t tau, acc_t* grad) {
+inline double logitnorm_row(const acc_t* z, int64_t classes, int64_t y, acc_t tau,
+                            acc_t factor, acc_t* grad) {
   acc_t squares = 0;
   acc_t top = z[0];
 #pragma omp simd reduction(+ : squares) reduction(max : top)
@@ -30,8 +36,9 @@ inline double logitnorm_row(const acc_t* z, int64_t classes, int64_t y, acc_t ta
     squares += z[j] * z[j];
     top = z[j] > top ? z[j] : top;
   }
+  const acc_t inverse = acc_t(1) / factor;  // exact: a power of two
   const acc_t norm = std::sqrt(squares);
-  const acc_t shifted_norm = norm + static_cast<acc_t>(kNormEps);
+  const acc_t shifted_norm = norm + static_cast<acc_t>(kNormEps) * inverse;
   const acc_t a = acc_t(1) / (tau * shifted_norm);
   // softmax(a z) with the maximum a * top; shifted_sum = sum_j e_j (z_j - top).
   acc_t exp_sum = 0;
@@ -54,13 +61,13 @@ inline double logitnorm_row(const acc_t* z, int64_t classes, int64_t y, acc_t ta
   }
   const acc_t loss = std::log(exp_sum) + a * (top - z[y]);
   if (grad != nullptr) {
-    // (p - e_y) . z = sum_j p_j (z_j - top) - (z_y - top).
+    // (p - e_y) . z = sum_j p_j (z_j - top) - (z_y - top); both terms then scaled back by 1 / k.
     const acc_t dot = shifted_sum / exp_sum - (z[y] - top);
-    const acc_t k = norm > 0 ? a * dot / (shifted_norm * norm) : acc_t(0);
-    const acc_t p_scale = a / exp_sum;
+    const acc_t k = norm > 0 ? a * dot / (shifted_norm * norm) * inverse : acc_t(0);
+    const acc_t p_scale = a / exp_sum * inverse;
 #pragma omp simd
     for (int64_t j = 0; j < classes; ++j) grad[j] = grad[j] * p_scale - k * z[j];
-    grad[y] -= a;
+    grad[y] -= a * inverse;
   }
   return static_cast<double>(loss);
 }
@@ -79,7 +86,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& logits, const at::Tensor&
   acc_t* grad_ptr = need_grad ? grad_unit.data_ptr<acc_t>() : nullptr;
   std::vector<double> row_loss(rows);
   at::parallel_for(0, rows, row_grain(classes), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buffer(std::is_same_v<acc_t, scalar_t> ? 0 : classes);
+    std::vector<acc_t> buffer(classes);
     for (int64_t n = begin; n < end; ++n) {
       acc_t* grad = grad_ptr == nullptr ? nullptr : grad_ptr + n * classes;
       const int64_t y = y_all[n];
@@ -90,8 +97,10 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& logits, const at::Tensor&
       }
       TORCH_CHECK_VALUE(y >= 0 && y < classes, kForward, ": target[", n, "] = ", y,
                         " must be in [0, ", classes, ") or equal ignore_index=", ignore_index);
-      const acc_t* z = row_in_acc<acc_t>(z_all + n * classes, classes, buffer.data());
-      row_loss[n] = logitnorm_row<acc_t>(z, classes, y, static_cast<acc_t>(tau), grad);
+      const scalar_t* row = z_all + n * classes;
+      const acc_t factor = rescale_factor(max_abs<acc_t>(row, classes));
+      const acc_t* z = scaled_row<acc_t>(row, classes, factor, buffer.data());
+      row_loss[n] = logitnorm_row<acc_t>(z, classes, y, static_cast<acc_t>(tau), factor, grad);
     }
   });
   auto [loss, valid_count] = reduce_losses<scalar_t>(

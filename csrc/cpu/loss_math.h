@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -79,6 +80,58 @@ inline const acc_t* row_in_acc(const scalar_t* row, int64_t length, acc_t* buffe
     for (int64_t j = 0; j < length; ++j) buffer[j] = static_cast<acc_t>(to_acc(row[j]));
     return buffer;
   }
+}
+
+// Rescaling against overflow. Squares and differences of float32 values above about 2^63 (or
+// products with a large 1 / Delta) overflow, and those of tiny values underflow, long before
+// the losses themselves do: LogitNorm is unchanged when a row of logits is multiplied by k
+// (its 1e-7 scaled along), ELogitNorm's s scales with the row (its eps clamp scaled along) and
+// its distances with the weight. Multiplying by a power of two is exact, so a row (or the
+// weight) whose largest magnitude lies outside [2^-30, 2^30] (float; [2^-300, 2^300] for
+// double) is computed divided by the power of two that brings that magnitude into [1, 2), and
+// the results are scaled back: bitwise the unscaled formula wherever that neither overflows nor
+// underflows. Rows inside the window (all ordinary inputs) keep k = 1 and skip the copy.
+template <typename T>
+inline T rescale_factor(T largest) {
+  constexpr int kWindow = std::is_same_v<T, float> ? 30 : 300;
+  constexpr int kLowest = std::is_same_v<T, float> ? -100 : -1000;  // keeps 1 / k finite
+  if (!std::isfinite(largest) || !(largest > T(0))) return T(1);  // 0, inf and NaN: unscaled
+  int exponent = 0;
+  std::frexp(largest, &exponent);  // largest = m 2^exponent with m in [0.5, 1)
+  if (exponent > -kWindow && exponent <= kWindow) return T(1);
+  return std::ldexp(T(1), std::max(exponent - 1, kLowest));
+}
+
+// Largest magnitude among `length` values (NaN ignored: it propagates through the formulas).
+template <typename acc_t, typename scalar_t>
+inline acc_t max_abs(const scalar_t* values, int64_t length) {
+  acc_t largest = 0;
+#pragma omp simd reduction(max : largest)
+  for (int64_t j = 0; j < length; ++j) {
+    const acc_t a = std::abs(static_cast<acc_t>(to_acc(values[j])));
+    largest = a > largest ? a : largest;
+  }
+  return largest;
+}
+
+// Row `row` in acc_t divided by the power of two `factor`: in place (factor 1, row already in
+// acc_t) or in `buffer`.
+template <typename acc_t, typename scalar_t>
+inline const acc_t* scaled_row(const scalar_t* row, int64_t length, acc_t factor,
+                               acc_t* buffer) {
+  if (factor == acc_t(1)) return row_in_acc<acc_t>(row, length, buffer);
+  const acc_t inverse = acc_t(1) / factor;
+#pragma omp simd
+  for (int64_t j = 0; j < length; ++j) buffer[j] = static_cast<acc_t>(to_acc(row[j])) * inverse;
+  return buffer;
+}
+
+// x in T, the largest finite T where x is above it (1 / s of a tiny clamped s of a huge row):
+// the row's terms are then 0 or far below -87, never 0 * inf = NaN. NaN stays NaN.
+template <typename T>
+inline T capped(double x) {
+  return x > static_cast<double>(std::numeric_limits<T>::max()) ? std::numeric_limits<T>::max()
+                                                                 : static_cast<T>(x);
 }
 
 // Per-row upstream gradient g_n: a scalar for mean / sum (mean divides by the valid count, and an
