@@ -5,13 +5,17 @@
 // the loss, the unit gradient and r = ds / divisor. Backward, weight part: (4) pool
 // P[u, j] = -sum_n g_n r_n (v_n - z_nj) / Delta_uj^3, (5) the near-duplicate pairs in difference
 // form; the binding then runs the two GEMMs (cuBLAS). int64 offsets throughout, any C.
+// Overflow: rows of logits outside [2^-30, 2^30] in magnitude are computed divided by a power of
+// two (rescale_factor, loss_device.cuh; kept in sample_slot for (3) and (4)), distances whose
+// squares overflow or underflow are recomputed over their largest difference, and neither the
+// row's scalars (double) nor P (one 1 / Delta at a time) pass through an overflowing power.
 #include "cuda/loss_device.cuh"
 
 namespace elogitnorm_fast::cuda {
 namespace {
 
 // (1) One warp per row: first index of the maximum (NaN maxima keep index 0; the NaN then
-// reaches s and the loss).
+// reaches s and the loss) and the row's rescale factor, kept in its sample_slot.
 template <typename scalar_t>
 __global__ void predict_kernel(const scalar_t* __restrict__ logits,
                                const int64_t* __restrict__ target, int64_t rows, int64_t classes,
@@ -28,13 +32,16 @@ __global__ void predict_kernel(const scalar_t* __restrict__ logits,
   const scalar_t* z = logits + n * classes;
   acc_t best = load_acc(z, 0);
   int64_t index = 0;
+  acc_t largest = 0;
   for (int64_t j = lane; j < classes; j += kWarp) {
     const acc_t value = load_acc(z, j);
     if (value > best) {  // strictly greater: the first index per lane
       best = value;
       index = j;
     }
+    largest = fabs(value) > largest ? fabs(value) : largest;
   }
+  largest = warp_max(largest);
 #pragma unroll
   for (int offset = kWarp / 2; offset > 0; offset /= 2) {
     const acc_t other = __shfl_xor_sync(0xffffffffu, best, offset);
@@ -51,7 +58,7 @@ __global__ void predict_kernel(const scalar_t* __restrict__ logits,
   } else if (y < 0 || y >= classes) {
     sample_slot[n] = -2;
   } else {
-    sample_slot[n] = per_sample ? n : index;
+    sample_slot[n] = encode_slot(per_sample ? n : index, rescale_factor(largest));
   }
 }
 
@@ -64,6 +71,10 @@ __global__ void __launch_bounds__(256) distance_kernel(const acc_t* __restrict__
                                                        int64_t dim, acc_t* __restrict__ out) {
   constexpr int kTile = 64;
   constexpr int kDepth = 16;
+  // Squared distances below kTinySquare (squares may have underflowed) or not finite (they
+  // overflowed) are recomputed with a rescaling.
+  constexpr acc_t kTinySquare = sizeof(acc_t) == 4 ? acc_t(7.888609052210118e-31)   // 2^-100
+                                                   : acc_t(9.332636185032189e-302);  // 2^-1000
   __shared__ acc_t a_tile[kDepth][kTile + 1];
   __shared__ acc_t b_tile[kDepth][kTile + 1];
   const int tx = threadIdx.x % 16;
@@ -114,7 +125,28 @@ __global__ void __launch_bounds__(256) distance_kernel(const acc_t* __restrict__
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       const int64_t j = j0 + tx + 16 * q;
-      if (j < classes) out[u * classes + j] = j == own ? acc_t(1) : sqrt_acc(sums[i][q]);
+      if (j >= classes) continue;
+      acc_t sum = sums[i][q];
+      acc_t scale = 1;
+      if (!(sum >= kTinySquare && isfinite(sum)) && j != own) {
+        // Squares overflowed (weights above about 1e19 in float) or underflowed: again, over
+        // the largest difference (rare; one thread, D reads).
+        const acc_t* a = weight + own * dim;
+        const acc_t* b = weight + j * dim;
+        scale = 0;
+        for (int64_t k = 0; k < dim; ++k) scale = fmax(scale, fabs(a[k] - b[k]));
+        sum = 0;
+        if (scale > acc_t(0) && isfinite(scale)) {
+          for (int64_t k = 0; k < dim; ++k) {
+            const acc_t d = (a[k] - b[k]) / scale;
+            sum += d * d;
+          }
+        } else {
+          sum = scale * scale;  // 0 (coincident rows), or inf / NaN as they are
+          scale = 1;
+        }
+      }
+      out[u * classes + j] = j == own ? acc_t(1) : sqrt_acc(sum) * scale;
     }
   }
 }
@@ -147,54 +179,70 @@ __global__ void __launch_bounds__(256) rows_kernel(
     }
     return;
   }
+  // The row divided by its rescale factor k (1 for all ordinary rows): margins and s shrink by
+  // k, z / s is the row's own; the gradient is scaled back by 1 / k, r is kept in the units of
+  // the row over k (the pool pairs it with margins over k). The row's scalars are formed in
+  // double: 1 / s times a normalised logit overflows float once distances exceed about 1e19.
+  const int64_t u = slot_row(slot);
+  const acc_t factor = slot_factor<acc_t>(slot);
+  const acc_t inverse = acc_t(1) / factor;
   const acc_t eps = static_cast<acc_t>(eps_double);
-  const acc_t divisor = static_cast<acc_t>(divisor_double);
   const scalar_t* z = logits + n * classes;
-  const int64_t m = row_class[slot];
+  const int64_t m = row_class[u];
   const int64_t y = target[n];
-  const acc_t* delta = distances + slot * classes;
-  const acc_t v = load_acc(z, m);
+  const acc_t* delta = distances + u * classes;
+  const acc_t v = load_acc(z, m) * inverse;
   // s = (1/divisor) sum_j (v - z_j) / max(Delta_j, eps); inv_sum = sum over z_j < v of 1/Delta.
   acc_t margin_sum = 0;
   acc_t inv_sum = 0;
   for (int64_t j = lane; j < classes; j += kGroup) {
     const acc_t inv = acc_t(1) / clamp_min_keep_nan(delta[j], eps);
-    const acc_t margin = v - load_acc(z, j);
+    const acc_t margin = v - load_acc(z, j) * inverse;
     margin_sum += margin * inv;
     inv_sum += margin > acc_t(0) ? inv : acc_t(0);
   }
   margin_sum = group_sum<kGroup>(margin_sum, scratch);
   inv_sum = group_sum<kGroup>(inv_sum, scratch);
-  const acc_t raw_scale = margin_sum / divisor;
-  const acc_t scale = clamp_min_keep_nan(raw_scale, eps);
-  const acc_t inv_scale = acc_t(1) / scale;
+  const double over_k = 1.0 / static_cast<double>(factor);  // exact: a power of two
+  const double raw_scale = static_cast<double>(margin_sum) / divisor_double;
+  const double scale_eps = static_cast<double>(eps) * over_k;
+  const double scale = clamp_min_keep_nan(raw_scale, scale_eps);
+  const double inv_scale_exact = 1.0 / scale;
+  const acc_t inv_scale = capped<acc_t>(inv_scale_exact);
   // logsumexp(z / s) with the known maximum v / s.
   acc_t exp_sum = 0;
   acc_t shifted_sum = 0;
   for (int64_t j = lane; j < classes; j += kGroup) {
-    const acc_t t = (load_acc(z, j) - v) * inv_scale;
+    const acc_t t = (load_acc(z, j) * inverse - v) * inv_scale;
     const acc_t e = exp_acc(t);
     exp_sum += e;
     shifted_sum += e * t;
   }
   exp_sum = group_sum<kGroup>(exp_sum, scratch);
   shifted_sum = group_sum<kGroup>(shifted_sum, scratch);
-  const acc_t target_margin = (v - load_acc(z, y)) * inv_scale;
-  const acc_t scale_derivative =
-      raw_scale < eps ? acc_t(0) : -(shifted_sum / exp_sum + target_margin) * inv_scale;
-  const acc_t r = scale_derivative / divisor;
+  const acc_t target_margin = (v - load_acc(z, y) * inverse) * inv_scale;
+  const double inv_exp_sum = 1.0 / static_cast<double>(exp_sum);
+  const double scale_derivative =
+      raw_scale < scale_eps ? 0.0
+                            : -(static_cast<double>(shifted_sum) * inv_exp_sum +
+                                static_cast<double>(target_margin)) * inv_scale_exact;
   if (lane == 0) {
     row_loss[n] = log_acc(exp_sum) + target_margin;
-    if (scale_grad != nullptr) scale_grad[n] = r;
+    if (scale_grad != nullptr) {
+      scale_grad[n] = static_cast<acc_t>(scale_derivative / divisor_double);
+    }
   }
   if (grad == nullptr) return;
-  // dz_j = (p_j - [j = y]) / s - [z_j < v] r / Delta_j + [j = m] r inv_sum.
-  const acc_t p_scale = inv_scale / exp_sum;
+  // dz_j = (p_j - [j = y]) / s - [z_j < v] r / Delta_j + [j = m] r inv_sum, all over k.
+  const acc_t p_scale = static_cast<acc_t>(over_k * inv_scale_exact * inv_exp_sum);
+  const acc_t r = static_cast<acc_t>(scale_derivative / divisor_double * over_k);
+  const acc_t target_step = static_cast<acc_t>(over_k * inv_scale_exact);
   for (int64_t j = lane; j < classes; j += kGroup) {
-    const acc_t zj = load_acc(z, j);
+    const acc_t zj = load_acc(z, j) * inverse;
     const acc_t inv = acc_t(1) / clamp_min_keep_nan(delta[j], eps);
-    acc_t value = exp_acc((zj - v) * inv_scale) * p_scale - (v - zj > acc_t(0) ? r * inv : acc_t(0));
-    if (j == y) value -= inv_scale;
+    acc_t value = exp_acc((zj - v) * inv_scale) * p_scale;
+    if (v - zj > acc_t(0)) value -= r * inv;
+    if (j == y) value -= target_step;
     if (j == m) value += r * inv_sum;
     grad[j] = value;
   }
@@ -220,12 +268,18 @@ __global__ void pool_kernel(const scalar_t* __restrict__ logits,
     if (slot < 0) continue;
     const acc_t b = upstream_gradient<acc_t>(upstream, n) * scale_grad[n];
     if (b == acc_t(0)) continue;
-    const int64_t m = row_class[slot];
-    const acc_t delta = distances[slot * classes + j];
+    const int64_t u = slot_row(slot);
+    const int64_t m = row_class[u];
+    const acc_t delta = distances[u * classes + j];
     if (j == m || delta < eps) continue;
     const scalar_t* z = logits + n * classes;
-    const acc_t contribution = -b * (load_acc(z, m) - load_acc(z, j)) / (delta * delta * delta);
-    atomicAdd(pooled + slot * classes + j, contribution);
+    // r is in the units of the row over its factor k, so is the margin; one factor of 1 / Delta
+    // at a time (Delta^3 overflows float for distances above about 7e12).
+    const acc_t inverse = acc_t(1) / slot_factor<acc_t>(slot);
+    const acc_t inv = acc_t(1) / delta;
+    const acc_t margin = load_acc(z, m) * inverse - load_acc(z, j) * inverse;
+    const acc_t contribution = -(((b * margin) * inv) * inv) * inv;
+    atomicAdd(pooled + u * classes + j, contribution);
   }
 }
 

@@ -32,36 +32,52 @@ __global__ void __launch_bounds__(256) logitnorm_kernel(
   const scalar_t* z = logits + n * classes;
   acc_t squares = 0;
   acc_t top = load_acc(z, 0);
+  acc_t largest = 0;
   for (int64_t j = lane; j < classes; j += kGroup) {
     const acc_t value = load_acc(z, j);
     squares += value * value;
     top = value > top ? value : top;
+    largest = fabs(value) > largest ? fabs(value) : largest;
   }
   squares = group_sum<kGroup>(squares, scratch);
   top = group_max<kGroup>(top, scratch);
+  largest = group_max<kGroup>(largest, scratch);
+  // A row whose squares overflow (or underflow) is computed divided by a power of two k: the
+  // norm and its 1e-7 shrink by k, a grows by k, a z is unchanged; the gradient is over k.
+  const acc_t factor = rescale_factor(largest);
+  const acc_t inverse = acc_t(1) / factor;
+  if (factor != acc_t(1)) {  // uniform over the group
+    squares = 0;
+    for (int64_t j = lane; j < classes; j += kGroup) {
+      const acc_t value = load_acc(z, j) * inverse;
+      squares += value * value;
+    }
+    squares = group_sum<kGroup>(squares, scratch);
+    top *= inverse;
+  }
   const acc_t norm = sqrt_acc(squares);
-  const acc_t shifted_norm = norm + acc_t(1e-7);
+  const acc_t shifted_norm = norm + acc_t(1e-7) * inverse;
   const acc_t a = acc_t(1) / (static_cast<acc_t>(tau_double) * shifted_norm);
   acc_t exp_sum = 0;
   acc_t shifted_sum = 0;
   for (int64_t j = lane; j < classes; j += kGroup) {
-    const acc_t shifted = load_acc(z, j) - top;
+    const acc_t shifted = load_acc(z, j) * inverse - top;
     const acc_t e = exp_acc(shifted * a);
     exp_sum += e;
     shifted_sum += e * shifted;
   }
   exp_sum = group_sum<kGroup>(exp_sum, scratch);
   shifted_sum = group_sum<kGroup>(shifted_sum, scratch);
-  const acc_t zy = load_acc(z, y);
+  const acc_t zy = load_acc(z, y) * inverse;
   if (lane == 0) row_loss[n] = log_acc(exp_sum) + a * (top - zy);
   if (grad == nullptr) return;
   const acc_t dot = shifted_sum / exp_sum - (zy - top);  // (p - e_y) . z
-  const acc_t k = norm > acc_t(0) ? a * dot / (shifted_norm * norm) : acc_t(0);
-  const acc_t p_scale = a / exp_sum;
+  const acc_t k = norm > acc_t(0) ? a * dot / (shifted_norm * norm) * inverse : acc_t(0);
+  const acc_t p_scale = a / exp_sum * inverse;
   for (int64_t j = lane; j < classes; j += kGroup) {
-    const acc_t zj = load_acc(z, j);
+    const acc_t zj = load_acc(z, j) * inverse;
     acc_t value = exp_acc((zj - top) * a) * p_scale - k * zj;
-    if (j == y) value -= a;
+    if (j == y) value -= a * inverse;
     grad[j] = value;
   }
 }

@@ -55,6 +55,51 @@ __device__ __forceinline__ T clamp_min_keep_nan(T x, T lo) {
   return x < lo ? lo : x;
 }
 
+// Rescaling against overflow, as in the CPU kernels (csrc/cpu/loss_math.h): a row of logits
+// whose largest magnitude lies outside [2^-30, 2^30] (float; [2^-300, 2^300] for double) is
+// computed divided by the power of two that brings that magnitude into [1, 2); 1 otherwise
+// (and for 0, inf and NaN). Exact, so rows inside the window compute exactly as before.
+template <typename T>
+__device__ __forceinline__ T rescale_factor(T largest) {
+  constexpr int kWindow = sizeof(T) == 4 ? 30 : 300;
+  constexpr int kLowest = sizeof(T) == 4 ? -100 : -1000;
+  if (!isfinite(largest) || !(largest > T(0))) return T(1);
+  int exponent = 0;
+  frexp(largest, &exponent);
+  if (exponent > -kWindow && exponent <= kWindow) return T(1);
+  return ldexp(T(1), exponent - 1 < kLowest ? kLowest : exponent - 1);
+}
+
+// sample_slot of ELogitNorm: the distance row (-1 ignored, -2 target out of range) and, from
+// bit kFactorShift on, the exponent of the row's rescale factor plus kFactorBias (0: factor 1).
+constexpr int kFactorShift = 40;
+constexpr int64_t kFactorBias = 2048;
+
+template <typename T>
+__device__ __forceinline__ int64_t encode_slot(int64_t row, T factor) {
+  if (factor == T(1)) return row;
+  int exponent = 0;
+  frexp(factor, &exponent);  // factor = 2^(exponent - 1)
+  return row | ((exponent - 1 + kFactorBias) << kFactorShift);
+}
+
+__device__ __forceinline__ int64_t slot_row(int64_t slot) {
+  return slot & ((int64_t{1} << kFactorShift) - 1);
+}
+
+template <typename T>
+__device__ __forceinline__ T slot_factor(int64_t slot) {
+  const int64_t field = slot >> kFactorShift;
+  return field == 0 ? T(1) : ldexp(T(1), static_cast<int>(field - kFactorBias));
+}
+
+// x in T, the largest finite T where x is above it.
+template <typename T>
+__device__ __forceinline__ T capped(double x) {
+  constexpr double kMax = sizeof(T) == 4 ? 3.4028234663852886e38 : 1.7976931348623157e308;
+  return x > kMax ? static_cast<T>(kMax) : static_cast<T>(x);
+}
+
 template <typename T>
 __device__ __forceinline__ T warp_sum(T value) {
 #pragma unroll

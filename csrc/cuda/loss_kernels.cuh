@@ -34,7 +34,8 @@ struct UpstreamView {
 // ELogitNorm step 1: argmax per valid row. Distance rows are one per sample when rows < classes
 // (row_class[n] = predicted class, sample_slot[n] = n), else one per class (row_class[j] = j,
 // sample_slot[n] = predicted class); R = min(rows, classes). Ignored rows get slot -1, rows with
-// an out-of-range target slot -2 (their loss becomes NaN).
+// an out-of-range target slot -2 (their loss becomes NaN). A valid slot carries the row's
+// rescale factor in its high bits (encode_slot, loss_device.cuh).
 cudaError_t elogitnorm_predict(const void* logits, ScalarKind kind, const int64_t* target,
                                int64_t rows, int64_t classes, int64_t ignore_index,
                                int64_t* sample_slot, int64_t* row_class, cudaStream_t stream);
@@ -45,8 +46,8 @@ cudaError_t class_distances(const void* weight, bool acc_double, const int64_t* 
                             int64_t row_count, int64_t classes, int64_t dim, void* distances,
                             cudaStream_t stream);
 
-// ELogitNorm step 3: per-row loss (acc), r = ds / divisor (scale_grad, may be null) and the unit
-// gradient (grad_unit, acc, may be null).
+// ELogitNorm step 3: per-row loss (acc), r = ds / divisor (scale_grad, may be null; in the units
+// of the row divided by its rescale factor) and the unit gradient (grad_unit, acc, may be null).
 cudaError_t elogitnorm_rows(const void* logits, ScalarKind kind, const int64_t* target,
                             const int64_t* sample_slot, const int64_t* row_class,
                             const void* distances, int64_t rows, int64_t classes, double eps,
