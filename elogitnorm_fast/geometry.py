@@ -46,12 +46,13 @@ def power_of_two_reciprocal(magnitude: torch.Tensor, *, at_most_one: bool = Fals
     ``2^-126`` / ``2^-1022``, and the product stays inf or NaN).
     """
     if magnitude.dtype == torch.float64:
-        int_dtype, mantissa_bits, exponent_mask, top = torch.int64, 52, 0x7FF, 2046
+        int_dtype, mantissa_bits, top = torch.int64, 52, 2046
     elif magnitude.dtype == torch.float32:
-        int_dtype, mantissa_bits, exponent_mask, top = torch.int32, 23, 0xFF, 254
+        int_dtype, mantissa_bits, top = torch.int32, 23, 254
     else:
         raise TypeError(f"magnitude must be float32 or float64, got {magnitude.dtype}")
-    exponent = (magnitude.view(int_dtype) >> mantissa_bits) & exponent_mask
+    # The sign bit is 0 for magnitudes (a NaN from abs or amax included): no mask needed.
+    exponent = magnitude.view(int_dtype) >> mantissa_bits
     # magnitude in [2^(e - bias), 2^(e - bias + 1)): p = 2^(bias - e) has the biased exponent
     # top - e, kept >= 1 (a normal power of two) and <= top (2^bias, or 1 with at_most_one).
     biased = (top - exponent).clamp(1, top // 2 if at_most_one else top)
