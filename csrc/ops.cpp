@@ -5,7 +5,7 @@
 // torch.compile finds them even before that module is imported.
 //
 // Forward ops compute the loss and, when asked, its gradient for an upstream gradient of one per
-// valid row ("unit" gradient, design.md section 2.1); the backward ops rescale it by the real
+// valid row ("unit" gradient, docs/design.md); the backward ops rescale it by the real
 // upstream gradient and run the weight-gradient GEMMs. So a training step is one op per
 // direction. The autograd glue is in C++ rather than torch.library.register_autograd because
 // it measured about 60-100 us cheaper per step on a 2-core CPU, which is most of the budget at

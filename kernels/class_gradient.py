@@ -3,7 +3,7 @@
 With ``c_nj`` the distance coefficients of sample ``n`` (:mod:`.elogitnorm`, written for an
 upstream gradient of 1) and ``g_n`` its upstream gradient (0 on ignored rows), the coefficients
 pooled by predicted class ``P[i, j] = sum_{n : m_n = i} g_n c_nj`` and ``S = P + P^T`` give
-(design.md section 2.1; :func:`elogitnorm_fast.geometry.weight_gradient`, one row per class)::
+(docs/design.md; :func:`elogitnorm_fast.geometry.weight_gradient`, one row per class)::
 
     dW_i = (sum_j S_ij) w_i - sum_j S_ij w_j
 

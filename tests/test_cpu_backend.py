@@ -1,4 +1,4 @@
-"""The compiled ``cpu`` backend against the all-pairs reference (design.md section 2).
+"""The compiled ``cpu`` backend against the all-pairs reference (docs/design.md).
 
 The same tests run for the ``cuda`` backend: ``test_cuda_backend.py`` imports them and overrides
 the ``backend_device`` fixture. Tolerances: float64 rtol 1e-9 / atol 1e-10 (the C = 2 gradient is

@@ -11,7 +11,7 @@ from elogitnorm_fast.reference import elogitnorm_reference, logitnorm_reference
 
 
 def test_elogitnorm_reference_on_a_two_by_three_case():
-    # w0 = (0, 0), w1 = (3, 4), w2 = (0, 1): ||w0 - w1|| = 5, ||w0 - w2|| = 1, ||w1 - w2|| = 3 sqrt 2.
+    # w0 = (0, 0), w1 = (3, 4), w2 = (0, 1): |w0 - w1| = 5, |w0 - w2| = 1, |w1 - w2| = 3 sqrt 2.
     weight = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 1.0]], dtype=torch.float64)
     logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
     target = torch.tensor([1, 2])

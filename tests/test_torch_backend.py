@@ -1,4 +1,4 @@
-"""The memory-lean ``torch`` backend against the all-pairs reference (design.md section 2)."""
+"""The memory-lean ``torch`` backend against the all-pairs reference (docs/design.md)."""
 
 from __future__ import annotations
 

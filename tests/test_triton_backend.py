@@ -1,4 +1,4 @@
-"""The ``triton`` backend on the CPU, through the Triton interpreter (design.md section 4).
+"""The ``triton`` backend on the CPU, through the Triton interpreter (docs/design.md).
 
 The interpreter is chosen when triton's kernels are defined, from ``TRITON_INTERPRET`` in the
 environment. Another test module of the same pytest process may already have imported triton

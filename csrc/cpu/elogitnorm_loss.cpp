@@ -1,4 +1,4 @@
-// Fused ELogitNorm loss on the CPU (design.md section 2.1; Ding et al., arXiv 2504.11434).
+// Fused ELogitNorm loss on the CPU (docs/design.md; Ding et al., arXiv 2504.11434).
 //
 // Forward, per call:
 //   1. argmax of every row (first index of the maximum) and the target bounds check;

@@ -1,4 +1,4 @@
-// Fused LogitNorm loss on the CPU (design.md section 2.2; Wei et al., ICML 2022).
+// Fused LogitNorm loss on the CPU (docs/design.md; Wei et al., ICML 2022).
 //
 // Per row, with a = 1 / (tau (||z|| + 1e-7)) and p = softmax(a z):
 //   loss = logsumexp(a z) - a z_y

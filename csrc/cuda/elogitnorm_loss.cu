@@ -1,4 +1,4 @@
-// ELogitNorm CUDA kernels (design.md section 2.1; Ding et al., arXiv 2504.11434).
+// ELogitNorm CUDA kernels (docs/design.md; Ding et al., arXiv 2504.11434).
 //
 // Forward: (1) argmax per row, (2) the distance rows of the predicted classes by a tiled
 // difference kernel, (3) one warp (small C) or block (large C) per row for s, logsumexp(z / s),

@@ -1,4 +1,4 @@
-// LogitNorm CUDA kernel (design.md section 2.2; Wei et al., ICML 2022): one warp (small C) or
+// LogitNorm CUDA kernel (docs/design.md; Wei et al., ICML 2022): one warp (small C) or
 // block (large C) per row. With a = 1 / (tau (||z|| + 1e-7)) and p = softmax(a z):
 //   loss = logsumexp(a z) - a z_y
 //   dz   = a (p - e_y) - a ((p - e_y) . z) z / ((||z|| + 1e-7) ||z||)   (second term 0 at z = 0)

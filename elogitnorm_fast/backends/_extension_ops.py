@@ -8,11 +8,11 @@ shapes for ``torch.compile`` and meta tensors.
 The autograd formulas are registered in C++ (``csrc/ops.cpp``, measured about 60-100 us per
 step cheaper than ``register_autograd`` on a 2-core CPU); the backward of each forward op is
 itself a registered op with a fake kernel here, so a training step is one dispatcher call per
-direction and ``torch.compile`` traces both (design.md section 3).
+direction and ``torch.compile`` traces both (docs/design.md).
 
 Forward ops return the loss plus the gradient for an upstream gradient of one per valid row
 ("unit" gradient) and what the weight gradient needs; the backward ops rescale by the real
-upstream gradient and run the weight-gradient GEMMs (design.md section 2.1).
+upstream gradient and run the weight-gradient GEMMs (docs/design.md).
 
 Importing this module never fails: when the extension is missing or lacks the ops,
 :func:`unavailable_reason` says why and the callers must not be used.

@@ -1,8 +1,8 @@
 """The ``cpu`` backend: fused C++ kernels (``csrc/cpu/``) registered with ``torch.library``.
 
 One op per direction: the forward computes the loss and, when an input requires grad, the
-gradient with respect to the logits in the same parallel pass over the rows (design.md section
-2.1); the backward rescales it and runs the two weight-gradient GEMMs.
+gradient with respect to the logits in the same parallel pass over the rows (docs/design.md);
+the backward rescales it and runs the two weight-gradient GEMMs.
 
 Every sum, the GEMMs' included (``csrc/cpu/fixed_order_gemm.h``), runs in one fixed order, so
 results are bitwise the same for any ``torch.set_num_threads``. Rows of logits and weights far

@@ -416,7 +416,7 @@ if _HAS_TRITON_OP and _HAS_TRITON:
         ignore_index: int,
         block_cols: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row LogitNorm losses (fp32) and the (4, N) row statistics of the backward."""
+        """Per-row LogitNorm losses (fp32) and the (5 N + 1,) row statistics of the backward."""
         return _logitnorm_impl(logits, target, inv_tau, ignore_index, block_cols)[:2]
 
     @triton_op("elogitnorm_fast::triton_logitnorm_grad", mutates_args=())
