@@ -54,7 +54,7 @@ WORKER = SETUP + textwrap.dedent(
     x, y = make_batch()
     half = x.shape[0] // 2
     rows = slice(rank * half, (rank + 1) * half)
-    sgd_step(ddp, model[2], x[rows], y[rows])
+    sgd_step(ddp, ddp.module[2], x[rows], y[rows])  # the head as a DDP user reaches it
     if rank == 0:
         torch.save(model.state_dict(), out_path)
     """
