@@ -419,7 +419,7 @@ FUSED_TILE = 16384
 FUSED_TILE_PER_THREAD = 32
 #: The distance loop sums its squares over the features once, after the loop, instead of once
 #: per feature tile (:func:`_direct_distances`; ``gpu_losses.py`` times both: the variant
-#: ``triton, summed per step``). Not yet timed on a GPU.
+#: ``triton, summed per step``).
 DEFERRED_SUMS = True
 
 
