@@ -14,12 +14,13 @@ import contextlib
 import os
 import secrets
 import signal
-import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import BinaryIO
 
 import torch
+
+from .progress import stderr_is_terminal
 
 #: Device types the command line runs on (others, such as ``meta``, hold no data).
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
@@ -86,10 +87,7 @@ def check_output_dir(path: str, label: str = "--out", names: Iterable[str] = ())
 def resolve_progress(flag: bool | None) -> bool:
     """Progress bars on when asked (``True``), off when refused, else only when stderr is a
     terminal: in a log file every refresh of a bar would be a line of its own."""
-    if flag is not None:
-        return flag
-    stream = sys.stderr
-    return bool(stream is not None and hasattr(stream, "isatty") and stream.isatty())
+    return flag if flag is not None else stderr_is_terminal()
 
 
 @contextlib.contextmanager

@@ -202,6 +202,12 @@ def weight_gradient(
     """
     if exact is not None and rows_sum_to_zero:
         raise ValueError("weight_gradient: exact entries would break rows_sum_to_zero")
+    device_type = coefficients.device.type
+    if torch.is_autocast_enabled(device_type):
+        # A backward run inside an autocast region: the GEMMs would run in 16 bits there.
+        with torch.autocast(device_type, enabled=False):
+            return weight_gradient(weight, rows, per_sample, predicted, coefficients,
+                                   rows_sum_to_zero=rows_sum_to_zero, exact=exact)
     w = as_dtype(weight, coefficients.dtype)
     if per_sample:
         pooled = coefficients

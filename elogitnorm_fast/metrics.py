@@ -32,6 +32,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .validation import check_count
+
 __all__ = ["auroc", "aupr_in", "aupr_out", "fpr_at_tpr", "ece", "ood_report", "FPR_CONVENTIONS"]
 
 FPR_CONVENTIONS = ("classical", "openood")
@@ -347,13 +349,6 @@ def ood_report(
 # --------------------------------------------------------------------------------------------
 
 
-def _check_count(value: object, name: str) -> int:
-    """A Python / numpy integer >= 1 as an int; ``ValueError`` naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
-
-
 def ece(
     logits: torch.Tensor | np.ndarray | Sequence,
     labels: torch.Tensor | np.ndarray | Sequence,
@@ -381,9 +376,9 @@ def ece(
         raise ValueError(f"logits must be floating point, got dtype {logits.dtype}")
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
         raise ValueError(f"labels must hold integer class indices, got dtype {labels.dtype}")
-    n_bins = _check_count(n_bins, "n_bins")
+    n_bins = check_count("n_bins", n_bins)
     if chunk_rows is not None:
-        chunk_rows = _check_count(chunk_rows, "chunk_rows")
+        chunk_rows = check_count("chunk_rows", chunk_rows)
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D (N, C), got shape {tuple(logits.shape)}")
     labels = labels.reshape(-1)

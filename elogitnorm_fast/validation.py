@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
 import torch
 
 from .reduction import REDUCTIONS
@@ -106,6 +107,22 @@ def check_positive(name: str, value: object) -> None:
         raise TypeError(f"{name} must be a finite number > 0, got {value!r}")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def is_count(value: object) -> bool:
+    """A Python or numpy integer >= 1 (a bool or an integral float is not an integer here)."""
+    return not isinstance(value, bool) and isinstance(value, int | np.integer) and value >= 1
+
+
+def check_count(name: str, value: object, *, optional: bool = False) -> int | None:
+    """``value`` as an int when :func:`is_count` (or None with ``optional``); ``ValueError``
+    naming ``name`` otherwise."""
+    if optional and value is None:
+        return None
+    if not is_count(value):
+        tail = " or None" if optional else ""
+        raise ValueError(f"{name} must be an integer >= 1{tail}, got {value!r}")
+    return int(value)
 
 
 def compute_dtype(logits: torch.Tensor, weight: torch.Tensor | None = None) -> torch.dtype:

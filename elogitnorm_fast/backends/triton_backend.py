@@ -309,10 +309,6 @@ def _gemm_weight_gradient(weight, rows, predicted, coefficients):
     """dW (fp32) from the coefficients by :func:`elogitnorm_fast.geometry.weight_gradient`;
     ``rows``: the forward's ``W[predicted]`` (one per sample), or None (the op path, or one row
     per class: gathered here, or ``W`` itself)."""
-    if torch.is_autocast_enabled(weight.device.type):
-        # A backward run inside an autocast region: its GEMMs would run in 16 bits.
-        with torch.autocast(weight.device.type, enabled=False):
-            return _gemm_weight_gradient(weight, rows, predicted, coefficients)
     w = as_dtype(weight, torch.float32)
     if rows is None:
         rows, per_sample = predicted_rows(w, predicted)

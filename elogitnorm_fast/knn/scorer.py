@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..progress import progress_bar
+from ..validation import check_count, is_count
 from .bank import Bank, BankInput, as_array_like, check_finite, prepare_rows
 from .selection import RunningTopK, native_select_available, slot_width
 
@@ -84,15 +85,13 @@ class KNNScorer:
         in_memory: bool = True,
         progress: bool | None = None,
     ) -> None:
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        check_count("k", k)
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         if bank_dtype not in _BANK_DTYPES:
             raise ValueError(f"bank_dtype must be one of {_BANK_DTYPES}, got {bank_dtype}")
         for name, value in (("query_chunk", query_chunk), ("bank_chunk", bank_chunk)):
-            if value is not None and not _is_positive_int(value):
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+            check_count(name, value, optional=True)
         self.k = int(k)
         self.normalize = normalize
         self.squared = squared
@@ -281,15 +280,10 @@ class KNNScorer:
         return top
 
 
-def _is_positive_int(value: object) -> bool:
-    """A Python or numpy integer >= 1 (bools and integral floats are not integers here)."""
-    return not isinstance(value, bool) and isinstance(value, int | np.integer) and value >= 1
-
-
 def check_k(k: object, num_rows: int) -> int:
     """``k`` as an int when it is a Python / numpy integer in ``[1, num_rows]``, else
     ``ValueError`` naming the value."""
-    if not _is_positive_int(k) or k > num_rows:
+    if not is_count(k) or k > num_rows:
         raise ValueError(f"k must be an integer in [1, {num_rows}], got {k!r}")
     return int(k)
 

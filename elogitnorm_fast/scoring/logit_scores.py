@@ -74,11 +74,11 @@ import functools
 import math
 from collections.abc import Iterable, Sequence
 
-import numpy as np
 import torch
 
 from ..extension import load_error, triton_interpreting
 from ..geometry import accumulation_dtype
+from ..validation import check_count
 
 __all__ = [
     "SCORE_NAMES",
@@ -423,9 +423,8 @@ def logit_scores(
             0 < value < math.inf
         ):
             raise ValueError(f"{label} must be a finite number > 0, got {value!r}")
-    if isinstance(top_m, bool) or not isinstance(top_m, int | np.integer) or top_m < 1:
-        raise ValueError(f"top_m must be an integer >= 1, got {top_m!r}")
-    temperature, gamma, top_m = float(temperature), float(gamma), int(top_m)
+    top_m = check_count("top_m", top_m)
+    temperature, gamma = float(temperature), float(gamma)
     chosen = resolve_backend(logits, backend)
     with torch.no_grad():
         if logits.shape[0] == 0:

@@ -20,12 +20,17 @@ recomputed exactly), in float32 (float64 when the logits or ``W`` are float64): 
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..geometry import accumulation_dtype, distance_rows, unclamped_scale
 from ..reference import DEFAULT_EPS, divisor_value
-from ..validation import check_compute_range, check_logits, check_positive, check_weight
+from ..validation import (
+    check_compute_range,
+    check_count,
+    check_logits,
+    check_positive,
+    check_weight,
+)
 
 __all__ = ["elogitnorm_scale"]
 
@@ -48,11 +53,7 @@ def elogitnorm_scale(
     Example: ``s = elogitnorm_scale(logits, model.fc.weight); z_norm = logits / s[:, None]``,
     then score ``z_norm`` like raw logits, e.g. ``msp(z_norm)``.
     """
-    if chunk_rows is not None and (
-        isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int | np.integer)
-        or chunk_rows < 1
-    ):
-        raise ValueError(f"chunk_rows must be an integer >= 1 or None, got {chunk_rows!r}")
+    check_count("chunk_rows", chunk_rows, optional=True)
     check_logits(logits)
     check_weight(weight, logits)
     check_positive("eps", eps)
