@@ -3,7 +3,7 @@
 # matrix, write JSON and logs to $OUT (default benchmarks/results/gpu_<date>), print a short
 # table last. Budget: under 8 minutes on one H100 / H200 (each stage's time is in its log;
 # docs/gpu.md lists the runs). The registers table is opt-in (GPU_CHECK_REGISTERS=1;
-# tests/triton_aot.py writes it on any machine with ptxas). Each stage runs under its own
+# tools/triton_aot.py writes it on any machine with ptxas). Each stage runs under its own
 # timeout and a failing stage does not stop the later ones (a failed build still leaves
 # triton/torch). GPU_CHECK_BENCHES="losses host" (say) runs only those benchmarks.
 # It writes up to 8 files to $OUT (log, junit XML, 4 benchmark JSON, registers, summary): the lent
@@ -40,7 +40,7 @@ timeout 200 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$OUT
   >> "$LOG" 2>&1
 tests_rc=$?
 # What this machine's torch believes each traced Triton launch writes (torch.compile's copies).
-timeout 60 "$PY" -m pytest tests/test_triton_traced_writes.py -q -p no:cacheprovider >> "$LOG" 2>&1 \
+timeout 60 "$PY" -m pytest tests/triton/test_triton_traced_writes.py -q -p no:cacheprovider >> "$LOG" 2>&1 \
   || { echo "traced-writes check FAILED (see the log)" | tee -a "$LOG"; tests_rc=1; }
 tail -n 25 "$LOG" | grep -E "passed|failed|error" | tail -n 3
 
@@ -62,7 +62,7 @@ done
 
 if [ "${GPU_CHECK_REGISTERS:-0}" != 0 ]; then
   stage "Triton registers and spills (this machine's triton and ptxas)"
-  timeout 90 "$PY" tests/triton_aot.py --out "$OUT/triton_registers_sm90.json" >> "$LOG" 2>&1 \
+  timeout 90 "$PY" tools/triton_aot.py --out "$OUT/triton_registers_sm90.json" >> "$LOG" 2>&1 \
     || echo "triton_aot.py exited $?" | tee -a "$LOG"
 fi
 

@@ -40,7 +40,7 @@ if not INNER:
         command = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider",
                    "-W", "ignore::RuntimeWarning"]
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900,
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
         assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
         assert " passed" in done.stdout and " failed" not in done.stdout, done.stdout[-3000:]
 

@@ -14,7 +14,7 @@ import torch
 
 from elogitnorm_fast.extension import VERSION_FILE, prebuilt_mismatch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SKIP = {".git", ".venv", "build", "dist", "__pycache__", ".pytest_cache", ".ruff_cache",
         ".benchmarks", "out", "demo_output"}
 

@@ -19,7 +19,7 @@ import torch
 from elogitnorm_fast import info
 from elogitnorm_fast.cli import main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()

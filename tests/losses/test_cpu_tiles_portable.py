@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "csrc" / "cpu" / "knn_tiles_x86.cpp"
 
 pytestmark = pytest.mark.skipif(

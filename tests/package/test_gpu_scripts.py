@@ -15,7 +15,7 @@ import torch
 
 import elogitnorm_fast as ef
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _benchmark(name: str):

@@ -10,7 +10,7 @@ from pathlib import Path
 from elogitnorm_fast import bench_cli
 from elogitnorm_fast.bench_report import write_report
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _digest(path: Path) -> str:

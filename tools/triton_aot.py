@@ -13,7 +13,7 @@ D and W's row stride multiples of 16. Without that, loads compile to scalar ones
 register counts differ from a GPU's (the fused ELogitNorm kernel at C = 100: 255 registers
 unspecialized, 96 specialized).
 
-Run ``python tests/triton_aot.py [--arch 90] [--out FILE.json]`` for a table of registers and
+Run ``python tools/triton_aot.py [--arch 90] [--out FILE.json]`` for a table of registers and
 spills per kernel and configuration.
 """
 

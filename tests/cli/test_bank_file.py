@@ -22,7 +22,7 @@ from elogitnorm_fast.knn.bank import as_array_like
 
 from parity import knn_oracle_kth
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = """
 import sys
