@@ -1,0 +1,121 @@
+"""Row computations of the fused linear losses: a chunk of logits in, its losses and gradients out.
+
+:mod:`elogitnorm_fast.linear_losses` forms the logits of a chunk of rows, hands them to one of
+the functions here, and turns the logits gradient they return into the gradients of the
+features, the weight and the bias. Each function runs the same computation as a backend of the
+unfused losses, so the fused loss is that backend's loss on ``F.linear(features, weight, bias)``:
+
+* ``torch``: :mod:`elogitnorm_fast.backends.torch_backend`'s ELogitNorm forward and closed-form
+  backward, run as plain functions on the chunk (no nested autograd graph), and LogitNorm's
+  gradient in closed form (the ``torch`` backend leaves that one to autograd);
+* ``cpu`` / ``cuda``: the compiled ops ``elogitnorm_forward`` / ``elogitnorm_backward`` /
+  ``logitnorm_forward`` / ``logitnorm_backward`` (schemas in ``csrc/ops.cpp``), called directly.
+
+Every function takes the chunk's logits ``z`` (accumulation dtype), the targets, the reduction
+the chunk is computed with (``"sum"``, or ``"none"``), and ``upstream``: None for the loss alone,
+else the upstream gradient (0-d for ``"sum"``, one per row for ``"none"``). It returns
+``(loss, grad_logits, grad_weight)``: ``grad_weight`` is ELogitNorm's gradient through the class
+distances only (the part that does not pass through the logits), None where not asked for.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backends.torch_backend import _ELogitNorm
+from .geometry import distance_rows
+from .reference import LOGITNORM_NORM_EPS
+
+Rows = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
+
+class _Context:
+    """The part of an autograd context that ``torch_backend._ELogitNorm`` reads and writes, so
+    that its forward and backward run as functions on one chunk."""
+
+    def __init__(self, need_weight_grad: bool) -> None:
+        self.needs_input_grad = (True, need_weight_grad)
+        self.saved_tensors: tuple = ()
+
+    def save_for_backward(self, *tensors) -> None:
+        self.saved_tensors = tensors
+
+
+def elogitnorm_rows_torch(z, weight, target, *, reduction, upstream, need_weight_grad,
+                          ignore_index, eps, divisor) -> Rows:
+    """ELogitNorm rows as the ``torch`` backend computes them (``weight`` in ``z``'s dtype)."""
+    with torch.no_grad():
+        predicted = z.argmax(dim=1)
+        # CPU: near-coincident weight rows recomputed exactly, as the torch backend does there.
+        geometry = distance_rows(weight, predicted, z.dtype, refine=weight.device.type == "cpu")
+    refined = geometry.refined
+    if refined is not None and not torch.compiler.is_compiling() and refined[0].numel() == 0:
+        refined = None
+    ctx = _Context(need_weight_grad)
+    loss = _ELogitNorm.forward(
+        ctx, z, weight, target, predicted, geometry.for_samples(predicted), geometry.weight,
+        geometry.rows if geometry.per_sample else None, geometry.weight_scale,
+        *(refined or (None, None)), geometry.per_sample, reduction, ignore_index, eps, divisor,
+    )
+    if upstream is None:
+        return loss, None, None
+    grad_logits, grad_weight = _ELogitNorm.backward(ctx, upstream)[:2]
+    return loss, grad_logits, grad_weight
+
+
+def elogitnorm_rows_compiled(z, weight, target, *, reduction, upstream, need_weight_grad,
+                             ignore_index, eps, divisor) -> Rows:
+    """ELogitNorm rows through the compiled ops (the dispatcher picks the device's kernel)."""
+    want = upstream is not None
+    weight_grad = want and need_weight_grad
+    (loss, grad_unit, scale_grad, sample_slot, row_class, distances,
+     count) = torch.ops.elogitnorm_fast.elogitnorm_forward.default(
+        z, weight, target, reduction, ignore_index, float(eps), float(divisor), want, weight_grad)
+    if not want:
+        return loss, None, None
+    grad_logits, grad_weight = torch.ops.elogitnorm_fast.elogitnorm_backward.default(
+        upstream, z, weight, grad_unit, scale_grad, sample_slot, row_class, distances, count,
+        reduction, float(eps), True, weight_grad)
+    return loss, grad_logits, grad_weight if weight_grad else None
+
+
+def logitnorm_rows_torch(z, target, *, reduction, upstream, ignore_index, tau) -> Rows:
+    """LogitNorm rows as the ``torch`` backend computes them, with the gradient in closed form.
+
+    With ``y = z / a`` (``a`` the row's largest magnitude, at least 1, a constant as in the
+    torch backend), ``n = ||y|| + 1e-7 / a``, ``t = y / (tau n)`` and ``G = g (softmax(t) -
+    onehot)``: ``dz = (G - (G . y) y / (n ||y||)) / (tau n a)``; the second term is 0 at
+    ``y = 0``, as autograd's subgradient of the norm there.
+    """
+    largest = z.abs().amax(dim=1, keepdim=True).clamp_min_(1.0)
+    y = z / largest
+    norm = torch.linalg.vector_norm(y, dim=1, keepdim=True)
+    shifted = norm + LOGITNORM_NORM_EPS / largest
+    scaled = y / (shifted * tau)
+    valid = target != ignore_index
+    safe = torch.where(valid, target, torch.zeros_like(target))
+    log_norm = torch.logsumexp(scaled, dim=1)
+    row_losses = torch.where(valid, log_norm - scaled.gather(1, safe[:, None])[:, 0],
+                             torch.zeros_like(log_norm))
+    loss = row_losses if reduction == "none" else row_losses.sum()
+    if upstream is None:
+        return loss, None, None
+    g = torch.where(valid, upstream.to(z.dtype).expand(valid.shape), torch.zeros_like(log_norm))
+    grad = torch.exp(scaled - log_norm[:, None]).mul_(g[:, None])
+    grad.scatter_add_(1, safe[:, None], -g[:, None])
+    dot = (grad * y).sum(dim=1, keepdim=True)
+    radial = torch.where(norm > 0, dot / (shifted * norm), torch.zeros_like(dot))
+    grad = grad.addcmul_(radial, y, value=-1.0).div_(shifted * (tau * largest))
+    return loss, grad, None
+
+
+def logitnorm_rows_compiled(z, target, *, reduction, upstream, ignore_index, tau) -> Rows:
+    """LogitNorm rows through the compiled ops."""
+    want = upstream is not None
+    loss, grad_unit, count = torch.ops.elogitnorm_fast.logitnorm_forward.default(
+        z, target, float(tau), reduction, ignore_index, want)
+    if not want:
+        return loss, None, None
+    grad_logits = torch.ops.elogitnorm_fast.logitnorm_backward.default(
+        upstream, z, target, grad_unit, count, reduction, ignore_index)
+    return loss, grad_logits, None
