@@ -17,7 +17,8 @@ import time
 import torch
 
 import elogitnorm_fast as ef
-from elogitnorm_fast.peak_memory import measure
+
+from peak_memory import measure
 
 SIZES = [(128, 10, 512), (128, 100, 512), (256, 1000, 512), (256, 1000, 2048)]
 

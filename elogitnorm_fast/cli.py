@@ -2,12 +2,16 @@
 
 :func:`main` returns the exit status: 0 on success, 2 for a user error (printed as one line
 ``error: ...`` naming the argument and the value, no traceback), 130 when interrupted (Ctrl-C).
+``bench`` is developer tooling: it runs ``benchmarks/run_all.py`` of the source checkout the
+package is imported from, with the options that follow it.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 from .cli_support import UsageError, resolve_progress
@@ -18,6 +22,8 @@ Run 'elogitnorm-fast COMMAND --help' for a command's options.
 
 Exit status: 0 success, 2 a user error (one line on stderr), 130 interrupted (Ctrl-C).
 """
+#: The folder holding the package's source: a checkout has ``benchmarks/`` there too.
+CHECKOUT = Path(__file__).resolve().parent.parent
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,6 +64,16 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_bench(options: list[str], checkout: Path = CHECKOUT) -> int:
+    """``elogitnorm-fast bench OPTIONS``: run ``checkout/benchmarks/run_all.py OPTIONS`` and
+    return its exit status (its ``--help`` lists the options)."""
+    script = checkout / "benchmarks" / "run_all.py"
+    if not script.is_file():
+        raise UsageError(f"bench runs from a source checkout: {script} not found (an installed "
+                         "package ships no benchmarks)")
+    return subprocess.run([sys.executable, str(script), *options]).returncode
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every subcommand."""
     parser = _Parser(prog="elogitnorm-fast", description=DESCRIPTION,
@@ -85,16 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
     from .score_cli import add_parser as add_score_parser
 
     add_score_parser(commands)
-    from .bench_cli import add_parser as add_bench_parser
-
-    add_bench_parser(commands)
+    # Options after ``bench`` go to benchmarks/run_all.py unparsed, its --help included.
+    commands.add_parser("bench", add_help=False,
+                        help="run the benchmarks, render tables and plot (source checkout only; "
+                        "'bench --help' lists its options)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line on ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, rest = parser.parse_known_args(argv)
+        if args.command == "bench":
+            return run_bench(rest)
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return args.handler(args)
     except UsageError as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)

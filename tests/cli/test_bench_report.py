@@ -1,5 +1,5 @@
 """``bench`` renders reports only where it is told: never the README, never full-size tables
-from a quick run."""
+from a quick run; it runs from a source checkout and says so in one line elsewhere."""
 
 from __future__ import annotations
 
@@ -7,8 +7,13 @@ import hashlib
 import json
 from pathlib import Path
 
-from elogitnorm_fast import bench_cli
-from elogitnorm_fast.bench_report import write_report
+import pytest
+
+from elogitnorm_fast.cli import main, run_bench
+from elogitnorm_fast.cli_support import UsageError
+
+import run_all
+from report import write_report
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,14 +23,14 @@ def _digest(path: Path) -> str:
 
 
 def test_quick_runs_write_beside_their_own_json_and_full_runs_into_docs(tmp_path):
-    quick_json, quick_report = bench_cli.destinations(quick=True, out=None)
+    quick_json, quick_report = run_all.destinations(quick=True, out=None)
     assert quick_json == ROOT / "benchmarks" / "results" / "quick"
     assert quick_report.parent == quick_json
-    full_json, full_report = bench_cli.destinations(quick=False, out=None)
+    full_json, full_report = run_all.destinations(quick=False, out=None)
     assert full_json == ROOT / "benchmarks" / "results"
     assert full_report == ROOT / "docs" / "performance.md"
     for quick in (True, False):
-        folder, report = bench_cli.destinations(quick=quick, out=str(tmp_path))
+        folder, report = run_all.destinations(quick=quick, out=str(tmp_path))
         assert folder == tmp_path and report == tmp_path / "performance.md"
 
 
@@ -43,3 +48,15 @@ def test_rendering_touches_only_the_named_report(tmp_path):
     text = written[0].read_text()
     assert "| g | cpu | 2 | 1.00x |" in text and "| g | ref | 4 | 2.00x |" in text
     assert {path: _digest(path) for path in before} == before
+
+
+def test_bench_forwards_its_options_to_the_checkout_script(capfd):
+    assert main(["bench", "--quick", "--help"]) == 0
+    out = capfd.readouterr().out
+    assert out.startswith("usage: elogitnorm-fast bench") and "--quick" in out and "--out" in out
+
+
+def test_bench_without_a_checkout_names_the_missing_script(tmp_path):
+    with pytest.raises(UsageError, match="source checkout") as caught:
+        run_bench(["--quick"], checkout=tmp_path)
+    assert str(tmp_path / "benchmarks" / "run_all.py") in str(caught.value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from elogitnorm_fast.peak_memory import measure
+from peak_memory import measure
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])

@@ -60,7 +60,7 @@ def test_gpu_summary_renders_the_committed_results(tmp_path):
 
 def test_gpu_tables_keep_one_row_per_line_and_every_column(tmp_path):
     """Error messages (multi-line, with pipes) stay inside their cell."""
-    from elogitnorm_fast.bench_report import gpu_tables
+    from report import gpu_tables
 
     rows = [{"loss": "logitnorm", "impl": "triton", "fwd_bwd_ms": 0.5, "status": "ok"},
             {"loss": "logitnorm", "impl": "baseline",
@@ -75,7 +75,7 @@ def test_gpu_tables_keep_one_row_per_line_and_every_column(tmp_path):
 
 def test_gpu_table_heading_says_how_the_run_differed(tmp_path):
     """A run's ``extension`` note (a run without the usual build) reaches its table's heading."""
-    from elogitnorm_fast.bench_report import gpu_tables
+    from report import gpu_tables
 
     rows = [{"loss": "logitnorm", "impl": "triton", "fwd_bwd_ms": 0.5, "status": "ok"}]
     payload = {"card": "GPU", "date": "2026-11-27", "commit": "abc1234", "rows": rows}

@@ -8,7 +8,7 @@ untimed call of the same shapes runs first, so one-time library loads are not co
 blocks of 64 KiB and more are unmapped on free (a fixed glibc mmap threshold), so what the
 warm-up freed cannot hide the measured peak; smaller blocks may not register at all.
 
-Run as ``python -m elogitnorm_fast.peak_memory --loss elogitnorm --backend torch --n 256 --c 1000
+Run as ``python benchmarks/peak_memory.py --loss elogitnorm --backend torch --n 256 --c 1000
 --d 512``; it prints one JSON object. :func:`measure` wraps that in a subprocess, with an optional
 address-space cap so that an all-pairs reference that would exhaust the machine fails as "OOM".
 """
@@ -22,6 +22,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 def _rss_bytes() -> int:
@@ -112,7 +113,7 @@ def measure(
     ``"timeout"``.
     """
     command = [
-        sys.executable, "-m", "elogitnorm_fast.peak_memory", "--loss", loss, "--backend", backend,
+        sys.executable, str(Path(__file__).resolve()), "--loss", loss, "--backend", backend,
         "--n", str(n), "--c", str(c), "--d", str(d), "--device", device, "--dtype", dtype,
     ]
 

@@ -1,10 +1,11 @@
-"""``elogitnorm-fast bench``: run the benchmark matrix, write JSON, render tables and a plot.
+"""Run the benchmark matrix, write JSON, render tables and a plot (``elogitnorm-fast bench``).
 
-Runs from a source checkout (the ``benchmarks/`` folder beside the package). CPU: every
+Usage: ``python benchmarks/run_all.py [--quick] [--device cpu|cuda] [--out FOLDER]``, or the same
+options after ``elogitnorm-fast bench`` in a source checkout. CPU: every
 ``benchmarks/bench_*.py`` through pytest-benchmark, one JSON per file. CUDA: every
-``benchmarks/gpu_*.py`` script. Then :mod:`elogitnorm_fast.bench_report` renders the Markdown
-tables and the PNG: full-size runs into ``docs/performance.md``, ``--quick`` runs (and runs with
-``--out``) beside their own JSON, so that quick results never replace full-size ones.
+``benchmarks/gpu_*.py`` script. Then :mod:`report` renders the Markdown tables and the PNG:
+full-size runs into ``docs/performance.md``, ``--quick`` runs (and runs with ``--out``) beside
+their own JSON, so that quick results never replace full-size ones.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .progress import progress_bar
+from elogitnorm_fast.progress import progress_bar
+
+from report import write_report
 
 DESCRIPTION = (
     "Run the benchmark matrix from a source checkout and render its tables and plot. CPU: every "
@@ -24,8 +27,8 @@ DESCRIPTION = (
     "docs/performance.md; --quick (or --out) writes and renders elsewhere, so it never replaces "
     "full-size results."
 )
-ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ROOT / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parent
+ROOT = BENCHMARKS.parent
 
 
 def _run(command: list[str], env: dict, log) -> int:
@@ -45,9 +48,7 @@ def destinations(quick: bool, out: str | None) -> tuple[Path, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not BENCHMARKS.is_dir():
-        print(f"error: bench runs from a source checkout; {BENCHMARKS} not found", file=sys.stderr)
-        return 2
+    """Run every benchmark of ``args.device`` and render the report; returns the exit status."""
     out, report = destinations(args.quick, args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, ELOGITNORM_BENCH_SIZE="quick" if args.quick else "full",
@@ -71,8 +72,6 @@ def run(args: argparse.Namespace) -> int:
                 code = _run(command + (["--quick"] if args.quick else []), env, log)
                 if code != 0:
                     failures.append(f"{path.name} (exit {code})")
-    from .bench_report import write_report
-
     written = write_report(out, report)
     print("wrote " + ", ".join(str(p) for p in written) + f"; log {log_path}")
     if failures:
@@ -81,12 +80,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(commands) -> None:
-    parser = commands.add_parser("bench", help="run the benchmarks, render tables and plot",
-                                 description=DESCRIPTION)
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), run, and return the exit status."""
+    parser = argparse.ArgumentParser(prog="elogitnorm-fast bench", description=DESCRIPTION)
     parser.add_argument("--quick", action="store_true",
                         help="fewer rows for scorer / metric benchmarks (< 10 min on 2 cores)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--out", help="results folder (default benchmarks/results, or "
                         "benchmarks/results/quick with --quick)")
-    parser.set_defaults(handler=run)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
