@@ -31,7 +31,7 @@ def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 def as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``tensor.to(dtype)``, which returns ``tensor`` itself when the dtype already matches,
-    without the call (about 1 us of host time each, several per eager step of a fused backend)."""
+    without the call: the eager steps of a fused backend make several, and each costs host time."""
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 

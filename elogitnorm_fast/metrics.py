@@ -119,7 +119,7 @@ def _order_keys(scores: torch.Tensor) -> torch.Tensor:
 
     IEEE bits read as a signed integer are ordered for non-negative floats; for negative ones
     the magnitude bits are flipped. ``-0.0`` is first canonicalised to ``+0.0`` so the two tie.
-    Integer sorts take torch's radix-sort path, about 2.5x faster than a float sort on the CPU.
+    Integer keys let torch sort with its radix sort, which beats a float sort on the CPU.
     """
     if scores.dtype == torch.float32:
         int_type, flip = torch.int32, 0x7FFFFFFF
