@@ -27,6 +27,10 @@ from .geometry import distance_rows
 from .reference import LOGITNORM_NORM_EPS
 
 Rows = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+# The Function's forward and backward as plain functions: torch.compile treats a call through
+# the class as autograd's own and would demand a real context.
+_ELOGITNORM_FORWARD = _ELogitNorm.__dict__["forward"].__func__
+_ELOGITNORM_BACKWARD = _ELogitNorm.__dict__["backward"].__func__
 
 
 class _Context:
@@ -46,20 +50,23 @@ def elogitnorm_rows_torch(z, weight, target, *, reduction, upstream, need_weight
     """ELogitNorm rows as the ``torch`` backend computes them (``weight`` in ``z``'s dtype)."""
     with torch.no_grad():
         predicted = z.argmax(dim=1)
-        # CPU: near-coincident weight rows recomputed exactly, as the torch backend does there.
-        geometry = distance_rows(weight, predicted, z.dtype, refine=weight.device.type == "cpu")
+        # CPU: near-coincident weight rows recomputed exactly, as the torch backend does there;
+        # not under torch.compile, whose data-dependent sizes cannot stay inside a Function
+        # (the GEMM distances then, as on CUDA).
+        refine = weight.device.type == "cpu" and not torch.compiler.is_compiling()
+        geometry = distance_rows(weight, predicted, z.dtype, refine=refine)
     refined = geometry.refined
-    if refined is not None and not torch.compiler.is_compiling() and refined[0].numel() == 0:
+    if refined is not None and refined[0].numel() == 0:
         refined = None
     ctx = _Context(need_weight_grad)
-    loss = _ELogitNorm.forward(
+    loss = _ELOGITNORM_FORWARD(
         ctx, z, weight, target, predicted, geometry.for_samples(predicted), geometry.weight,
         geometry.rows if geometry.per_sample else None, geometry.weight_scale,
         *(refined or (None, None)), geometry.per_sample, reduction, ignore_index, eps, divisor,
     )
     if upstream is None:
         return loss, None, None
-    grad_logits, grad_weight = _ELogitNorm.backward(ctx, upstream)[:2]
+    grad_logits, grad_weight = _ELOGITNORM_BACKWARD(ctx, upstream)[:2]
     return loss, grad_logits, grad_weight
 
 

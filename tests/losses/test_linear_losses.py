@@ -1,0 +1,297 @@
+"""Fused linear + ELogitNorm / LogitNorm against the unfused losses on ``F.linear``'s logits.
+
+Every case draws fresh features, weight and bias and compares the fused loss and its three
+gradients with ``elogitnorm_loss(F.linear(features, weight, bias), weight, target)`` (or
+``logitnorm_loss``): in float64 against the ``reference`` backend, in float32 against the
+unfused fast path of the same backend.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import elogitnorm_fast as ef
+from elogitnorm_fast.linear_losses import CHUNK_BYTES, default_chunk_rows
+
+FUSED = [name for name in ("torch", "cpu") if ef.unavailable_reason(name, "cpu") is None]
+LOSSES = ("elogitnorm", "logitnorm")
+REDUCTIONS = ("mean", "sum", "none")
+#: (N, C, D): fewer rows than classes, more rows than classes.
+SHAPES = ((7, 19, 5), (23, 6, 4))
+#: Rows per chunk: one, an odd size that leaves a short last chunk, more than N.
+CHUNKS = (1, 5, 1000)
+
+
+def make_inputs(n, c, d, kind="random", *, dtype=torch.float64, bias=True, generator=None):
+    """Fresh features, weight, bias (or None) and targets; tensors require grad.
+
+    ``ties``: small integers everywhere, so logits tie, the row maximum included;
+    ``some_ignored`` / ``all_ignored``: targets set to -100.
+    """
+    if kind == "ties":
+        x = torch.randint(-2, 3, (n, d), generator=generator).double()
+        w = torch.randint(-2, 3, (c, d), generator=generator).double()
+        b = torch.randint(-1, 2, (c,), generator=generator).double()
+    else:
+        x = torch.randn(n, d, generator=generator, dtype=torch.float64)
+        w = torch.randn(c, d, generator=generator, dtype=torch.float64)
+        b = torch.randn(c, generator=generator, dtype=torch.float64)
+    target = torch.randint(0, c, (n,), generator=generator)
+    if kind == "some_ignored":
+        target[::3] = -100
+    elif kind == "all_ignored":
+        target[:] = -100
+    leaves = [t.to(dtype).requires_grad_(True) for t in (x, w, b)]
+    return leaves[0], leaves[1], leaves[2] if bias else None, target
+
+
+def unfused(loss, features, weight, bias, target, backend, **options):
+    options.pop("chunk_rows", None)
+    logits = F.linear(features, weight, bias)
+    if loss == "elogitnorm":
+        return ef.elogitnorm_loss(logits, weight, target, backend=backend, **options)
+    return ef.logitnorm_loss(logits, target, backend=backend, **options)
+
+
+def fused(loss, features, weight, bias, target, backend, **options):
+    call = ef.linear_elogitnorm_loss if loss == "elogitnorm" else ef.linear_logitnorm_loss
+    return call(features, weight, bias, target, backend=backend, **options)
+
+
+def grads(loss, tensors, upstream):
+    wanted = [t for t in tensors if t is not None and t.requires_grad]
+    found = iter(torch.autograd.grad(loss, wanted, upstream))
+    return [next(found) if t is not None and t.requires_grad else None for t in tensors]
+
+
+def compare(loss, backend, expected_backend, inputs, *, rtol, atol, **options):
+    """Fused on ``backend`` against unfused on ``expected_backend``, on copies of the same
+    inputs: loss (value, dtype, shape) and the gradient of every input that requires one."""
+    features, weight, bias, target = inputs
+    copies = [None if t is None else t.detach().clone().requires_grad_(t.requires_grad)
+              for t in (features, weight, bias)]
+    ours = fused(loss, features, weight, bias, target, backend, **options)
+    theirs = unfused(loss, *copies, target, expected_backend, **options)
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, rtol=rtol, atol=atol, equal_nan=True)
+    upstream = torch.rand(ours.shape, dtype=ours.dtype) + 0.5
+    for mine, other, tensor in zip(grads(ours, (features, weight, bias), upstream),
+                                   grads(theirs, copies, upstream), (features, weight, bias),
+                                   strict=True):
+        if tensor is None or not tensor.requires_grad:
+            continue
+        assert mine.dtype == tensor.dtype
+        torch.testing.assert_close(mine, other, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_float64_matches_reference(backend, loss, reduction, shape, chunk):
+    inputs = make_inputs(*shape)
+    compare(loss, backend, "reference", inputs, rtol=1e-9, atol=1e-10, reduction=reduction,
+            chunk_rows=chunk)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("kind", ["ties", "some_ignored", "all_ignored"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_float64_special_rows_match_reference(backend, loss, kind, reduction):
+    inputs = make_inputs(11, 9, 6, kind)
+    compare(loss, backend, "reference", inputs, rtol=1e-9, atol=1e-10, reduction=reduction,
+            chunk_rows=4)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(37, 300, 16), (300, 37, 16)])
+def test_float32_matches_unfused_fast_path(backend, loss, reduction, shape):
+    inputs = make_inputs(*shape, "some_ignored", dtype=torch.float32)
+    compare(loss, backend, backend, inputs, rtol=2e-4, atol=2e-6, reduction=reduction,
+            chunk_rows=7)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_options_reach_the_loss(backend, loss):
+    inputs = make_inputs(9, 12, 5)
+    inputs[3][1::3] = 3  # ignore_index below is a class: these rows are ignored
+    options = {"ignore_index": 3, "reduction": "sum", "chunk_rows": 2}
+    if loss == "elogitnorm":
+        options.update(eps=0.3, divisor="paper")
+    else:
+        options.update(tau=0.5)
+    compare(loss, backend, "reference", inputs, rtol=1e-9, atol=1e-10, **options)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("frozen", ["none", "features", "weight", "bias", "no_bias"])
+def test_inputs_without_grad_or_bias(backend, loss, frozen):
+    features, weight, bias, target = make_inputs(10, 14, 5, bias=frozen != "no_bias")
+    if frozen in ("features", "weight", "bias"):
+        {"features": features, "weight": weight, "bias": bias}[frozen].requires_grad_(False)
+    compare(loss, backend, "reference", (features, weight, bias, target), rtol=1e-9,
+            atol=1e-10, chunk_rows=3)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_no_grad_gives_the_loss(backend, loss):
+    features, weight, bias, target = make_inputs(10, 14, 5)
+    with torch.no_grad():
+        ours = fused(loss, features, weight, bias, target, backend, chunk_rows=3)
+        theirs = unfused(loss, features, weight, bias, target, "reference")
+    assert not ours.requires_grad
+    torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])
+def test_bfloat16_features(backend, loss, weight_dtype):
+    """bf16 features (fp32 or bf16 weight and bias): the float64 reference on the same rounded
+    values, within bf16 rounding of the logits, and gradients in the inputs' dtypes."""
+    features, weight, bias, target = make_inputs(40, 60, 16)
+    x = features.detach().bfloat16().requires_grad_(True)
+    w = weight.detach().to(weight_dtype).requires_grad_(True)
+    b = bias.detach().to(weight_dtype).requires_grad_(True)
+    ours = fused(loss, x, w, b, target, backend, chunk_rows=9)
+    assert ours.dtype == torch.promote_types(torch.bfloat16, weight_dtype)
+    exact = [t.detach().double().requires_grad_(True) for t in (x, w, b)]
+    truth = unfused(loss, *exact, target, "reference")
+    torch.testing.assert_close(ours.double(), truth, rtol=2e-2, atol=2e-2)
+    mine = grads(ours, (x, w, b), torch.ones((), dtype=ours.dtype))
+    expected = grads(truth, exact, torch.ones((), dtype=torch.float64))
+    for value, reference, tensor in zip(mine, expected, (x, w, b), strict=True):
+        assert value.dtype == tensor.dtype
+        error = (value.double() - reference).norm() / reference.norm()
+        assert error < 3e-2
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_autocast_loss_is_float32_as_unfused(backend):
+    features, weight, bias, target = make_inputs(12, 30, 8, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = ef.linear_elogitnorm_loss(features, weight, bias, target, backend=backend)
+        theirs = ef.elogitnorm_loss(F.linear(features, weight, bias), weight, target,
+                                    backend="reference")
+    assert ours.dtype == theirs.dtype == torch.float32
+    # Unfused, autocast rounds the logits to bf16; fused, they stay fp32.
+    torch.testing.assert_close(ours, theirs, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_modules_match_functional_and_fill_the_head(loss):
+    features, weight, bias, target = make_inputs(9, 11, 4, dtype=torch.float32)
+    head = nn.Linear(4, 11)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    module = ef.LinearELogitNormLoss if loss == "elogitnorm" else ef.LinearLogitNormLoss
+    from_linear = module(head, chunk_rows=2, backend="torch")
+    from_tensors = module(weight, bias, chunk_rows=4, backend="torch")
+    assert {name for name, _ in from_linear.named_parameters()} == {"linear.weight",
+                                                                   "linear.bias"}
+    from_linear(features, target).backward()
+    from_tensors(features, target).backward()
+    exact = [t.detach().double().requires_grad_(True) for t in (features, weight, bias)]
+    expected = unfused(loss, *exact, target, "reference")
+    _, grad_weight, grad_bias = grads(expected, exact, torch.ones((), dtype=torch.float64))
+    for module_grad in (head.weight.grad, weight.grad):
+        torch.testing.assert_close(module_grad.double(), grad_weight, rtol=1e-4, atol=1e-6)
+    for module_grad in (head.bias.grad, bias.grad):
+        torch.testing.assert_close(module_grad.double(), grad_bias, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(from_linear(features, target).double(), expected,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_module_rejects_a_second_bias():
+    with pytest.raises(ValueError, match="bias must be None"):
+        ef.LinearELogitNormLoss(nn.Linear(3, 4), torch.zeros(4))
+    with pytest.raises(TypeError, match="head must be an nn.Linear"):
+        ef.LinearLogitNormLoss("fc")
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "text"),
+    [
+        ({"features": torch.zeros(4)}, ValueError, "features must be 2-D"),
+        ({"features": torch.zeros(4, 3, dtype=torch.int64)}, TypeError, "features must be"),
+        ({"weight": torch.zeros(6, 5)}, ValueError, "features must have D = 5"),
+        ({"bias": torch.zeros(5)}, ValueError, r"bias must have shape \(6,\)"),
+        ({"target": torch.zeros(3, dtype=torch.int64)}, ValueError, "target must have shape"),
+        ({"target": torch.full((4,), 9)}, ValueError, "target values must be in"),
+        ({"chunk_rows": 0}, ValueError, "chunk_rows must be an integer >= 1"),
+        ({"chunk_rows": 2.0}, ValueError, "chunk_rows must be an integer >= 1"),
+        ({"backend": "triton"}, ValueError, "backend must be 'auto' or one of"),
+        ({"backend": "gpu"}, ValueError, "backend must be"),
+        ({"reduction": "avg"}, ValueError, "reduction must be one of"),
+        ({"eps": -1.0}, ValueError, "eps must be a finite number > 0"),
+        ({"divisor": "rows"}, ValueError, "divisor must be one of"),
+        ({"ignore_index": 1.5}, TypeError, "ignore_index must be an integer"),
+    ],
+)
+def test_invalid_arguments_raise_one_line_before_any_work(change, error, text):
+    arguments = {"features": torch.zeros(4, 3), "weight": torch.zeros(6, 3),
+                 "bias": torch.zeros(6), "target": torch.zeros(4, dtype=torch.int64),
+                 "backend": "torch", **change}
+    features, weight, bias, target = (arguments.pop(k) for k in ("features", "weight", "bias",
+                                                                 "target"))
+    with pytest.raises(error, match=text) as raised:
+        ef.linear_elogitnorm_loss(features, weight, bias, target, **arguments)
+    assert "\n" not in str(raised.value)
+
+
+def test_logitnorm_checks_tau():
+    with pytest.raises(ValueError, match="tau must be a finite number > 0"):
+        ef.linear_logitnorm_loss(torch.zeros(2, 3), torch.zeros(4, 3), None,
+                                 torch.zeros(2, dtype=torch.int64), tau=0.0)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_create_graph_names_the_unfused_path(backend, reduction):
+    features, weight, bias, target = make_inputs(5, 7, 3)
+    loss = ef.linear_elogitnorm_loss(features, weight, bias, target, backend=backend,
+                                     reduction=reduction)
+    with pytest.raises(RuntimeError, match=r"elogitnorm_loss\(F\.linear"):
+        torch.autograd.grad(loss.sum(), features, create_graph=True)
+
+
+@pytest.mark.parametrize("rows_total", [1, 10, 10_000])
+@pytest.mark.parametrize("classes", [1, 1000, 10**6, 10**8])
+def test_default_chunk_fits_the_budget(rows_total, classes):
+    chunk = default_chunk_rows(rows_total, classes, 4)
+    assert 1 <= chunk <= rows_total
+    assert chunk == 1 or chunk * classes * 4 <= CHUNK_BYTES
+    assert chunk == rows_total or (chunk + 1) * classes * 4 > CHUNK_BYTES
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_compile_fullgraph_matches_reference(backend, loss):
+    features, weight, bias, target = make_inputs(12, 20, 6, "some_ignored",
+                                                 dtype=torch.float32)
+    torch._dynamo.reset()
+
+    def step(x, w, b, y):
+        return fused(loss, x, w, b, y, backend, chunk_rows=5)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    ours = compiled(features, weight, bias, target)
+    exact = [t.detach().double().requires_grad_(True) for t in (features, weight, bias)]
+    truth = unfused(loss, *exact, target, "reference")
+    torch.testing.assert_close(ours.double(), truth, rtol=1e-5, atol=1e-6)
+    for value, reference in zip(grads(ours, (features, weight, bias), torch.ones(())),
+                                grads(truth, exact, torch.ones((), dtype=torch.float64)),
+                                strict=True):
+        torch.testing.assert_close(value.double(), reference, rtol=1e-4, atol=1e-6)
