@@ -33,7 +33,8 @@ def _copy_checkout(target: Path) -> None:
 def test_plain_pip_install_into_a_fresh_venv_compiles_for_its_torch(tmp_path):
     """``pip install PATH`` with pip's defaults (build isolation) into a venv holding only the
     CPU torch: the install succeeds, the cpu backend compiles on first use against that torch and
-    matches the reference, and a later import prints nothing (triton is absent there)."""
+    matches the reference, a later import prints nothing (triton is absent there), and ``bench``
+    refuses in one line, the benchmarks being no part of the install."""
     source, env_dir, cache = tmp_path / "src", tmp_path / "venv", tmp_path / "cache"
     _copy_checkout(source)
     venv.create(env_dir, with_pip=True)
@@ -68,6 +69,12 @@ def test_plain_pip_install_into_a_fresh_venv_compiles_for_its_torch(tmp_path):
                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-4000:]
     assert (again.stdout, again.stderr) == ("", "")
+    # The benchmarks stay in the checkout: an installed package's bench says so in one line.
+    bench = subprocess.run([python, "-m", "elogitnorm_fast", "bench", "--quick"], env=env,
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert bench.returncode == 2, bench.stderr[-4000:]
+    assert bench.stderr.startswith("error: bench runs from a source checkout")
+    assert bench.stderr.count("\n") == 1
 
 
 def test_a_library_built_for_another_torch_is_refused_naming_both_versions(tmp_path):
