@@ -60,10 +60,9 @@ def _record(benchmark, k, impl):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("k", [50, 200])
-def test_knn_scorer(benchmark, data, k, kernel, monkeypatch):
+def test_knn_scorer(benchmark, data, k, kernel):
     bank, queries = data
-    monkeypatch.setattr(selection, "NATIVE_KERNEL", kernel)
-    scorer = KNNScorer(k=k, squared=True).fit(bank)
+    scorer = KNNScorer(k=k, squared=True, cpu_kernel=kernel).fit(bank)
     expected = chunked_mm_topk(bank, queries[:500], k)  # independent check before timing
     torch.testing.assert_close(-scorer.score(queries[:500]), expected, rtol=1e-5, atol=2e-6)
     native = scorer._use_native()

@@ -13,7 +13,6 @@ Sizes: ``ELOGITNORM_BENCH_ROWS`` (default 1_000_000; the logits take 4 GB) and
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import numpy as np
@@ -21,10 +20,10 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
+import elogitnorm_fast as ef
 from elogitnorm_fast import metrics
 from elogitnorm_fast.scoring import logit_scores
 
-ls = importlib.import_module("elogitnorm_fast.scoring.logit_scores")
 ROWS = int(os.environ.get("ELOGITNORM_BENCH_ROWS", "1000000"))
 CLASSES = 1000
 SCORE_SIZES = [
@@ -53,10 +52,7 @@ def four_separate_torch(z):
 
 
 def _backends():
-    out = ["torch"]
-    if ls.cpu_op_available():
-        out.append("cpu")
-    return out
+    return ef.available_backends("cpu", op="logit_scores")
 
 
 @pytest.mark.benchmark(group=f"logit_scores N={ROWS} C={CLASSES}")

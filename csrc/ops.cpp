@@ -1,16 +1,16 @@
 // The loss ops: schemas (declared once, here), and their autograd, which is the same for every
 // device. Device kernels are registered with TORCH_LIBRARY_IMPL in csrc/cpu/*_loss.cpp and
 // csrc/cuda_loss_binding.cpp; the fake (meta) kernels live in Python
-// (elogitnorm_fast/backends/_extension_ops.py), which set_python_module names so that
+// (elogitnorm_fast/backends/compiled.py), which set_python_module names so that
 // torch.compile finds them even before that module is imported.
 //
 // Forward ops compute the loss and, when asked, its gradient for an upstream gradient of one per
 // valid row ("unit" gradient, docs/design.md); the backward ops rescale it by the real
 // upstream gradient and run the weight-gradient GEMMs. So a training step is one op per
-// direction. The autograd glue is in C++ rather than torch.library.register_autograd because
-// it measured about 60-100 us cheaper per step on a 2-core CPU, which is most of the budget at
-// CIFAR sizes; the backward is still a registered op (fake kernel included), so torch.compile
-// and opcheck see both directions. Other files add their own ops with TORCH_LIBRARY_FRAGMENT.
+// direction. The autograd glue is in C++ rather than torch.library.register_autograd to keep
+// Python out of the step's host time; the backward is still a registered op (fake kernel
+// included), so torch.compile and opcheck see both directions. Other files add their own ops
+// with TORCH_LIBRARY_FRAGMENT.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -21,7 +21,7 @@
 #include "first_derivative.h"
 
 TORCH_LIBRARY(elogitnorm_fast, m) {
-  m.set_python_module("elogitnorm_fast.backends._extension_ops");
+  m.set_python_module("elogitnorm_fast.backends.compiled");
   // Outputs: loss (logits dtype; () or (N,)), grad_unit (N, C) accumulation dtype or (0,),
   // scale_grad (N,) or (0,), sample_slot (N,) int64 (distance row of each sample, -1 = ignored;
   // the kernels keep each row's logit rescale exponent in its high bits),

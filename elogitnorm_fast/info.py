@@ -6,7 +6,7 @@ import platform
 
 import torch
 
-from .backends import BACKENDS, unavailable_reason
+from .backends import BACKENDS, IMPLEMENTS, unavailable_reason
 
 INTERPRETER_NOTE = (
     "note: TRITON_INTERPRET=1 runs the Triton kernels in a slow Python interpreter, a mode for "
@@ -40,7 +40,11 @@ def collect() -> dict:
         # similarity kernels of the native KNN search on this CPU, the one used first
         "knn_cpu_kernels": native_kernels(),
         "devices": devices,
+        # the loss backends (the reasons are the same for the other op families)
         "backends": {name: unavailable_reason(name) for name in BACKENDS},
+        # per op family, the backends that implement it and why each one cannot run (or None)
+        "op_backends": {op: {name: unavailable_reason(name, op=op) for name in names}
+                        for op, names in IMPLEMENTS.items()},
         "triton_interpret": triton_interpreting(),
     }
 
@@ -58,6 +62,9 @@ def render(details: dict) -> str:
         if name == "triton" and reason is None and interpreting:
             state += " (TRITON_INTERPRET=1: the slow Triton interpreter, for debugging only)"
         lines.append(f"  {name:<10} {state}")
+    for op, reasons in details.get("op_backends", {}).items():
+        running = [name for name, reason in reasons.items() if reason is None]
+        lines.append(f"{op} backends: " + (", ".join(running) or "none"))
     if any("TRITON_INTERPRET" in (reason or "") for reason in details["backends"].values()):
         lines.append(INTERPRETER_NOTE)
     return "\n".join(lines)

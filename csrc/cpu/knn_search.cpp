@@ -34,8 +34,7 @@ namespace {
 namespace knn = elogitnorm_fast::knn;
 
 // Bank rows a thread runs a group of query tiles against while they stay in cache, and the
-// packed query tiles of one group. Measured on a 2-core AMD EPYC (Zen 4) at D = 512 and 2048:
-// bank tiles of 2 and 4 MiB tie and 8 MiB lost 15-20 %; query groups of 4-16 MiB tie.
+// packed query tiles of one group: sized to stay within a CPU's last-level cache share.
 constexpr int64_t kBankTileBytes = 4 << 20;
 constexpr int64_t kQueryGroupBytes = 8 << 20;
 
@@ -72,15 +71,14 @@ void search_tiles(const knn::TileKernel& kernel, const SearchArgs& a) {
       std::max<int64_t>(1, kBankTileBytes / (4 * std::max<int64_t>(depth, 1)) / kernel.rows) *
       kernel.rows;
   // The kernel reads bank rows in place (kRows streams), except when rows are 4 KiB apart (D a
-  // multiple of 1024): they then share one L1 set and evict each other (30 % slower than BLAS
-  // at D = 2048, measured), so each thread packs each bank tile into one stream first. Packing
-  // at other D measured no faster with many queries and 40 % slower with few.
+  // multiple of 1024): they then share one L1 set and evict each other, so each thread packs
+  // each bank tile into one stream first. At other D packing only adds work.
   const bool pack_bank = depth % 1024 == 0 && depth > 0;
   const int64_t num_tiles = (num_queries + width - 1) / width;
   const float* query_ptr = a.queries.data_ptr<float>();
   const float* bank_ptr = a.bank.data_ptr<float>();
-  // Query tiles are packed once per group; the bank is streamed once per group (repacking the
-  // queries for every bank tile instead cost 15 % at D = 2048, measured).
+  // Query tiles are packed once per group and the bank is streamed once per group, so the
+  // queries are not repacked for every bank tile.
   const int64_t group =
       std::max<int64_t>(1, kQueryGroupBytes / (4 * width * std::max<int64_t>(depth, 1)));
   at::parallel_for(0, num_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {

@@ -6,8 +6,8 @@
 // candidates that beat the threshold since the last merge. A whole run of 16 columns is skipped
 // when its maximum does not beat the threshold (one vectorised read once the row is warm);
 // candidates of a run are appended branch-free. When the slots fill up, one nth_element over
-// their values keeps the k best and raises the threshold: O(1) per candidate, about 5x less
-// than keeping a heap (measured at k = 200), and pending candidates carry over between blocks.
+// their values keeps the k best and raises the threshold: O(1) per candidate amortised, where a
+// heap costs O(log k), and pending candidates carry over between blocks.
 // The caller finishes with a top-k over each row's first k + pending slots (selection.py).
 //
 // Order: a pair is better when its similarity is larger, or equal with a smaller bank index.

@@ -21,14 +21,14 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
+from ..backends import check_backend_name, resolve_backend
 from ..progress import progress_bar
 from ..validation import check_count, is_count
 from .bank import Bank, BankInput, as_array_like, check_finite, prepare_rows
-from .selection import RunningTopK, native_select_available, slot_width
+from .selection import CPU_KERNELS, RunningTopK, slot_width
 
-_BACKENDS = ("auto", "native", "torch")
-#: Memory for the native selection's running top-k; more queries than fit are searched in
-#: batches (e.g. ~73,000 queries at k = 50, ~11,000 at k = 1000).
+#: Default memory for the native selection's running top-k; more queries than fit are searched
+#: in batches (e.g. ~73,000 queries at k = 50, ~11,000 at k = 1000).
 SELECTION_STATE_BYTES = 256 * 2**20
 _BANK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TopPairs = tuple[torch.Tensor, torch.Tensor]  # (values, indices), best first per query row
@@ -54,15 +54,23 @@ class KNNScorer:
             carry ~1e-3 relative error). Off by default; the global torch flag is restored after
             each call.
         query_chunk, bank_chunk: block sizes; memory is ``query_chunk x bank_chunk`` floats plus
-            the running top-k (``queries x k`` pairs; with the native selection at most
-            :data:`SELECTION_STATE_BYTES`, more queries are searched in batches, each streaming
-            the bank once), never ``queries x bank``. The native backend takes ``bank_chunk``
-            rows per call and tiles them itself (a few MiB of packed tiles per thread), so
-            ``query_chunk`` only applies to the torch backend. Defaults tuned per device.
-        backend: ``"native"`` (C++ similarity tiles + selection, CPU, needs
-            ``elogitnorm_fast._C``; AVX-512 / AVX2 register tiles where the CPU has them, else
-            BLAS tiles, see ``selection.NATIVE_KERNEL``), ``"torch"`` (``torch.topk`` per
-            block, any device) or ``"auto"``.
+            the running top-k (``queries x k`` pairs; with the ``cpu`` backend at most
+            ``selection_state_bytes``), never ``queries x bank``. The ``cpu`` backend takes
+            ``bank_chunk`` rows per call and tiles them itself (a few MiB of packed tiles per
+            thread), so ``query_chunk`` only applies to the torch backend. Defaults per device.
+        backend: ``"cpu"`` (C++ similarity tiles + selection, CPU, needs
+            ``elogitnorm_fast._C``), ``"torch"`` (``torch.topk`` per block, any device) or
+            ``"auto"`` (``cpu`` for a bank on the CPU when it is built, else ``torch``); the
+            names of :mod:`elogitnorm_fast.backends` (op family ``"knn"``). ``"native"``, the
+            former name of ``"cpu"``, still works with a ``FutureWarning``.
+        cpu_kernel: the similarity kernel of the ``cpu`` backend: ``"auto"`` (the fastest this
+            CPU runs), ``"avx512"`` / ``"avx2"`` (register tiles, where the CPU has them) or
+            ``"blas"`` (BLAS tiles then a scan). They differ only in the rounding of the
+            similarities, never in how ties are broken.
+        selection_state_bytes: memory bound of the ``cpu`` backend's running top-k
+            (``k + max(k, 256)`` pairs of 12 bytes per query); more queries than fit are
+            searched in batches, each streaming the bank once. Results do not depend on it
+            beyond fp32 GEMM rounding.
         in_memory: keep the prepared bank in memory (default). ``False`` with a ``.npy`` path
             keeps it on disk and streams it in chunks for every ``score`` call.
         progress: progress bars (needs tqdm; ``None``: only for large work on a terminal).
@@ -82,12 +90,20 @@ class KNNScorer:
         query_chunk: int | None = None,
         bank_chunk: int | None = None,
         backend: str = "auto",
+        cpu_kernel: str = "auto",
+        selection_state_bytes: int = SELECTION_STATE_BYTES,
         in_memory: bool = True,
         progress: bool | None = None,
     ) -> None:
         check_count("k", k)
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        if backend == "native":
+            warnings.warn('KNNScorer(backend="native") is now backend="cpu"; use "cpu"',
+                          FutureWarning, stacklevel=2)
+            backend = "cpu"
+        check_backend_name(backend, op="knn")
+        if not isinstance(cpu_kernel, str) or cpu_kernel not in CPU_KERNELS:
+            raise ValueError(f"cpu_kernel must be one of {CPU_KERNELS}, got {cpu_kernel!r}")
+        check_count("selection_state_bytes", selection_state_bytes)
         if bank_dtype not in _BANK_DTYPES:
             raise ValueError(f"bank_dtype must be one of {_BANK_DTYPES}, got {bank_dtype}")
         for name, value in (("query_chunk", query_chunk), ("bank_chunk", bank_chunk)):
@@ -101,9 +117,12 @@ class KNNScorer:
         self.query_chunk = None if query_chunk is None else int(query_chunk)
         self.bank_chunk = None if bank_chunk is None else int(bank_chunk)
         self.backend = backend
+        self.cpu_kernel = cpu_kernel
+        self.selection_state_bytes = int(selection_state_bytes)
         self.in_memory = in_memory
         self.progress = progress
         self.bank: Bank | None = None
+        self._native = False
 
     # ------------------------------------------------------------------ fitting
     @torch.no_grad()
@@ -119,10 +138,7 @@ class KNNScorer:
                 bank_features.device if isinstance(bank_features, torch.Tensor)
                 else torch.device("cpu")
             )
-        if self.backend == "native" and device.type != "cpu":
-            raise ValueError(f"backend='native' runs on the CPU only, got device {device}")
-        if self.backend == "native" and not native_select_available():
-            raise ValueError("backend='native' needs the compiled extension elogitnorm_fast._C")
+        self._native = resolve_backend(self.backend, device, op="knn").NAME == "cpu"
         source = as_array_like(bank_features)
         self._check_bank_rows(int(source.shape[0]))
         self.bank = Bank.build(
@@ -204,19 +220,18 @@ class KNNScorer:
         return out.to(origin)
 
     def _use_native(self) -> bool:
-        bank = self._bank()
-        if self.backend == "torch" or bank.device.type != "cpu":
-            return False
-        return native_select_available()
+        """Whether the bank is searched by the ``cpu`` backend (chosen by :meth:`fit`)."""
+        self._bank()
+        return self._native
 
     def _query_batches(self, queries: torch.Tensor, k: int) -> list[torch.Tensor]:
-        """Queries in batches whose running top-k state fits :data:`SELECTION_STATE_BYTES` (the
+        """Queries in batches whose running top-k state fits ``selection_state_bytes`` (the
         native selection keeps ``slot_width(k)`` pairs of 12 bytes per query); each batch
         streams the bank once. At least one batch, possibly empty."""
         if not self._use_native():
             return [queries]
         per_query = slot_width(k) * 12
-        rows = max(1, SELECTION_STATE_BYTES // per_query)
+        rows = max(1, self.selection_state_bytes // per_query)
         return list(queries.split(rows)) or [queries]
 
     def _sorted_by_batch(
@@ -243,7 +258,8 @@ class KNNScorer:
         similarities at the k-th place resolved by smaller index, needed for indices only)."""
         bank = self._bank()
         num_queries = queries.shape[0]
-        top = RunningTopK(num_queries, k, bank.device, self._use_native(), exact_ties)
+        top = RunningTopK(num_queries, k, bank.device, self._use_native(), exact_ties,
+                          kernel=self.cpu_kernel)
         if num_queries == 0:
             return top
         query_chunk, bank_chunk = self._chunk_sizes(num_queries)

@@ -5,16 +5,17 @@ Each query keeps its ``k`` best ``(similarity, bank index)`` pairs while similar
 better when its similarity is larger, or equal with a smaller bank index; the k-th best
 similarity of a row is the smallest kept value.
 
-Two implementations:
+Two implementations (the ``cpu`` and ``torch`` backends of the KNN scorer):
 
-* ``native``: the C++ op ``knn_search_update`` (CPU, ``csrc/cpu/knn_search.cpp``,
+* native (``cpu``): the C++ op ``knn_search_update`` (CPU, ``csrc/cpu/knn_search.cpp``,
   ``knn_tiles.h`` and ``knn_slots.h``) computes ``S`` itself, tile by tile, and selects each
   tile while it is in cache (:meth:`RunningTopK.search`): per row, ``k`` kept pairs plus room
   for ``max(k, 256)`` pending candidates that beat the k-th kept value; a full row is merged
   with one ``nth_element``. On x86 CPUs with AVX-512 or AVX2 a register-tiled kernel compares
   each similarity with its row's threshold before storing anything; elsewhere BLAS tiles are
-  scanned (:data:`NATIVE_KERNEL`). Memory: ``num_queries x (k + max(k, 256))`` pairs (12 bytes each)
-  instead of ``num_queries x k``, plus up to ~12 MiB of packed tiles per thread.
+  scanned (the ``kernel`` argument, :data:`CPU_KERNELS`). Memory: ``num_queries x (k +
+  max(k, 256))`` pairs (12 bytes each) instead of ``num_queries x k``, plus up to ~12 MiB of
+  packed tiles per thread.
 * ``torch``: ``torch.topk`` of each block ``S`` computed by the caller merged with the running
   top-k (:meth:`RunningTopK.update`; any device, the GPU path).
   ``torch.topk`` picks arbitrarily among equal values at the k-th place; with ``exact_ties`` a
@@ -34,15 +35,10 @@ EMPTY_INDEX = torch.iinfo(torch.int64).max
 #: Room for pending candidates per row in the native selection, beyond ``k`` (at least).
 NATIVE_MIN_SLACK = 256
 
-#: Similarity kernel of the native search: ``"auto"`` (the fastest this CPU runs), or one of
-#: :func:`native_kernels` (``"avx512"``, ``"avx2"``, ``"blas"``). The kernels differ only in
-#: the rounding of the similarities (summation order), never in how ties are broken.
-NATIVE_KERNEL = "auto"
-
-
-def native_select_available() -> bool:
-    """Whether the compiled CPU search op is registered (``elogitnorm_fast._C`` built)."""
-    return has_ops("knn_search_update")
+#: Similarity kernels of the native search: ``"auto"`` (the first of :func:`native_kernels`,
+#: the fastest this CPU runs) and the kernels a CPU may have. They differ only in the rounding
+#: of the similarities (summation order), never in how ties are broken.
+CPU_KERNELS = ("auto", "avx512", "avx2", "blas")
 
 
 def native_kernels() -> list[str]:
@@ -62,17 +58,20 @@ class RunningTopK:
     """The ``k`` best similarities and their bank indices for ``num_queries`` rows.
 
     Usage: ``top = RunningTopK(n, k, device, native=False); top.update(0, n, S, offset)`` for
-    each block (native: ``top.search(Q, B, bias, offset)`` for each bank chunk), then
-    ``top.kth_values()`` or ``top.sorted()``. Read results only through those two:
-    ``values`` / ``indices`` are working state (the native slots hold pending and stale pairs).
+    each block (native: ``top.search(Q, B, bias, offset)`` for each bank chunk, with the
+    similarity kernel ``kernel``, one of :data:`CPU_KERNELS`), then ``top.kth_values()`` or
+    ``top.sorted()``. Read results only through those two: ``values`` / ``indices`` are working
+    state (the native slots hold pending and stale pairs).
     """
 
     def __init__(
-        self, num_queries: int, k: int, device: torch.device, native: bool, exact_ties: bool = True
+        self, num_queries: int, k: int, device: torch.device, native: bool,
+        exact_ties: bool = True, kernel: str = "auto",
     ) -> None:
         self.k = k
         self.native = native
         self.exact_ties = exact_ties
+        self.kernel = kernel
         width = slot_width(k) if native else k
         self.values = torch.full((num_queries, width), float("-inf"), device=device)
         self.indices = torch.full(
@@ -119,7 +118,7 @@ class RunningTopK:
         and selecting them tile by tile."""
         torch.ops.elogitnorm_fast.knn_search_update(
             queries, bank_rows, bias, self.values, self.indices, self.pending, self.thresholds,
-            self.k, index_offset, NATIVE_KERNEL,
+            self.k, index_offset, self.kernel,
         )
 
     def _candidates(self) -> tuple[torch.Tensor, torch.Tensor]:

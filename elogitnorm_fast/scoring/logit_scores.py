@@ -52,13 +52,15 @@ A NaN anywhere in a row makes all five of its scores NaN. ``msp``, ``entropy`` a
 finite for every finite row with C >= 2 whose margin ``m1 - m2`` is below the float range of
 the result (3.4e38 for float32).
 
-Backends (``backend=``):
+Backends (``backend=``, the names of :mod:`elogitnorm_fast.backends`, op family
+``"logit_scores"``; ``docs/backends.md``):
 
 * ``"triton"``: the Triton kernel (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
 * ``"cpu"``: the C++ op ``torch.ops.elogitnorm_fast.logit_scores`` (CPU tensors, extension built).
 * ``"torch"``: plain PyTorch, chunked over rows so no N x C float32 softmax is materialised.
-* ``"auto"`` (default): triton for CUDA tensors when triton imports, the C++ op for CPU tensors
-  when it is registered, torch otherwise. :func:`resolve_backend` tells which one runs.
+* ``"auto"`` (default): triton for CUDA tensors when it can run, the C++ op for CPU tensors
+  when it is built, torch otherwise. :func:`resolve_backend` tells which one runs;
+  ``elogitnorm_fast.unavailable_reason(name, device, op="logit_scores")`` why one cannot.
 
 fp16 / bf16 logits are read as they are and accumulated in float32; results are float32 (float64
 for float64 logits). No gradients (scores are for evaluation); inputs are never modified.
@@ -70,13 +72,13 @@ Example::
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterable, Sequence
 
 import torch
 
-from ..extension import load_error, triton_interpreting
+from ..backends import IMPLEMENTS
+from ..backends import resolve_backend as _resolve
 from ..geometry import accumulation_dtype
 from ..validation import check_count
 
@@ -90,93 +92,24 @@ __all__ = [
     "gen",
     "entropy_score",
     "resolve_backend",
-    "cpu_op_available",
-    "triton_available",
 ]
 
 #: Scores :func:`logit_scores` can compute, in the canonical order used by every backend.
 SCORE_NAMES = ("msp", "max_logit", "energy", "entropy", "gen")
-BACKENDS = ("auto", "torch", "cpu", "triton")
+#: Values of ``backend=``: ``"auto"`` and the backends that implement logit scores.
+BACKENDS = ("auto", *IMPLEMENTS["logit_scores"])
 DEFAULT_GAMMA = 0.1
 DEFAULT_TOP_M = 100
-#: Elements per row chunk of the torch path (float32: 16 MiB per temporary).
-_CHUNK_ELEMENTS = 1 << 22
-
-
-# --------------------------------------------------------------------------------------------
-# backend availability
-# --------------------------------------------------------------------------------------------
-
-
-def cpu_op_available() -> bool:
-    """True when the compiled extension is loaded and registered the CPU ``logit_scores`` op."""
-    if load_error() is not None:
-        return False
-    try:
-        available = torch._C._dispatch_has_kernel_for_dispatch_key(
-            "elogitnorm_fast::logit_scores", "CPU"
-        )
-    except RuntimeError:
-        return False
-    if available:
-        _register_fake()
-    return available
-
-
-_FAKE_REGISTERED = False
-
-
-def _register_fake() -> None:
-    """Shape / dtype rule of the C++ op for fake tensors (torch.compile, opcheck)."""
-    global _FAKE_REGISTERED
-    if _FAKE_REGISTERED:
-        return
-    _FAKE_REGISTERED = True
-
-    @torch.library.register_fake("elogitnorm_fast::logit_scores")
-    def _logit_scores_fake(logits, msp, max_logit, energy, entropy, gen, temperature, gamma, top_m):
-        torch._check(logits.dim() == 2, lambda: "logits must be 2-D")
-        count = int(msp) + int(max_logit) + int(energy) + int(entropy) + int(gen)
-        return logits.new_empty((count, logits.shape[0]), dtype=accumulation_dtype(logits))
-
-
-@functools.lru_cache(maxsize=1)
-def triton_available() -> bool:
-    """True when ``triton`` imports (no device query)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+#: Elements per row chunk of the torch path when ``chunk_rows`` is not given (float32: 16 MiB
+#: per temporary).
+CHUNK_ELEMENTS = 1 << 22
 
 
 def resolve_backend(logits: torch.Tensor, backend: str = "auto") -> str:
-    """The backend :func:`logit_scores` uses for these logits (raises if a forced one can't run)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if logits.is_cuda and triton_available():
-            return "triton"
-        if logits.device.type == "cpu" and cpu_op_available():
-            return "cpu"
-        return "torch"
-    if backend == "cpu":
-        if logits.device.type != "cpu":
-            raise ValueError(f"backend='cpu' needs CPU logits, got device {logits.device}")
-        if not cpu_op_available():
-            raise RuntimeError(
-                "backend='cpu' needs the compiled extension (elogitnorm_fast._C) with the "
-                "logit_scores op; build it with `pip install -e .` or use backend='torch'"
-            )
-    if backend == "triton":
-        if not triton_available():
-            raise RuntimeError("backend='triton' needs triton installed; use backend='torch'")
-        if not logits.is_cuda and not (logits.device.type == "cpu" and triton_interpreting()):
-            raise ValueError(
-                f"backend='triton' needs CUDA logits (or CPU logits with TRITON_INTERPRET=1 set "
-                f"before triton was imported), got device {logits.device}"
-            )
-    return backend
+    """The name of the backend :func:`logit_scores` uses for these logits (the registry's
+    :func:`elogitnorm_fast.resolve_backend` for op family ``"logit_scores"``; raises like it
+    when a named one cannot run)."""
+    return _resolve(backend, logits.device, op="logit_scores").NAME
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,10 +240,6 @@ class _Finished:
         return self._nan(-torch.logsumexp(log_terms, dim=1))
 
 
-def _chunk_rows(n_cols: int) -> int:
-    return max(1, _CHUNK_ELEMENTS // n_cols)
-
-
 def _top_values(z: torch.Tensor, top_m: int) -> torch.Tensor:
     """The ``min(top_m, C)`` largest entries of each row, largest first."""
     return torch.topk(z, min(top_m, z.shape[1]), dim=1, sorted=True).values
@@ -339,11 +268,10 @@ def _scores_from(
 # --------------------------------------------------------------------------------------------
 
 
-def _torch_scores(logits, names, temperature, gamma, top_m) -> dict[str, torch.Tensor]:
-    n_rows, n_cols = logits.shape
+def _torch_scores(logits, names, temperature, gamma, top_m, rows) -> dict[str, torch.Tensor]:
+    n_rows = logits.shape[0]
     acc = accumulation_dtype(logits)
     out = {name: torch.empty(n_rows, dtype=acc, device=logits.device) for name in names}
-    rows = _chunk_rows(n_cols)
     for start in range(0, n_rows, rows):
         z = logits[start : start + rows].to(acc)
         finished = _Finished(*_row_stats(z, 1.0 / temperature, temperature != 1.0))
@@ -356,7 +284,7 @@ def _torch_scores(logits, names, temperature, gamma, top_m) -> dict[str, torch.T
     return out
 
 
-def _cpu_scores(logits, names, temperature, gamma, top_m) -> dict[str, torch.Tensor]:
+def _cpu_scores(logits, names, temperature, gamma, top_m, rows) -> dict[str, torch.Tensor]:
     flags = [name in names for name in SCORE_NAMES]
     stacked = torch.ops.elogitnorm_fast.logit_scores(
         logits, *flags, float(temperature), float(gamma), int(top_m)
@@ -366,11 +294,10 @@ def _cpu_scores(logits, names, temperature, gamma, top_m) -> dict[str, torch.Ten
     return {name: stacked[canonical.index(name)] for name in names}
 
 
-def _gen_chunked(logits, stats, gamma: float, top_m: int, acc) -> torch.Tensor:
+def _gen_chunked(logits, stats, gamma: float, top_m: int, acc, rows: int) -> torch.Tensor:
     """GEN from the kernel's per-row ``stats`` and ``torch.topk`` of the logits, by row chunks."""
-    n_rows, n_cols = logits.shape
+    n_rows = logits.shape[0]
     out = torch.empty(n_rows, dtype=torch.float64, device=logits.device)
-    rows = _chunk_rows(n_cols)
     for start in range(0, n_rows, rows):
         sl = slice(start, start + rows)
         part = _Finished(*(t[sl] for t in stats))
@@ -378,7 +305,7 @@ def _gen_chunked(logits, stats, gamma: float, top_m: int, acc) -> torch.Tensor:
     return out
 
 
-def _triton_scores(logits, names, temperature, gamma, top_m) -> dict[str, torch.Tensor]:
+def _triton_scores(logits, names, temperature, gamma, top_m, rows) -> dict[str, torch.Tensor]:
     from elogitnorm_fast.kernels.logit_scores import logit_row_stats
 
     stats = logit_row_stats(logits, float(temperature))  # (5, N): m1, m2, R, B, S_T
@@ -387,7 +314,7 @@ def _triton_scores(logits, names, temperature, gamma, top_m) -> dict[str, torch.
     out = _scores_from(
         _Finished(*raw), names, temperature,
         # second path (documented): the top-M selection is not done in the streaming kernel
-        lambda: _gen_chunked(logits, raw, gamma, top_m, acc),
+        lambda: _gen_chunked(logits, raw, gamma, top_m, acc, rows),
     )
     return {name: value.to(acc) for name, value in out.items()}
 
@@ -405,6 +332,7 @@ def logit_scores(
     gamma: float = DEFAULT_GAMMA,
     top_m: int = DEFAULT_TOP_M,
     backend: str = "auto",
+    chunk_rows: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Several logit scores in one pass over ``logits`` (N x C); returns ``{name: (N,) tensor}``.
 
@@ -415,6 +343,10 @@ def logit_scores(
     log forms that rank exactly like the textbook scores; the module docstring gives every
     formula, the values on infinite / NaN logits and ``backend``. Higher = more
     in-distribution for every score.
+
+    ``chunk_rows`` (integer >= 1; default: about ``CHUNK_ELEMENTS / C``) bounds the rows the
+    torch path (and the triton path's GEN) processes at once, hence its temporary memory. Every
+    row is computed on its own, so it never changes the results.
     """
     _check_logits(logits)
     names = _normalise_names(names)
@@ -424,17 +356,19 @@ def logit_scores(
         ):
             raise ValueError(f"{label} must be a finite number > 0, got {value!r}")
     top_m = check_count("top_m", top_m)
+    check_count("chunk_rows", chunk_rows, optional=True)
     temperature, gamma = float(temperature), float(gamma)
     chosen = resolve_backend(logits, backend)
+    rows = max(1, CHUNK_ELEMENTS // logits.shape[1]) if chunk_rows is None else int(chunk_rows)
     with torch.no_grad():
         if logits.shape[0] == 0:
             acc = accumulation_dtype(logits)
             return {n: torch.empty(0, dtype=acc, device=logits.device) for n in names}
         if chosen == "cpu":
-            return _cpu_scores(logits, names, temperature, gamma, top_m)
+            return _cpu_scores(logits, names, temperature, gamma, top_m, rows)
         if chosen == "triton":
-            return _triton_scores(logits, names, temperature, gamma, top_m)
-        return _torch_scores(logits, names, temperature, gamma, top_m)
+            return _triton_scores(logits, names, temperature, gamma, top_m, rows)
+        return _torch_scores(logits, names, temperature, gamma, top_m, rows)
 
 
 def msp(logits: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:

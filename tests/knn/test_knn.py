@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from elogitnorm_fast.knn import KNNScorer, selection
-from elogitnorm_fast.knn.selection import RunningTopK, native_kernels, native_select_available
+import elogitnorm_fast as ef
+from elogitnorm_fast.knn import KNNScorer
+from elogitnorm_fast.knn.selection import RunningTopK, native_kernels
 
 from parity import knn_oracle_sorted
 
@@ -16,21 +17,32 @@ from parity import knn_oracle_sorted
 NATIVE_KERNELS = ["avx512", "avx2", "blas"]
 
 
-def use_native_kernel(kernel, monkeypatch):
+def native_select_available() -> bool:
+    return ef.unavailable_reason("cpu", "cpu", op="knn") is None
+
+
+def skip_unless_kernel_runs(kernel):
     if not native_select_available():
         pytest.skip("_C not built")
     if kernel not in native_kernels():
         pytest.skip(f"this CPU cannot run the {kernel} kernel: {native_kernels()}")
-    monkeypatch.setattr(selection, "NATIVE_KERNEL", kernel)
 
 
-@pytest.fixture(params=[f"native-{kernel}" for kernel in NATIVE_KERNELS] + ["torch"])
-def backend(request, monkeypatch):
-    """The scorer backend name; for ``native-KERNEL`` the native search runs that kernel."""
+@pytest.fixture(params=[f"cpu-{kernel}" for kernel in NATIVE_KERNELS] + ["torch"])
+def variant(request):
+    """Scorer options: ``backend`` and, for ``cpu-KERNEL``, the ``cpu_kernel`` it runs."""
     name, _, kernel = request.param.partition("-")
     if kernel:
-        use_native_kernel(kernel, monkeypatch)
-    return name
+        skip_unless_kernel_runs(kernel)
+        return {"backend": name, "cpu_kernel": kernel}
+    return {"backend": name}
+
+
+def running_top(variant, num_queries, k):
+    """The selection of ``variant`` (the native one runs its ``cpu_kernel``)."""
+    native = variant["backend"] == "cpu"
+    return RunningTopK(num_queries, k, torch.device("cpu"), native=native,
+                       kernel=variant.get("cpu_kernel", "auto"))
 
 
 def make_data(num_bank, num_queries, dim, seed=0):
@@ -59,11 +71,11 @@ def make_data(num_bank, num_queries, dim, seed=0):
 )
 @pytest.mark.parametrize("squared", [True, False])
 def test_score_matches_float64_bruteforce(
-    backend, k, num_bank, num_queries, dim, query_chunk, bank_chunk, squared
+    variant, k, num_bank, num_queries, dim, query_chunk, bank_chunk, squared
 ):
     bank, queries = make_data(num_bank, num_queries, dim)
     scorer = KNNScorer(
-        k=k, squared=squared, backend=backend, query_chunk=query_chunk, bank_chunk=bank_chunk
+        k=k, squared=squared, **variant, query_chunk=query_chunk, bank_chunk=bank_chunk
     ).fit(bank)
     scores = scorer.score(queries)
     d2 = knn_oracle_sorted(queries, bank).values[:, k - 1]
@@ -85,16 +97,16 @@ def test_score_matches_float64_bruteforce(
         (3, 20, 4200, 1024),
     ],
 )
-def test_large_tiles_match_bruteforce(backend, k, num_bank, num_queries, dim):
+def test_large_tiles_match_bruteforce(variant, k, num_bank, num_queries, dim):
     bank, queries = make_data(num_bank, num_queries, dim, seed=13)
-    scores = KNNScorer(k=k, squared=True, backend=backend).fit(bank).score(queries)
+    scores = KNNScorer(k=k, squared=True, **variant).fit(bank).score(queries)
     expected = -knn_oracle_sorted(queries, bank).values[:, k - 1]
     torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=2e-6)
 
 
-def test_kneighbors_match_bruteforce_order(backend):
+def test_kneighbors_match_bruteforce_order(variant):
     bank, queries = make_data(1500, 70, 32, seed=1)
-    scorer = KNNScorer(k=40, squared=True, backend=backend, query_chunk=32, bank_chunk=256)
+    scorer = KNNScorer(k=40, squared=True, **variant, query_chunk=32, bank_chunk=256)
     distances, indices = scorer.fit(bank).kneighbors(queries)
     oracle = knn_oracle_sorted(queries, bank)
     torch.testing.assert_close(distances.double(), oracle.values[:, :40], rtol=1e-5, atol=2e-6)
@@ -117,12 +129,12 @@ def _merge_block(top, block, start):
         top.update(0, block.shape[0], block.contiguous(), start)
 
 
-def test_selection_breaks_ties_by_smaller_index(backend):
+def test_selection_breaks_ties_by_smaller_index(variant):
     # integer-valued scores with many exact ties, several blocks, k crossing tie groups
     g = torch.Generator().manual_seed(2)
     scores = torch.randint(0, 6, (9, 300), generator=g).float()
     k = 37
-    top = RunningTopK(9, k, torch.device("cpu"), native=backend == "native")
+    top = running_top(variant, 9, k)
     for start in range(0, 300, 41):
         _merge_block(top, scores[:, start:start + 41], start)
     values, indices = top.sorted()
@@ -134,7 +146,7 @@ def test_selection_breaks_ties_by_smaller_index(backend):
 
 
 @pytest.mark.parametrize("k,block", [(1, 7), (5, 500), (300, 7), (300, 333), (300, 2000)])
-def test_selection_under_many_merges(backend, k, block):
+def test_selection_under_many_merges(variant, k, block):
     # Ascending rows make every column a candidate (the pending slots fill and merge over and
     # over), descending rows almost none; a tie run straddles the k-th place; blocks narrower
     # than k skip the one-step first block; widths are not multiples of the 16-column runs.
@@ -148,7 +160,7 @@ def test_selection_under_many_merges(backend, k, block):
         torch.randn(cols, generator=g),
         torch.full((cols,), 2.5),
     ])
-    top = RunningTopK(scores.shape[0], k, torch.device("cpu"), native=backend == "native")
+    top = running_top(variant, scores.shape[0], k)
     for start in range(0, cols, block):
         _merge_block(top, scores[:, start:start + block], start)
     values, indices = top.sorted()
@@ -163,25 +175,25 @@ def test_native_and_torch_backends_agree():
     if not native_select_available():
         pytest.skip("_C not built")
     bank, queries = make_data(2000, 100, 48, seed=3)
-    a = KNNScorer(k=25, backend="native", bank_chunk=300).fit(bank).score(queries)
+    a = KNNScorer(k=25, backend="cpu", bank_chunk=300).fit(bank).score(queries)
     b = KNNScorer(k=25, backend="torch", bank_chunk=300).fit(bank).score(queries)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_unnormalized_distances(backend):
+def test_unnormalized_distances(variant):
     # ranks by q.b - |b|^2 / 2: the bias path of every kernel
     bank, queries = make_data(800, 40, 16, seed=4)
-    scorer = KNNScorer(k=9, normalize=False, squared=True, bank_chunk=128, backend=backend)
+    scorer = KNNScorer(k=9, normalize=False, squared=True, bank_chunk=128, **variant)
     scorer.fit(bank)
     expected = -knn_oracle_sorted(queries, bank, normalize=False).values[:, 8]
     torch.testing.assert_close(scorer.score(queries).double(), expected, rtol=1e-5, atol=1e-3)
 
 
-def test_zero_rows_stay_exact(backend):
+def test_zero_rows_stay_exact(variant):
     bank, queries = make_data(300, 20, 8, seed=5)
     bank[11] = 0.0
     queries[6] = 0.0
-    scorer = KNNScorer(k=3, squared=True, bank_chunk=64, backend=backend).fit(bank)
+    scorer = KNNScorer(k=3, squared=True, bank_chunk=64, **variant).fit(bank)
     expected = -knn_oracle_sorted(queries, bank).values[:, 2]
     torch.testing.assert_close(scorer.score(queries).double(), expected, rtol=1e-5, atol=2e-6)
 
@@ -276,16 +288,15 @@ def test_gpu_tf32_flag_restored_and_fp16_bank():
     assert (scores.double() - expected).abs().max().item() < 5e-3
 
 
-def test_query_batches_bounded_by_the_selection_budget(backend, monkeypatch):
+def test_query_batches_bounded_by_the_selection_budget(variant):
     # A budget of a few queries' state forces many batches; results must not change.
-    import elogitnorm_fast.knn.scorer as scorer_module
-
     bank, queries = make_data(900, 53, 16, seed=11)
-    scorer = KNNScorer(k=7, squared=True, backend=backend, bank_chunk=200).fit(bank)
-    whole_scores = scorer.score(queries)
-    whole_neighbours = scorer.kneighbors(queries)
-    monkeypatch.setattr(scorer_module, "SELECTION_STATE_BYTES", 5 * (7 + 256) * 12)
-    if backend == "native":
+    whole = KNNScorer(k=7, squared=True, **variant, bank_chunk=200).fit(bank)
+    whole_scores = whole.score(queries)
+    whole_neighbours = whole.kneighbors(queries)
+    scorer = KNNScorer(k=7, squared=True, **variant, bank_chunk=200,
+                       selection_state_bytes=5 * (7 + 256) * 12).fit(bank)
+    if variant["backend"] == "cpu":
         assert len(scorer._query_batches(queries, 7)) == 11  # ceil(53 / 5)
     # BLAS may round a 5-row product differently from a 53-row one: equal up to fp32 rounding
     torch.testing.assert_close(scorer.score(queries), whole_scores, rtol=1e-6, atol=1e-6)
@@ -297,11 +308,11 @@ def test_query_batches_bounded_by_the_selection_budget(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("kernel", NATIVE_KERNELS)
-def test_native_search_does_not_depend_on_the_thread_count(kernel, monkeypatch):
-    use_native_kernel(kernel, monkeypatch)
+def test_native_search_does_not_depend_on_the_thread_count(kernel):
+    skip_unless_kernel_runs(kernel)
     # 1 and 2 threads split the query tiles of the 300 queries differently
     bank, queries = make_data(3000, 300, 32, seed=12)
-    scorer = KNNScorer(k=60, backend="native").fit(bank)
+    scorer = KNNScorer(k=60, backend="cpu", cpu_kernel=kernel).fit(bank)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -313,11 +324,43 @@ def test_native_search_does_not_depend_on_the_thread_count(kernel, monkeypatch):
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
 
-def test_unknown_native_kernel_is_named(monkeypatch):
+def test_unknown_native_kernel_is_named():
+    with pytest.raises(ValueError, match=r"cpu_kernel must be one of .*got 'sse9'"):
+        KNNScorer(k=3, cpu_kernel="sse9")
     if not native_select_available():
         pytest.skip("_C not built")
-    monkeypatch.setattr(selection, "NATIVE_KERNEL", "sse9")
+    # the op itself names the kernels this CPU runs
     bank, queries = make_data(100, 6, 8)
+    top = RunningTopK(6, 3, torch.device("cpu"), native=True, kernel="sse9")
     with pytest.raises(RuntimeError, match="kernel must be one of auto, blas.*got 'sse9'"):
-        KNNScorer(k=3, backend="native").fit(bank).score(queries)
+        top.search(queries, bank, None, 0)
     assert native_kernels()[-1] == "blas"
+
+
+def test_native_is_the_former_name_of_cpu():
+    bank, queries = make_data(300, 20, 8, seed=5)
+    with pytest.warns(FutureWarning, match='use "cpu"'):
+        scorer = KNNScorer(k=3, squared=True, backend="native")
+    assert scorer.backend == "cpu"
+    if not native_select_available():
+        with pytest.raises(RuntimeError, match="backend 'cpu' is not available on cpu"):
+            scorer.fit(bank)
+        return
+    expected = -knn_oracle_sorted(queries, bank).values[:, 2]
+    torch.testing.assert_close(scorer.fit(bank).score(queries).double(), expected,
+                               rtol=1e-5, atol=2e-6)
+
+
+def test_backend_names_come_from_the_registry():
+    # every backend name is known, but only torch and cpu search a bank
+    for name in ("reference", "cuda", "triton"):
+        with pytest.raises(ValueError, match=rf"backend must be .*for knn, got '{name}'"):
+            KNNScorer(k=1, backend=name)
+    with pytest.raises(ValueError, match="backend must be .*got 'faiss'"):
+        KNNScorer(k=1, backend="faiss")
+    with pytest.raises(ValueError, match="selection_state_bytes must be an integer >= 1"):
+        KNNScorer(k=1, selection_state_bytes=0)
+    bank, _ = make_data(50, 5, 4)
+    # auto searches with the C++ op exactly where it is built
+    assert KNNScorer(k=2).fit(bank)._use_native() == native_select_available()
+    assert not KNNScorer(k=2, backend="torch").fit(bank)._use_native()

@@ -193,3 +193,91 @@ def test_every_integer_target_dtype_matches_int64(backend, dtype):
         loss = loss_fn(target.to(dtype))
         (grad,) = torch.autograd.grad(loss, logits)
         assert torch.equal(loss, expected) and torch.equal(grad, expected_grad)
+
+
+# ------------------------------------------------------------------------------------------
+# one backend vocabulary and one resolver for losses, logit scores and KNN
+# ------------------------------------------------------------------------------------------
+
+OPS = ("losses", "logit_scores", "knn")
+#: The documented "auto" order per op family on CUDA (docs/backends.md).
+CUDA_PREFERENCE = {"losses": ("triton", "cuda", "torch"), "logit_scores": ("triton", "torch"),
+                   "knn": ("torch",)}
+
+
+def test_one_vocabulary_for_every_op_family():
+    from elogitnorm_fast.backends import BACKENDS, IMPLEMENTS
+    from elogitnorm_fast.backends import OPS as REGISTRY_OPS
+
+    assert REGISTRY_OPS == OPS
+    assert BACKENDS == ("reference", "torch", "cpu", "cuda", "triton")
+    assert IMPLEMENTS == {"losses": BACKENDS, "logit_scores": ("torch", "cpu", "triton"),
+                          "knn": ("torch", "cpu")}
+    assert ef.available_backends() == ef.available_backends(op="losses")
+    for op in OPS:
+        names = ef.available_backends("cpu", op=op)
+        assert "torch" in names and set(names) <= set(IMPLEMENTS[op])
+        assert set(ef.available_backends(op=op)) >= set(names)
+
+
+@pytest.mark.parametrize("device", [None, "cpu", "cuda", "meta"])
+@pytest.mark.parametrize("name", ["reference", "torch", "cpu", "cuda", "triton"])
+def test_a_backend_gives_the_same_reason_for_every_op_family_it_implements(name, device):
+    from elogitnorm_fast.backends import IMPLEMENTS
+
+    reasons = {op: ef.unavailable_reason(name, device, op=op) for op in OPS
+               if name in IMPLEMENTS[op]}
+    assert len(set(reasons.values())) == 1, reasons
+    for op in OPS:
+        if name not in IMPLEMENTS[op]:
+            reason = ef.unavailable_reason(name, device, op=op)
+            assert f"the {name} backend does not implement {op}" in reason
+            assert name not in ef.available_backends(device, op=op)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_auto_picks_the_first_available_backend_of_the_device(op):
+    cpu_expected = "cpu" if ef.unavailable_reason("cpu", "cpu", op=op) is None else "torch"
+    assert ef.resolve_backend("auto", "cpu", op=op).NAME == cpu_expected
+    assert ef.resolve_backend("auto", torch.device("cpu"), op=op).NAME == cpu_expected
+    running = ef.available_backends("cuda", op=op)
+    cuda_expected = next(name for name in CUDA_PREFERENCE[op] if name in running)
+    assert ef.resolve_backend("auto", "cuda", op=op).NAME == cuda_expected
+    # a device no kernel is built for: the torch backend, which runs everywhere
+    assert ef.resolve_backend("auto", "meta", op=op).NAME == "torch"
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_unknown_names_and_families_error_in_one_line(op):
+    with pytest.raises(ValueError, match=r"^backend must be 'auto' or one of .*, got 'nope'$"):
+        ef.resolve_backend("nope", "cpu", op=op)
+    with pytest.raises(TypeError, match=r"^backend must be .*, got \['torch'\]$"):
+        ef.resolve_backend(["torch"], "cpu", op=op)
+    # "native" was the KNN scorer's own name of the cpu backend; the registry does not know it
+    with pytest.raises(ValueError, match=r"got 'native'$"):
+        ef.unavailable_reason("native", "cpu", op=op)
+    with pytest.raises(ValueError, match=r"^backend must be one of .*, got 'auto'$"):
+        ef.unavailable_reason("auto", op=op)
+    with pytest.raises(ValueError, match=r"^op must be one of .*, got 'training'$"):
+        ef.available_backends("cpu", op="training")
+
+
+def test_a_named_backend_outside_the_family_or_device_is_refused():
+    with pytest.raises(ValueError, match=r"backend must be .* for knn, got 'triton'$"):
+        ef.resolve_backend("triton", "cpu", op="knn")
+    with pytest.raises(RuntimeError, match=r"^backend 'cpu' is not available on meta: the cpu "
+                       r"backend runs on CPU tensors, got device meta$"):
+        ef.resolve_backend("cpu", "meta", op="logit_scores")
+
+
+def test_dispatch_traces_in_a_full_graph():
+    logits, weight, target = _inputs(n=6, c=5, d=4)
+
+    def losses(z, w, y):
+        return (ef.elogitnorm_loss(z, w, y, backend="auto")
+                + ef.logitnorm_loss(z, y, backend="torch"))
+
+    compiled = torch.compile(losses, fullgraph=True, backend="eager")
+    expected = (elogitnorm_reference(logits, weight, target)
+                + logitnorm_reference(logits, target))
+    torch.testing.assert_close(compiled(logits, weight, target), expected, rtol=1e-5, atol=1e-6)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import elogitnorm_fast as ef
-from elogitnorm_fast.backends import _extension_ops
+from elogitnorm_fast.backends import compiled
 from elogitnorm_fast.reference import elogitnorm_reference
 
 from parity import (
@@ -375,4 +375,4 @@ def test_backend_is_listed_and_preferred_by_auto(backend_device):
     assert backend in ef.available_backends()
     assert backend in ef.available_backends(device)
     assert ef.resolve_backend("auto", torch.device(device)).NAME in (backend, "triton")
-    assert _extension_ops.unavailable_reason(backend.upper()) is None
+    assert compiled.kernel_reason("losses", backend.upper()) is None

@@ -45,7 +45,11 @@ def test_bars_only_when_asked_or_large_on_a_terminal():
 def test_import_without_triton_prints_nothing():
     code = ("import sys; sys.modules['triton'] = None\n"
             "import elogitnorm_fast, elogitnorm_fast.scoring, elogitnorm_fast.knn\n"
-            "assert 'triton' not in elogitnorm_fast.available_backends()\n")
+            "assert 'triton' not in elogitnorm_fast.available_backends()\n"
+            "assert 'triton' not in elogitnorm_fast.available_backends(op='logit_scores')\n"
+            "reason = elogitnorm_fast.unavailable_reason('triton', op='logit_scores')\n"
+            "assert reason == elogitnorm_fast.unavailable_reason('triton'), reason\n"
+            "assert 'triton is not installed' in reason, reason\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -31,6 +31,11 @@ SCRIPT = textwrap.dedent(
     assert "cpu" not in names and {"torch", "reference"} <= set(names), names
     assert "not built" in ef.unavailable_reason("cpu"), ef.unavailable_reason("cpu")
     assert ef.resolve_backend("auto", torch.device("cpu")).NAME == "torch"
+    for op in ("logit_scores", "knn"):
+        assert ef.available_backends("cpu", op=op) == ["torch"], op
+        assert ef.unavailable_reason("cpu", op=op) == ef.unavailable_reason("cpu"), op
+        assert ef.resolve_backend("auto", "cpu", op=op).NAME == "torch", op
+    assert scoring.resolve_backend(torch.randn(2, 3)) == "torch"
     logits, weight = torch.randn(9, 5, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
     target = torch.randint(0, 5, (9,))
     torch.testing.assert_close(ef.elogitnorm_loss(logits, weight, target),

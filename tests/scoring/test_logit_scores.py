@@ -8,14 +8,16 @@ import pytest
 import torch
 from exact_scores import exact_scores
 
+import elogitnorm_fast as ef
 from elogitnorm_fast.scoring import energy, entropy_score, gen, logit_scores, max_logit, msp
 
 # the module (the package attribute of the same name is the function)
 ls = importlib.import_module("elogitnorm_fast.scoring.logit_scores")
 ALL = ("msp", "max_logit", "energy", "entropy", "gen")
 
+CPU_OP_REASON = ef.unavailable_reason("cpu", "cpu", op="logit_scores")
 _CPU_SKIP = pytest.mark.skipif(
-    not ls.cpu_op_available(),
+    CPU_OP_REASON is not None,
     reason="C++ op elogitnorm_fast::logit_scores not registered (extension not built: "
     "run `pip install -e .`)",
 )
@@ -135,12 +137,17 @@ def test_non_contiguous_and_empty(backend):
     assert all(t.shape == (0,) for t in empty.values())
 
 
-def test_torch_path_chunks_rows(monkeypatch):
-    monkeypatch.setattr(ls, "_CHUNK_ELEMENTS", 64)
+@pytest.mark.parametrize("chunk_rows", [1, 2, 7, 100, 101, 500])
+def test_torch_path_chunks_rows(chunk_rows):
     logits = torch.randn(101, 30)
-    out = logit_scores(logits, ALL, backend="torch")
+    out = logit_scores(logits, ALL, backend="torch", chunk_rows=chunk_rows)
+    whole = logit_scores(logits, ALL, backend="torch")
     for name in ALL:
         _close(out[name], formula(logits, name), torch.float32)
+        # rows are computed on their own: the chunking never changes a value
+        assert torch.equal(out[name], whole[name])
+    with pytest.raises(ValueError, match="chunk_rows must be an integer >= 1 or None, got 0"):
+        logit_scores(logits, ALL, chunk_rows=0)
 
 
 def test_low_precision_error_within_twice_torch():
@@ -179,18 +186,25 @@ def test_validation_errors():
 
 def test_auto_backend_choice_is_visible():
     logits = torch.randn(3, 4)
-    expected = "cpu" if ls.cpu_op_available() else "torch"
+    expected = "cpu" if CPU_OP_REASON is None else "torch"
     assert ls.resolve_backend(logits) == expected
+    assert ls.BACKENDS == ("auto", "torch", "cpu", "triton")
 
 
-def test_triton_backend_refused_on_cpu_without_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    if not ls.triton_available():
-        with pytest.raises(RuntimeError, match="triton"):
-            ls.resolve_backend(torch.randn(2, 2), "triton")
-    else:
-        with pytest.raises(ValueError, match="CUDA"):
-            ls.resolve_backend(torch.randn(2, 2), "triton")
+def test_backends_that_cannot_score_are_refused():
+    for name in ("reference", "cuda"):
+        with pytest.raises(ValueError, match=rf"backend must be .*for logit_scores, got '{name}'"):
+            logit_scores(torch.randn(2, 3), backend=name)
+
+
+def test_triton_backend_refused_on_cpu_without_interpreter():
+    # the registry's reason for the triton backend on CPU tensors (this process does not
+    # interpret: the interpreter suite runs in its own process)
+    if ef.unavailable_reason("triton", "cpu", op="logit_scores") is None:
+        pytest.skip("TRITON_INTERPRET=1 in this process")
+    with pytest.raises(RuntimeError, match="backend 'triton' is not available on cpu: .*"
+                       "(triton is not installed|CUDA)"):
+        ls.resolve_backend(torch.randn(2, 2), "triton")
 
 
 @_CPU_SKIP

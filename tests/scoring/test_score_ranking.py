@@ -3,22 +3,21 @@ backend gives the documented values on infinite / NaN rows (mpmath oracle, sklea
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
 import torch
 from exact_scores import NAMES, exact_scores
 from sklearn.metrics import auc, precision_recall_curve, roc_auc_score, roc_curve
 
+import elogitnorm_fast as ef
 from elogitnorm_fast import metrics
 from elogitnorm_fast.scoring import energy, entropy_score, gen, logit_scores, max_logit, msp
 
-ls = importlib.import_module("elogitnorm_fast.scoring.logit_scores")
 BACKENDS = [
     "torch",
-    pytest.param("cpu", marks=pytest.mark.skipif(not ls.cpu_op_available(),
-                                                 reason="C++ op not built")),
+    pytest.param("cpu", marks=pytest.mark.skipif(
+        ef.unavailable_reason("cpu", "cpu", op="logit_scores") is not None,
+        reason="C++ op not built")),
 ]
 INF, NAN = float("inf"), float("nan")
 

@@ -12,9 +12,9 @@ import torch
 from sklearn.metrics import auc, precision_recall_curve, roc_auc_score
 from torch.utils.data import DataLoader, TensorDataset
 
+import elogitnorm_fast as ef
 from elogitnorm_fast import metrics
 from elogitnorm_fast.knn import KNNScorer
-from elogitnorm_fast.knn.selection import native_select_available
 from elogitnorm_fast.scoring import (
     SCALE,
     ASHDetector,
@@ -34,9 +34,8 @@ from parity import knn_oracle_kth, knn_oracle_sorted
 
 KNN_BACKENDS = [
     "torch",
-    pytest.param(
-        "native", marks=pytest.mark.skipif(not native_select_available(), reason="_C not built")
-    ),
+    pytest.param("cpu", marks=pytest.mark.skipif(
+        ef.unavailable_reason("cpu", "cpu", op="knn") is not None, reason="_C not built")),
 ]
 
 

@@ -4,7 +4,6 @@ grad-carrying features; metrics' input checks. Each oracle is independent of the
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import numpy as np
@@ -15,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset
 
+import elogitnorm_fast as ef
 from elogitnorm_fast import metrics
 from elogitnorm_fast.knn import KNNScorer
 from elogitnorm_fast.scoring import (
@@ -31,8 +31,8 @@ from elogitnorm_fast.scoring import (
 
 from parity import knn_oracle_kth
 
-ls = importlib.import_module("elogitnorm_fast.scoring.logit_scores")
-BACKENDS = ["torch"] + (["cpu"] if ls.cpu_op_available() else [])
+_CPU_OP = ef.unavailable_reason("cpu", "cpu", op="logit_scores") is None
+BACKENDS = ["torch"] + (["cpu"] if _CPU_OP else [])
 INF, NAN = math.inf, math.nan
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
