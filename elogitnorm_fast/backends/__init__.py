@@ -2,7 +2,8 @@
 
 Backends (:data:`BACKENDS`): ``reference``, ``torch``, ``cpu``, ``cuda``, ``triton``; every
 ``backend=`` argument also takes ``"auto"``. Each op family (:data:`OPS`: ``"losses"``,
-``"logit_scores"``, ``"knn"``) is implemented by some of them (:data:`IMPLEMENTS`); the table in
+``"linear_losses"`` (the fused linear + loss), ``"logit_scores"``, ``"knn"``) is implemented by
+some of them (:data:`IMPLEMENTS`); the table in
 ``docs/backends.md`` lists them per device with what each needs.
 
 A loss backend is an object with ``NAME``, ``unavailable_reason(device)``,
@@ -29,10 +30,11 @@ from . import compiled, reference_backend, torch_backend, triton_backend
 #: Every backend name, in the order listings use.
 BACKENDS = ("reference", "torch", "cpu", "cuda", "triton")
 #: The op families a ``backend=`` argument selects an implementation of.
-OPS = ("losses", "logit_scores", "knn")
+OPS = ("losses", "linear_losses", "logit_scores", "knn")
 #: The backends that implement each op family.
 IMPLEMENTS = {
     "losses": BACKENDS,
+    "linear_losses": ("torch", "cpu", "cuda"),
     "logit_scores": ("torch", "cpu", "triton"),
     "knn": ("torch", "cpu"),
 }
@@ -40,6 +42,7 @@ IMPLEMENTS = {
 #: device, and device types not listed get it alone.
 _PREFERENCE = {
     "losses": {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")},
+    "linear_losses": {"cuda": ("cuda", "torch"), "cpu": ("cpu", "torch")},
     "logit_scores": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
     "knn": {"cpu": ("cpu", "torch")},
 }

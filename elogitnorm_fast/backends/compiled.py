@@ -41,15 +41,17 @@ from ..geometry import accumulation_dtype
 
 _NAMESPACE = "elogitnorm_fast"
 #: The ops each op family needs, per family name of :mod:`elogitnorm_fast.backends`.
+_LOSS_OPS = ("elogitnorm_forward", "elogitnorm_backward", "logitnorm_forward",
+             "logitnorm_backward")
 OPS = {
-    "losses": ("elogitnorm_forward", "elogitnorm_backward", "logitnorm_forward",
-               "logitnorm_backward"),
+    "losses": _LOSS_OPS,
+    "linear_losses": _LOSS_OPS,  # the fused linear losses run the same row ops by chunks
     "logit_scores": ("logit_scores",),
     "knn": ("knn_search_update", "knn_search_kernels"),
 }
 #: The ops of each family that have device kernels (the rest run anywhere).
-_DEVICE_OPS = {"losses": OPS["losses"], "logit_scores": ("logit_scores",),
-               "knn": ("knn_search_update",)}
+_DEVICE_OPS = {"losses": _LOSS_OPS, "linear_losses": _LOSS_OPS,
+               "logit_scores": ("logit_scores",), "knn": ("knn_search_update",)}
 
 
 def _kernel_reason(op: str, dispatch_key: str) -> str | None:

@@ -199,10 +199,10 @@ def test_every_integer_target_dtype_matches_int64(backend, dtype):
 # one backend vocabulary and one resolver for losses, logit scores and KNN
 # ------------------------------------------------------------------------------------------
 
-OPS = ("losses", "logit_scores", "knn")
+OPS = ("losses", "linear_losses", "logit_scores", "knn")
 #: The documented "auto" order per op family on CUDA (docs/backends.md).
-CUDA_PREFERENCE = {"losses": ("triton", "cuda", "torch"), "logit_scores": ("triton", "torch"),
-                   "knn": ("torch",)}
+CUDA_PREFERENCE = {"losses": ("triton", "cuda", "torch"), "linear_losses": ("cuda", "torch"),
+                   "logit_scores": ("triton", "torch"), "knn": ("torch",)}
 
 
 def test_one_vocabulary_for_every_op_family():
@@ -211,8 +211,8 @@ def test_one_vocabulary_for_every_op_family():
 
     assert REGISTRY_OPS == OPS
     assert BACKENDS == ("reference", "torch", "cpu", "cuda", "triton")
-    assert IMPLEMENTS == {"losses": BACKENDS, "logit_scores": ("torch", "cpu", "triton"),
-                          "knn": ("torch", "cpu")}
+    assert IMPLEMENTS == {"losses": BACKENDS, "linear_losses": ("torch", "cpu", "cuda"),
+                          "logit_scores": ("torch", "cpu", "triton"), "knn": ("torch", "cpu")}
     assert ef.available_backends() == ef.available_backends(op="losses")
     for op in OPS:
         names = ef.available_backends("cpu", op=op)

@@ -18,7 +18,7 @@ def test_info_reports_backends_and_knn_kernels():
     assert details["backends"]["torch"] is None and "torch      available" in text
     built = load_error() is None
     assert (details["backends"]["cpu"] is None) == built
-    assert set(details["op_backends"]) == {"losses", "logit_scores", "knn"}
+    assert set(details["op_backends"]) == {"losses", "linear_losses", "logit_scores", "knn"}
     for op, reasons in details["op_backends"].items():
         assert reasons["torch"] is None and (reasons["cpu"] is None) == built
         running = [name for name, reason in reasons.items() if reason is None]
