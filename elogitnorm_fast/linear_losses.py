@@ -22,6 +22,7 @@ from torch import nn
 from . import linear_losses_rows as rows
 from .backends import check_backend_name, unavailable_reason
 from .geometry import accumulation_dtype, as_dtype
+from .linear_losses_weight import WeightGradient
 from .reference import DEFAULT_EPS, DEFAULT_TAU, divisor_value
 from .validation import (
     check_compute_range,
@@ -129,17 +130,18 @@ def _loss_dtype(logits: _LogitsShape) -> torch.dtype:
 
 def _chunk_rows(
     z: torch.Tensor, target: torch.Tensor, kind: str, backend: str, reduction: str,
-    upstream: torch.Tensor | None, need_weight_grad: bool, weight: torch.Tensor, options: tuple,
+    upstream: torch.Tensor | None, weight_grad: WeightGradient | None, weight: torch.Tensor,
+    options: tuple, own_pairs: bool,
 ) -> rows.Rows:
-    """One chunk's ``(loss, grad_logits, grad_weight)`` from the row computation of ``kind`` on
-    ``backend`` (:mod:`.linear_losses_rows`)."""
+    """One chunk's ``(loss, grad_logits)`` from the row computation of ``kind`` on ``backend``
+    (:mod:`.linear_losses_rows`); ELogitNorm's distance term goes to ``weight_grad``."""
     if kind == "elogitnorm":
         ignore_index, eps, divisor = options
         compute = (rows.elogitnorm_rows_torch if backend == "torch"
                    else rows.elogitnorm_rows_compiled)
         return compute(z, weight, target, reduction=reduction, upstream=upstream,
-                       need_weight_grad=need_weight_grad, ignore_index=ignore_index, eps=eps,
-                       divisor=divisor)
+                       weight_grad=weight_grad, ignore_index=ignore_index, eps=eps,
+                       divisor=divisor, own_pairs=own_pairs)
     ignore_index, tau = options
     compute = rows.logitnorm_rows_torch if backend == "torch" else rows.logitnorm_rows_compiled
     return compute(z, target, reduction=reduction, upstream=upstream, ignore_index=ignore_index,
@@ -162,9 +164,14 @@ def _chunked(features, weight, bias, target, kind, backend, reduction, upstream,
     n, classes = features.shape[0], weight.shape[0]
     chunk_reduction = "none" if reduction == "none" else "sum"
     losses = []
-    grad_x = grad_w = grad_b = None
+    grad_x = grad_b = None
+    weight_grad = WeightGradient(w) if upstream is not None and need_w else None
     if upstream is not None and need_x:
         grad_x = torch.empty(features.shape, dtype=dtype, device=features.device)
+    # The CPU kernels' distance-term weight gradient is formed here, by GEMMs into the one
+    # C x D buffer, where they compute with the weight as it is (a host sync, on the CPU).
+    own_pairs = (weight_grad is not None and kind == "elogitnorm" and backend == "cpu"
+                 and not torch.compiler.is_compiling() and rows.weight_is_unscaled(w))
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         x = as_dtype(features[start:stop].detach(), dtype)
@@ -172,27 +179,20 @@ def _chunked(features, weight, bias, target, kind, backend, reduction, upstream,
         chunk_upstream = upstream
         if upstream is not None and upstream.dim() == 1:
             chunk_upstream = upstream[start:stop].contiguous()
-        loss, grad_z, grad_dist = _chunk_rows(z, target[start:stop], kind, backend,
-                                              chunk_reduction, chunk_upstream, need_w, w, options)
+        loss, grad_z = _chunk_rows(z, target[start:stop], kind, backend, chunk_reduction,
+                                   chunk_upstream, weight_grad, w, options, own_pairs)
         del z
         losses.append(loss)
         if upstream is None:
             continue
         if need_x:
             grad_x[start:stop] = grad_z @ w
-        if need_w:
-            # The distance term's C x D gradient (ELogitNorm) is taken over, not copied.
-            if grad_w is None:
-                grad_w = grad_dist if grad_dist is not None else torch.zeros_like(w)
-            elif grad_dist is not None:
-                grad_w.add_(grad_dist)
-            del grad_dist
-            grad_w.addmm_(grad_z.t(), x)
+        if weight_grad is not None:
+            weight_grad.add_products(grad_z, x)
         if need_b:
             column_sums = grad_z.sum(dim=0)
             grad_b = column_sums if grad_b is None else grad_b.add_(column_sums)
-    if need_w and grad_w is None and upstream is not None:
-        grad_w = torch.zeros_like(w)  # an empty batch
+    grad_w = None if weight_grad is None else weight_grad.result()
     if need_b and grad_b is None and upstream is not None:
         grad_b = torch.zeros(classes, dtype=dtype, device=features.device)
     if reduction == "none":

@@ -14,11 +14,14 @@ unfused losses, so the fused loss is that backend's loss on ``F.linear(features,
 Every function takes the chunk's logits ``z`` (accumulation dtype), the targets, the reduction
 the chunk is computed with (``"sum"``, or ``"none"``), and ``upstream``: None for the loss alone,
 else the upstream gradient (0-d for ``"sum"``, one per row for ``"none"``). It returns
-``(loss, grad_logits, grad_weight)``: ``grad_weight`` is ELogitNorm's gradient through the class
-distances only (the part that does not pass through the logits), None where not asked for.
+``(loss, grad_logits)``; ELogitNorm's functions add the weight gradient through the class
+distances (the part that does not pass through the logits) to ``weight_grad``
+(:class:`~.linear_losses_weight.WeightGradient`, None where not needed).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -26,7 +29,7 @@ from .backends.torch_backend import _ELogitNorm
 from .geometry import distance_rows
 from .reference import LOGITNORM_NORM_EPS
 
-Rows = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+Rows = tuple[torch.Tensor, torch.Tensor | None]
 # The Function's forward and backward as plain functions: torch.compile treats a call through
 # the class as autograd's own and would demand a real context.
 _ELOGITNORM_FORWARD = _ELogitNorm.__dict__["forward"].__func__
@@ -45,9 +48,12 @@ class _Context:
         self.saved_tensors = tensors
 
 
-def elogitnorm_rows_torch(z, weight, target, *, reduction, upstream, need_weight_grad,
-                          ignore_index, eps, divisor) -> Rows:
-    """ELogitNorm rows as the ``torch`` backend computes them (``weight`` in ``z``'s dtype)."""
+def elogitnorm_rows_torch(z, weight, target, *, reduction, upstream, weight_grad, ignore_index,
+                          eps, divisor, own_pairs=False) -> Rows:
+    """ELogitNorm rows as the ``torch`` backend computes them (``weight`` in ``z``'s dtype);
+    the distance term's weight gradient goes to ``weight_grad`` (a
+    :class:`~.linear_losses_weight.WeightGradient`, or None where not needed)."""
+    need_weight_grad = weight_grad is not None
     with torch.no_grad():
         predicted = z.argmax(dim=1)
         # CPU: near-coincident weight rows recomputed exactly, as the torch backend does there;
@@ -65,25 +71,80 @@ def elogitnorm_rows_torch(z, weight, target, *, reduction, upstream, need_weight
         *(refined or (None, None)), geometry.per_sample, reduction, ignore_index, eps, divisor,
     )
     if upstream is None:
-        return loss, None, None
+        return loss, None
     grad_logits, grad_weight = _ELOGITNORM_BACKWARD(ctx, upstream)[:2]
-    return loss, grad_logits, grad_weight
+    if need_weight_grad:
+        weight_grad.add(grad_weight)
+    return loss, grad_logits
 
 
-def elogitnorm_rows_compiled(z, weight, target, *, reduction, upstream, need_weight_grad,
-                             ignore_index, eps, divisor) -> Rows:
-    """ELogitNorm rows through the compiled ops (the dispatcher picks the device's kernel)."""
+#: The row bits of the compiled ops' ``sample_slot`` (``kFactorShift`` in
+#: csrc/cpu/elogitnorm_loss.cpp); the bits above hold the row's logit rescale exponent.
+_SLOT_ROW_BITS = 40
+
+
+def weight_is_unscaled(weight: torch.Tensor) -> bool:
+    """Whether the CPU kernels compute distances from ``weight`` as it is (their rescale factor
+    is 1: the largest magnitude within ``[2^-31, 2^30)`` in float32, ``[2^-301, 2^300)`` in
+    float64, or 0 / not finite; ``rescale_factor`` in csrc/cpu/loss_math.h). A host sync."""
+    window = 300 if weight.dtype == torch.float64 else 30
+    largest = float(weight.abs().amax()) if weight.numel() else 0.0
+    return (largest == 0.0 or not math.isfinite(largest)
+            or 2.0 ** (-window - 1) <= largest < 2.0 ** window)
+
+
+def _distance_coefficients(z, upstream, scale_grad, sample_slot, row_class, distances, eps,
+                           weight_grad):
+    """The distance term's coefficients ``c_nj = -g_n r_n (v_n - z_nj) / Delta_nj^3`` per
+    sample (0 at clamped distances and at the sample's own class), its predicted classes and
+    the close pairs, from the compiled forward's outputs, for rows whose logits and weight
+    the kernels did not rescale (``r``: ``scale_grad``)."""
+    valid = sample_slot >= 0
+    rows = torch.where(valid, sample_slot, torch.zeros_like(sample_slot))
+    predicted = row_class.index_select(0, rows).clamp_min_(0)  # -1: no valid row (g = 0)
+    inverse = distances.index_select(0, rows)
+    clamped = inverse < eps
+    exact = weight_grad.close_pairs(inverse, predicted)
+    inverse.reciprocal_()
+    g = upstream.to(z.dtype).expand(valid.shape) * scale_grad
+    g = torch.where(valid, g, torch.zeros_like(g))
+    # One factor of 1 / Delta at a time, as the kernels: Delta^3 alone may overflow.
+    coefficients = (z.gather(1, predicted[:, None]) - z).mul_(g[:, None])
+    coefficients.mul_(inverse).mul_(inverse).mul_(inverse).neg_()
+    coefficients.masked_fill_(clamped, 0.0).scatter_(1, predicted[:, None], 0.0)
+    return coefficients, predicted, exact
+
+
+def elogitnorm_rows_compiled(z, weight, target, *, reduction, upstream, weight_grad,
+                             ignore_index, eps, divisor, own_pairs=False) -> Rows:
+    """ELogitNorm rows through the compiled ops (the dispatcher picks the device's kernel).
+
+    ``own_pairs`` (CPU, where :func:`weight_is_unscaled`): the distance term's weight gradient
+    is formed here from the forward's outputs and accumulated in place by GEMMs of the whole
+    weight, rather than by the kernel's own C x D gradient per chunk; the kernel's is used for
+    rows whose logits it rescaled.
+    """
     want = upstream is not None
-    weight_grad = want and need_weight_grad
+    weight_wanted = want and weight_grad is not None
     (loss, grad_unit, scale_grad, sample_slot, row_class, distances,
      count) = torch.ops.elogitnorm_fast.elogitnorm_forward.default(
-        z, weight, target, reduction, ignore_index, float(eps), float(divisor), want, weight_grad)
+        z, weight, target, reduction, ignore_index, float(eps), float(divisor), want,
+        weight_wanted)
     if not want:
-        return loss, None, None
+        return loss, None
+    own = weight_wanted and own_pairs and bool(sample_slot.max() < (1 << _SLOT_ROW_BITS))
     grad_logits, grad_weight = torch.ops.elogitnorm_fast.elogitnorm_backward.default(
         upstream, z, weight, grad_unit, scale_grad, sample_slot, row_class, distances, count,
-        reduction, float(eps), True, weight_grad)
-    return loss, grad_logits, grad_weight if weight_grad else None
+        reduction, float(eps), True, weight_wanted and not own)
+    del grad_unit
+    if own:
+        coefficients, predicted, exact = _distance_coefficients(
+            z, upstream, scale_grad, sample_slot, row_class, distances, eps, weight_grad)
+        del distances
+        weight_grad.add_distance_pairs(coefficients, predicted, exact)
+    elif weight_wanted:
+        weight_grad.add(grad_weight)
+    return loss, grad_logits
 
 
 def logitnorm_rows_torch(z, target, *, reduction, upstream, ignore_index, tau) -> Rows:
@@ -106,14 +167,14 @@ def logitnorm_rows_torch(z, target, *, reduction, upstream, ignore_index, tau) -
                              torch.zeros_like(log_norm))
     loss = row_losses if reduction == "none" else row_losses.sum()
     if upstream is None:
-        return loss, None, None
+        return loss, None
     g = torch.where(valid, upstream.to(z.dtype).expand(valid.shape), torch.zeros_like(log_norm))
     grad = torch.exp(scaled - log_norm[:, None]).mul_(g[:, None])
     grad.scatter_add_(1, safe[:, None], -g[:, None])
     dot = (grad * y).sum(dim=1, keepdim=True)
     radial = torch.where(norm > 0, dot / (shifted * norm), torch.zeros_like(dot))
     grad = grad.addcmul_(radial, y, value=-1.0).div_(shifted * (tau * largest))
-    return loss, grad, None
+    return loss, grad
 
 
 def logitnorm_rows_compiled(z, target, *, reduction, upstream, ignore_index, tau) -> Rows:
@@ -122,7 +183,7 @@ def logitnorm_rows_compiled(z, target, *, reduction, upstream, ignore_index, tau
     loss, grad_unit, count = torch.ops.elogitnorm_fast.logitnorm_forward.default(
         z, target, float(tau), reduction, ignore_index, want)
     if not want:
-        return loss, None, None
+        return loss, None
     grad_logits = torch.ops.elogitnorm_fast.logitnorm_backward.default(
         upstream, z, target, grad_unit, count, reduction, ignore_index)
-    return loss, grad_logits, None
+    return loss, grad_logits

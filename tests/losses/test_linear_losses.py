@@ -295,3 +295,48 @@ def test_compile_fullgraph_matches_reference(backend, loss):
                                 grads(truth, exact, torch.ones((), dtype=torch.float64)),
                                 strict=True):
         torch.testing.assert_close(value.double(), reference, rtol=1e-4, atol=1e-6)
+
+
+def relative_errors(loss, backend, features, weight, bias, target):
+    """Relative (norm) error of the fused float32 loss and gradients against the float64
+    reference on the same values."""
+    mine = [t.detach().clone().requires_grad_(True) for t in (features, weight, bias)]
+    exact = [t.detach().double().requires_grad_(True) for t in (features, weight, bias)]
+    ours = fused(loss, *mine, target, backend, chunk_rows=5)
+    truth = unfused(loss, *exact, target, "reference")
+    values = (ours, *torch.autograd.grad(ours, mine))
+    expected = (truth, *torch.autograd.grad(truth, exact))
+    return [((v.double() - e).norm() / e.norm()).item() for v, e in zip(values, expected,
+                                                                        strict=True)]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_near_duplicate_weight_rows(backend):
+    """Two classes 3e-3 apart with different biases: large distance-term coefficients whose
+    GEMM form would cancel (the close pairs are added from the difference)."""
+    features, weight, bias, target = make_inputs(12, 30, 64, dtype=torch.float32)
+    with torch.no_grad():
+        weight[15] = weight[0] + 3e-3 * torch.randn(64)
+        bias[0] += 20.0
+        bias[15] = bias[0] - 0.5
+    errors = relative_errors("elogitnorm", backend, features, weight, bias, target)
+    assert max(errors) < 5e-6, errors
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("scale", ["large_logits", "large_weight", "tiny_weight"])
+def test_extreme_scales(backend, scale):
+    """Logits near 1e30 and weights near 1e31 or 1e-33, which the CPU kernels rescale."""
+    features, weight, bias, target = make_inputs(12, 30, 64, dtype=torch.float32)
+    with torch.no_grad():
+        if scale == "large_logits":
+            features *= 1e15
+            weight *= 1e15
+        elif scale == "large_weight":
+            weight *= 1e31
+            bias *= 1e31
+        else:
+            weight *= 1e-33
+            bias.zero_()
+    errors = relative_errors("elogitnorm", backend, features, weight, bias, target)
+    assert max(errors) < 5e-6, errors
