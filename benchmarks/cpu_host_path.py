@@ -3,9 +3,11 @@
 Small eager steps of the Triton path are host-bound on a GPU machine (``gpu_host.py`` measures
 them there). Without a GPU this script measures the host side here: CPU tensors (the backend
 takes them under ``TRITON_INTERPRET=1``, which the script sets), every Triton launch replaced by
-a stand-in that only counts it, one thread. For each case it runs the default path (eager
-``mean`` through the C++ node), ``triton, Python backward`` (the Python autograd Functions) and
-``F.cross_entropy`` on the same logits:
+a stand-in that only counts it (the configuration's ``launch``), one thread. For each case it
+runs the default path (eager ``mean`` through the C++ node), ``triton, Python backward`` (the
+Python autograd Functions) and ``F.cross_entropy`` on the same logits; the Triton paths call
+the kernel modules directly (the public API's only other host work there is validation, and on
+CPU tensors a check of the target range that a GPU step skips):
 
 * ``us_per_step``: one step (forward and ``loss.backward()``), the mean over ``STEPS`` steps, the
   best of ``REPEATS``; one value per round, the three paths alternating over ``ROUNDS`` rounds;
@@ -14,9 +16,9 @@ a stand-in that only counts it, one thread. For each case it runs the default pa
 
 What differs from a GPU machine's host: here the torch ops do their arithmetic (the node's
 multiply, ``F.cross_entropy``'s whole computation), where on a GPU they are asynchronous
-launches; and a stand-in launch costs nothing, where on the H100 machine an empty Triton launch
-took 13 us of host time and the LogitNorm forward call (allocations and launch) 60 us. The op
-counts carry over; the microseconds say which path costs more Python.
+launches; and a stand-in launch costs nothing, where a real one costs tens of microseconds of
+host time (``gpu_host.py``). The op counts carry over; the microseconds say which path costs
+more Python.
 
 Usage: ``python benchmarks/cpu_host_path.py [--out DIR] [--quick]``, writes
 ``cpu_host_path.json`` (default folder ``benchmarks/results``).
@@ -34,13 +36,11 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
-from unittest import mock  # noqa: E402
 
 import torch  # noqa: E402
-from gpu_host import PYTHON_BACKWARD, launchers_replaced, loss_fn, make_inputs  # noqa: E402
+from _loss_variants import launch_triton, python_backward_triton  # noqa: E402
+from gpu_host import PYTHON_BACKWARD, loss_fn, make_inputs  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-from elogitnorm_fast.backends import triton_backend  # noqa: E402
 
 from _gpu_common import write_rows  # noqa: E402
 
@@ -53,18 +53,21 @@ PATHS = ("triton", PYTHON_BACKWARD, "F.cross_entropy")
 STEPS, REPEATS, ROUNDS = 300, 5, 2
 
 
-@contextlib.contextmanager
-def stand_in_launches(launched: list[str]):
-    """Every Triton launch of the kernel modules only appends the kernel's name; and the public
-    API skips the target-range pass it runs on CPU tensors only (on a GPU it would be a host
-    sync), so the ops counted are a GPU step's."""
-    def stand_in(original):
-        return lambda kernel, grid, traced: lambda *args, **kwargs: launched.append(
-            kernel.__name__)
+def stand_in_launch(launched: list[str]):
+    """A configuration's ``launch`` that only appends the kernel's name to ``launched``."""
+    def launch(kernel, grid, *args, **kwargs):
+        launched.append(kernel.__name__)
 
-    with (mock.patch.object(triton_backend, "CHECKS_TARGET_VALUES", True, create=True),
-          launchers_replaced(stand_in)):
-        yield
+    return launch
+
+
+def loss_on_path(loss: str, path: str, launched: list[str]):
+    """``(logits, weight, target) -> loss`` of ``path``, Triton launches replaced by stand-ins."""
+    if path == "triton":
+        return launch_triton(loss, stand_in_launch(launched))
+    if path == PYTHON_BACKWARD:
+        return python_backward_triton(loss, stand_in_launch(launched))
+    return loss_fn(loss, path)
 
 
 class CountOps(TorchDispatchMode):
@@ -79,12 +82,12 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def make_step(loss: str, path: str, n: int, c: int, d: int):
+def make_step(loss: str, path: str, n: int, c: int, d: int, launched: list[str]):
     """One training step's loss and backward on fixed random inputs (gradients reset first)."""
     z, w, y, leaves = make_inputs(loss, n, c, d, device="cpu")
-    forward = loss_fn(loss, path)
+    forward = loss_on_path(loss, path, launched)
 
-    def step(count: CountOps | None = None, launched: list[str] | None = None) -> tuple:
+    def step(count: CountOps | None = None) -> tuple:
         for leaf in leaves:
             leaf.grad = None
         if count is None:
@@ -118,25 +121,23 @@ def measure(cases=CASES, steps: int = STEPS, repeats: int = REPEATS,
             rounds: int = ROUNDS) -> list[dict]:
     rows = []
     launched: list[str] = []
-    with stand_in_launches(launched):
-        for loss, n, c, d in cases:
-            case_rows = {}
-            for path in PATHS:
-                step = make_step(loss, path, n, c, d)
-                step()  # first calls import and cache
-                launched.clear()
-                (forward_ops, forward_launches), (backward_ops, backward_launches) = step(
-                    CountOps(), launched)
-                case_rows[path] = {
-                    "loss": loss, "N": n, "C": c, "D": d, "path": path, "us_per_step": [],
-                    "forward_ops": forward_ops, "forward_launches": forward_launches,
-                    "backward_ops": backward_ops, "backward_launches": backward_launches}
-            for _ in range(rounds):
-                for path in PATHS:
-                    case_rows[path]["us_per_step"].append(
-                        round(best_us(make_step(loss, path, n, c, d), steps, repeats), 1))
+    for loss, n, c, d in cases:
+        case_rows = {}
+        for path in PATHS:
+            step = make_step(loss, path, n, c, d, launched)
+            step()  # first calls import and cache
             launched.clear()
-            rows += case_rows.values()
+            (forward_ops, forward_launches), (backward_ops, backward_launches) = step(CountOps())
+            case_rows[path] = {
+                "loss": loss, "N": n, "C": c, "D": d, "path": path, "us_per_step": [],
+                "forward_ops": forward_ops, "forward_launches": forward_launches,
+                "backward_ops": backward_ops, "backward_launches": backward_launches}
+        for _ in range(rounds):
+            for path in PATHS:
+                case_rows[path]["us_per_step"].append(
+                    round(best_us(make_step(loss, path, n, c, d, launched), steps, repeats), 1))
+        launched.clear()
+        rows += case_rows.values()
     return rows
 
 

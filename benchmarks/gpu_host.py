@@ -5,7 +5,7 @@ forward with ``triton``: 0.60 ms eager, 0.07 ms of device time replayed from a C
 
 * ``host_us``: host time per forward+backward step (and per forward) of each backend, of
   ``triton, Python backward`` (the Python Functions instead of the C++ node) and of ``triton,
-  direct launch`` (``kernels.direct_launch``: launches past the JIT's dispatch), the wall time of
+  direct launch`` (``direct_launch.py``: launches past the JIT's dispatch), the wall time of
   ``CALLS`` steps enqueued back to back before one synchronize (few enough that the launch queue
   does not fill, so this is the host's rate); ``TRITON_ONLY_CASES`` (LogitNorm 4096 x 32768)
   with ``triton`` and ``F.cross_entropy`` only;
@@ -27,8 +27,6 @@ Usage: ``python benchmarks/gpu_host.py --out DIR [--quick]``
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import statistics
 import time
 
@@ -48,7 +46,6 @@ CASES = [("logitnorm", 128, 10, 0), ("logitnorm", 256, 1000, 0), ("elogitnorm", 
 #: of the bandwidth floor on the H100 where its forward alone ran at 0.83: are the 0.12 ms
 #: between forward and fwd+bwd the backward's host work or device work?
 TRITON_ONLY_CASES = [("logitnorm", 4096, 32768, 0)]
-KERNEL_MODULES = ("rows", "logitnorm", "elogitnorm", "class_gradient")
 
 
 def host_us(step, calls: int = CALLS) -> float:
@@ -64,30 +61,26 @@ def host_us(step, calls: int = CALLS) -> float:
 
 
 #: The triton backend with its eager sum / mean through the Python Functions instead of the C++
-#: node (``NATIVE_BACKWARD``), beside the default in the host rows and the training steps.
+#: node (a configuration with ``node=False``), beside the default in the host rows and the
+#: training steps.
 PYTHON_BACKWARD = "triton, Python backward"
 #: The triton backend with its eager launches straight to the compiled kernels' launchers
-#: (``kernels.direct_launch.ENABLED``), beside the default in the host rows.
+#: (``direct_launch.launch`` as the configuration's ``launch``), beside the default in the host
+#: rows.
 DIRECT_LAUNCH = "triton, direct launch"
 
 
 def loss_fn(loss: str, backend: str):
     """``(logits, weight, target) -> loss`` of ``loss`` on ``backend`` ("F.cross_entropy": the
-    baseline on the raw logits; :data:`PYTHON_BACKWARD`, :data:`DIRECT_LAUNCH`: the setting
-    entered around the forward, where the path is chosen and the launches made)."""
+    baseline on the raw logits; :data:`PYTHON_BACKWARD`, :data:`DIRECT_LAUNCH`: the variants'
+    configurations, passed to the kernel module)."""
     if backend == "F.cross_entropy":
         return lambda z, w, y: F.cross_entropy(z, y)
     if backend in (PYTHON_BACKWARD, DIRECT_LAUNCH):
         from _loss_variants import direct_launch_triton, python_backward_triton
 
-        variant = (python_backward_triton if backend == PYTHON_BACKWARD
-                   else direct_launch_triton)(loss)
-
-        def forward(z, w, y):
-            with variant.context():
-                return variant(z, w, y)
-
-        return forward
+        return (python_backward_triton if backend == PYTHON_BACKWARD
+                else direct_launch_triton)(loss)
     if loss == "elogitnorm":
         return lambda z, w, y: ef.elogitnorm_loss(z, w, y, backend=backend)
     return lambda z, w, y: ef.logitnorm_loss(z, y, backend=backend)
@@ -117,46 +110,36 @@ def make_step(loss: str, backend: str, n: int, c: int, d: int, backward: bool):
     return step
 
 
-@contextlib.contextmanager
-def launchers_replaced(replacement):
-    """While entered, each kernel module's ``launcher`` is ``replacement(original)``."""
-    modules = [importlib.import_module(f"elogitnorm_fast.kernels.{name}")
-               for name in KERNEL_MODULES]
-    originals = {module: module.launcher for module in modules}
-    for module, original in originals.items():
-        module.launcher = replacement(original)
-    try:
-        yield
-    finally:
-        for module, original in originals.items():
-            module.launcher = original
+def record_launch(kernel, grid, *args, **kwargs):
+    """A configuration's ``launch`` that makes each Triton launch a profiler event
+    ``launch <kernel>`` (then launches it through the JIT, as the default does)."""
+    with torch.profiler.record_function(f"launch {kernel.fn.__name__}"):
+        return kernel[grid](*args, **kwargs)
 
 
-def recorded_launches():
-    """Each Triton launch a profiler event ``launch <kernel>`` while entered."""
-    def recording(original):
-        def launcher(kernel, grid, traced):
-            launch = original(kernel, grid, traced)
+def recorded_step(loss: str, n: int, c: int, d: int):
+    """The ``triton`` step (forward and backward) with its launches recorded: the default
+    configuration with :func:`record_launch` as its ``launch``."""
+    from _loss_variants import launch_triton
 
-            def recorded(*args, **kwargs):
-                with torch.profiler.record_function(f"launch {kernel.fn.__name__}"):
-                    return launch(*args, **kwargs)
+    z, w, y, leaves = make_inputs(loss, n, c, d)
+    fn = launch_triton(loss, record_launch)
 
-            return recorded
+    def step():
+        torch.autograd.grad(fn(z, w, y), leaves, allow_unused=True)
 
-        return launcher
-
-    return launchers_replaced(recording)
+    return step
 
 
 def top_host_events(step, steps: int = 20, top: int = 12) -> list[dict]:
-    with recorded_launches():
-        step()
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
-                step()
-        torch.cuda.synchronize()
+    """The step's top host events by CPU self time (``step``: :func:`recorded_step`'s, so that
+    each launch is an event)."""
+    step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    torch.cuda.synchronize()
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     return [{"event": e.key, "per_step": e.count / steps,
              "self_us_per_step": e.self_cpu_time_total / steps} for e in events[:top]]
@@ -204,7 +187,7 @@ def add_device_kernels(rows: list[dict]) -> None:
 
 def launch_costs() -> list[dict]:
     import triton
-    from _loss_variants import direct_launch_triton
+    from direct_launch import launch
 
     from elogitnorm_fast.kernels import logitnorm
 
@@ -218,12 +201,12 @@ def launch_costs() -> list[dict]:
     z = torch.randn(128, 10, device="cuda")
     y = torch.randint(0, 10, (128,), device="cuda")
     scale = torch.ones((), device="cuda")
-    def forward():
-        return logitnorm.logitnorm_rows(z, y, inv_tau=25.0, ignore_index=-100, traced=False)
+    def forward(direct=None):
+        return logitnorm.logitnorm_rows(z, y, inv_tau=25.0, ignore_index=-100, traced=False,
+                                        launch=direct)
 
     empty_us, jit_us = host_us(lambda: _empty_kernel[(1,)](x, 16), 200), host_us(forward, 200)
-    with direct_launch_triton("logitnorm").context():  # entered once, outside the timing
-        direct_us = host_us(forward, 200)
+    direct_us = host_us(lambda: forward(launch), 200)
     rows = [
         {"op": "empty triton kernel launch", "launch_us": empty_us},
         {"op": "LogitNorm forward launch, 128 x 10 (logitnorm_rows, eager)", "launch_us": jit_us},
@@ -280,15 +263,12 @@ def step_losses(backends: list[str]) -> dict:
 
 
 def train_step(model, loss, x, y):
-    """One eager training step (forward, loss, backward) as a callable; ``loss.context`` (a
-    benchmark variant's setting), where set, is entered around it."""
+    """One eager training step (forward, loss, backward) as a callable."""
     head = model[-1].weight
-    context = getattr(loss, "context", contextlib.nullcontext)
 
     def step():
         model.zero_grad(set_to_none=True)
-        with context():
-            loss(model(x), head, y).backward()
+        loss(model(x), head, y).backward()
 
     return step
 
@@ -397,8 +377,7 @@ def host_rows(rows: list[dict], backends: list[str]) -> None:
                 row["host_us_fwd"] = host_us(make_step(loss, backend, n, c, d, False))
                 row["host_us_fwd_bwd"] = host_us(make_step(loss, backend, n, c, d, True))
                 if backend == "triton":
-                    row["top_host_events"] = top_host_events(make_step(loss, backend, n, c, d,
-                                                                       True))
+                    row["top_host_events"] = top_host_events(recorded_step(loss, n, c, d))
                 row["status"] = "ok"
             except Exception as error:  # recorded, the rest goes on
                 row["status"] = f"error: {type(error).__name__}: {str(error)[:200]}"

@@ -21,7 +21,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import math
@@ -151,18 +150,14 @@ def expected_loss(loss: str, logits, weight, target) -> torch.Tensor:
 
 
 def runner(fn, sets, backward: bool, rotate: bool = True):
-    """One call of ``fn`` (and its backward) per run; ``fn.context``, where set, is entered
-    around both (a setting the backward reads too)."""
+    """One call of ``fn`` (and its backward) per run."""
     cycle = itertools.cycle(sets if rotate else sets[:1])
-    context = getattr(fn, "context", contextlib.nullcontext)
 
     def run():
         z, w, y = next(cycle)
-        with context():
-            loss = fn(z, w, y)
-            if backward:
-                torch.autograd.grad(loss, [t for t in (z, w) if t is not None],
-                                    allow_unused=True)
+        loss = fn(z, w, y)
+        if backward:
+            torch.autograd.grad(loss, [t for t in (z, w) if t is not None], allow_unused=True)
         return loss
 
     return run
@@ -305,8 +300,8 @@ def bench_case(loss, n, c, d, args, triton_testing, bandwidth, deadline, compile
 
 
 #: Variants timed eager against the default ``triton`` (> 1: the default is faster): the label
-#: of each ratio in the summary. MAX_SINGLE_BLOCK, CHECK_PROGRAMS, REDUCE_IN_KERNEL and the
-#: one-program reduction are decided by these.
+#: of each ratio in the summary. The single block up to 32768 columns, the grouped check, the
+#: in-kernel reduction and the one-program reduction were decided by these.
 EAGER_RATIOS = {
     "triton streamed": "triton streamed / one block",
     "triton, a program per tile": "triton per-tile / grouped check",
@@ -320,9 +315,9 @@ EAGER_RATIOS = {
 #: node is eager-only, and captured, the default already reduces LogitNorm in blocks), and the
 #: direct launch changes only host work, which a replay does not repeat.
 EAGER_ONLY = ("triton, Python backward", "triton, reduced in blocks", "triton, direct launch")
-#: Variants timed replayed from a CUDA graph against the default: FUSED_ROWS, FUSED_TILE,
-#: DEFERRED_SUMS, FUSED_MAX_CLASSES, class_gradient.TARGET_PROGRAMS, REDUCE_IN_KERNEL,
-#: rows.COUNTED_TARGETS (the device time the kernel's own count costs).
+#: Variants timed replayed from a CUDA graph against the default: the fused kernel's rows per
+#: program, tile and deferred sums, the fused threshold, the pooled dW's split of D, the
+#: in-kernel reduction, the kernel's own count (its device time).
 GRAPH_RATIOS = ("triton, fused rows of 4", "triton, fused tiles of 4096",
                 "triton, summed per step", "triton, GEMM distances", "triton, dW unsplit",
                 "triton host reduction", "triton, counted in blocks")

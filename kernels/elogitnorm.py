@@ -28,7 +28,7 @@ Its entry at the predicted class multiplies ``w_m - w_m = 0`` there. Where those
 row per sample (N < C, ``FOLD``), the kernels write minus the row's sum into it instead of 0:
 the rows of ``c`` sum to zero, and the GEMMs skip the term ``(sum_j c_j) w_m``
 (``rows_sum_to_zero=True``), two torch ops and an N x D pass fewer, for about twice the
-rounding error in dW (fp32: relative 4e-7 against 2e-7 at N = 64, C = 1000). With one row per
+rounding error in dW. With one row per
 class (N >= C) the entry stays 0: the pooled form would only gain that rounding.
 The max of ``z / s`` is ``v / s`` (``u_m = 0``), known before the row is read, so no online
 max is needed. Rows with ``C <= BLOCK`` are read once; longer rows stream over column blocks
@@ -45,9 +45,21 @@ takes the root, sets ``Delta_m = 1`` and recomputes cancelled entries exactly
 Small C (:func:`fuses_distances`): :func:`elogitnorm_rows_fused` is one launch per block of rows
 that also takes the argmax (first index on ties; a NaN counts as the maximum, as in
 ``torch.argmax``) and computes the distance row from ``W`` by the direct difference, so the
-host runs no argmax, GEMM or norms: at CIFAR-10 sizes the forward is host-bound.
+host runs no argmax, GEMM or norms (small-C forwards are host-bound).
+
+:func:`elogitnorm_loss` is the entry point. Eager, the autograd Function writes the unit
+gradients and coefficients in the forward, and its backward rescales them by the upstream
+gradient (:func:`.rows.scale_rows`) and forms dW (:mod:`.class_gradient` for few classes and
+rows, else the GEMMs); an eager ``sum`` / ``mean`` reduces the loss in the kernel and returns it
+through the C++ node of :mod:`.unit_gradient`, dW formed in the forward. Under torch.compile the
+``triton_op`` s registered here run instead (traceable). :func:`config_for` chooses the paths.
+Reference formula: :func:`elogitnorm_fast.reference.elogitnorm_reference`; tests:
+``tests/triton/test_elogitnorm_paths.py`` and the parity files beside it.
 
 Example::
+
+    loss = elogitnorm_loss(logits, weight, target, reduction="mean", ignore_index=-100,
+                           eps=1e-6, divisor=weight.shape[0])
 
     inner = weight.index_select(0, predicted) @ weight.t()
     norms = torch.linalg.vector_norm(weight, dim=1)
@@ -62,23 +74,35 @@ Example::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op
 
-from ..geometry import one_row_per_sample
+from ..geometry import as_dtype, one_row_per_sample, predicted_rows, weight_gradient
+from ..reduction import mean_count, reduce_rows
+from ..validation import check_first_derivative
+from .class_gradient import PooledConfig, pooled_config, pooled_weight_gradient
 from .rows import (
     COUNT_BLOCK,
     FLOAT32_MAX,
+    REDUCE_CODES,
+    Launch,
+    RowBlocks,
     _program_rows,
     _row_scale,
     _row_targets,
     _row_weight,
     cdiv,
-    launch_config,
+    counts_within_budget,
     launcher,
     next_power_of_2,
+    row_blocks,
+    scale_rows,
 )
+from .unit_gradient import has_unit_gradient_node, unit_gradient_node
 
 
 @triton.jit
@@ -392,35 +416,11 @@ def _elogitnorm_kernel(
 #: The fused small-C kernel (:func:`elogitnorm_rows_fused`) computes each row's distances from
 #: ``W`` itself, by the direct difference over feature tiles: ``N C D`` multiply-adds on the CUDA
 #: cores and every program reading all of ``W`` (through L2), against ``U C D`` in the GEMM path,
-#: which costs ~10 more launches. It pays where launches dominate: C <= 128 keeps a block of
-#: rows, its distance tile and the (ROWS x BLOCK x FEATURES) difference tile (and as many
-#: accumulated squares: :data:`DEFERRED_SUMS`; 106 registers at C = 100, 116 at C = 10, no
-#: spill on sm_90) in registers with FEATURES >= 8 (32-byte loads); C * D <= 2^17 (W <= 512 KiB
-#: in fp32) bounds the work per row (2^17 FMAs, 0.5 G for N = 4096: a few us on an H100, an
-#: estimate, not measured).
+#: which costs about ten more launches: it pays where launches dominate. C <= 128 keeps a block
+#: of rows, its distance tile and the difference tile in registers with FEATURES >= 8 (32-byte
+#: loads); C * D <= 2^17 (W <= 512 KiB in fp32) bounds the work per row.
 FUSED_MAX_CLASSES = 128
 FUSED_MAX_WEIGHT = 1 << 17
-#: Rows per program of the fused kernel. One row: on an H100 (torch 2.11, triton 3.6) a CUDA-graph
-#: replay of fwd+bwd at N = 128, D = 512 took 15.9 us at C = 10 and 43.4 us at C = 100, against
-#: 23.4 us and 73.1 us with 4 rows (``gpu_losses.py``, ``benchmarks/results/gpu_losses_h100.json``):
-#: a program per row runs 128 programs where 4 rows ran 32 on 132 SMs, and takes 4x longer
-#: feature tiles. Larger batches were not timed. With one row per program an eager ``mean`` is
-#: reduced in the kernel up to N = 1448 (every program counts all N targets:
-#: :func:`.rows.counts_within_budget`), on the host above.
-FUSED_ROWS = 1
-#: Elements of the fused kernel's difference tile (ROWS x BLOCK x FEATURES), and the elements a
-#: thread holds of it: the warps follow the tile (4 to 16). Every step of the distance loop
-#: waits for its loads from L2 (nothing to overlap them with), so a program alone on its SM
-#: moves one tile per L2 latency: at C = 100, D = 512 a tile of 16384 takes 4 steps with 16
-#: warps, where 4096 took 16 with 4 warps (the same 32 elements and 9 loads a thread each step,
-#: 106 registers against 96 on sm_90, no spill). The 4096 tile was the one timed above; the
-#: ``triton, fused tiles of 4096`` variant times it beside the default.
-FUSED_TILE = 16384
-FUSED_TILE_PER_THREAD = 32
-#: The distance loop sums its squares over the features once, after the loop, instead of once
-#: per feature tile (:func:`_direct_distances`; ``gpu_losses.py`` times both: the variant
-#: ``triton, summed per step``).
-DEFERRED_SUMS = True
 
 
 def fuses_distances(n_cols: int, n_features: int) -> bool:
@@ -428,30 +428,30 @@ def fuses_distances(n_cols: int, n_features: int) -> bool:
     return n_cols <= FUSED_MAX_CLASSES and n_cols * n_features <= FUSED_MAX_WEIGHT
 
 
-def fused_config(n_cols: int, n_features: int, rows: int | None = None) -> dict[str, int]:
-    """Block sizes of the fused kernel: ``ROWS`` rows (``rows``, default :data:`FUSED_ROWS`) x
-    ``BLOCK`` columns per program, feature tiles of ``FEATURES`` (the difference tile has at most
-    :data:`FUSED_TILE` elements), and warps enough for :data:`FUSED_TILE_PER_THREAD` elements a
-    thread (4 to 16).
+@dataclass(frozen=True)
+class FusedBlocks:
+    """Blocks of the fused kernel: ``rows`` x ``block`` columns per program, feature tiles of
+    ``features``, ``num_warps``; ``deferred_sums``: the distance loop accumulates its squares
+    elementwise and sums them over the features once, after the loop (else once per tile, a
+    reduction across threads at every step)."""
 
-    The distances loop over D in steps of ``FEATURES``, one dependent load after another: at
-    C = 100, D = 512 that is 4 steps of 128 features with 1 row and 16 steps with 4 rows
-    (``gpu_losses.py`` times both)."""
-    rows = FUSED_ROWS if rows is None else rows
+    rows: int
+    block: int
+    features: int
+    num_warps: int
+    deferred_sums: bool = True
+
+
+def fused_blocks(n_cols: int, n_features: int, *, rows: int = 1, tile: int = 16384,
+                 per_thread: int = 32, deferred_sums: bool = True) -> FusedBlocks:
+    """The fused kernel's blocks: ``rows`` rows per program (one: more programs, and shorter
+    feature loops, than several rows each), a difference tile (rows x block x features) of at
+    most ``tile`` elements, warps enough for ``per_thread`` of them a thread (4 to 16). Every
+    step of the distance loop waits on its loads from L2, so fewer, larger steps go faster."""
     block = max(16, next_power_of_2(n_cols))
-    features = min(next_power_of_2(max(n_features, 1)),
-                   max(8, FUSED_TILE // (rows * block)))
-    warps = rows * block * features // (32 * FUSED_TILE_PER_THREAD)
-    return {"ROWS": rows, "BLOCK": block, "FEATURES": features,
-            "num_warps": min(16, max(4, warps))}
-
-
-def rows_per_program(n_cols: int, n_features: int, block_cols: int | None = None) -> int:
-    """Rows per program of the kernel that takes C = ``n_cols``, D = ``n_features`` (the fused
-    one unless ``block_cols`` forces the GEMM path's column block)."""
-    if block_cols is None and fuses_distances(n_cols, n_features):
-        return fused_config(n_cols, n_features)["ROWS"]
-    return launch_config(n_cols, block_cols)["ROWS"]
+    features = min(next_power_of_2(max(n_features, 1)), max(8, tile // (rows * block)))
+    warps = rows * block * features // (32 * per_thread)
+    return FusedBlocks(rows, block, features, min(16, max(4, warps)), deferred_sums)
 
 
 @triton.jit
@@ -476,12 +476,9 @@ def _direct_distances(weight_ptr, weight_stride, weight_col_stride, n_features, 
     """``||w_m - w_j||`` (ROWS x BLOCK) from the difference over feature tiles, fp32: exact up
     to rounding, so duplicate rows give 0 (no cancellation fix-up as in the GEMM form).
 
-    ``DEFERRED`` (:data:`DEFERRED_SUMS`): the squares accumulate elementwise over the feature
-    tiles and are summed over features once, after the loop; otherwise each tile is summed as
-    it comes, a reduction across threads per tile. In the sm_90 PTX (``tests/triton_aot.py``'s
-    specialization) at C = 100, D = 512, each of the 16 steps is 213 lines without a shuffle or
-    barrier, against 1130 lines with 160 shuffles and 18 barriers (C = 10: 217 lines and 2
-    barriers against 863, 112 and 24)."""
+    ``DEFERRED`` (:class:`FusedBlocks` ``deferred_sums``): the squares accumulate elementwise
+    over the feature tiles and are summed over features once, after the loop (no shuffle or
+    barrier in the loop); otherwise each tile is summed as it comes."""
     if DEFERRED:
         # Pointers built in 3-D once, so that each step's loads arrive in the layout of the
         # difference tile (2-D loads broadcast to 3-D went through shared memory every step).
@@ -598,9 +595,10 @@ def elogitnorm_rows(
     ignore_index: int,
     write_grad: bool,
     write_coefficients: bool,
-    block_cols: int | None = None,
+    blocks: RowBlocks | None = None,
     reduce: int = 0,
     traced: bool = True,
+    launch: Launch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row ELogitNorm losses (fp32), unit-upstream logits gradient and coefficients ``c``.
 
@@ -613,8 +611,8 @@ def elogitnorm_rows(
     the sum of the others: see the module docstring); each is an empty tensor when not
     requested. ``reduce`` 1 (``sum``) or 2 (``mean``): the kernel counts the valid rows and
     writes each row's share of the reduced loss, and the gradient and coefficients for it
-    (their sum is the loss; see :func:`.rows.counts_within_budget`). ``traced``: see
-    :func:`elogitnorm_fast.kernels.rows.launcher`.
+    (their sum is the loss; see :func:`.rows.counts_within_budget`). ``blocks``: None,
+    :func:`.rows.row_blocks` of C. ``traced``, ``launch``: see :func:`.rows.launcher`.
     """
     n_rows, n_cols = logits.shape
     device = logits.device
@@ -624,16 +622,15 @@ def elogitnorm_rows(
                                dtype=torch.float32, device=device)
     if n_rows == 0:
         return losses, grad, coefficients
-    config = launch_config(n_cols, block_cols)
-    grid = (cdiv(n_rows, config["ROWS"]),)
-    launcher(_elogitnorm_kernel, grid, traced)(
+    blocks = row_blocks(n_cols) if blocks is None else blocks
+    launcher(_elogitnorm_kernel, (cdiv(n_rows, blocks.rows),), traced, launch)(
         logits, logits.stride(0), target, predicted, inner, inner.stride(0),
         weight, weight.stride(0), weight.stride(1), weight.shape[1], norms,
         losses, grad, grad.stride(0), coefficients, coefficients.stride(0),
         n_rows, n_cols, eps, 1.0 / divisor, ignore_index,
         PER_SAMPLE=per_sample, WRITE_GRAD=write_grad, WRITE_COEFFICIENTS=write_coefficients,
-        SINGLE=config["SINGLE"], ROWS=config["ROWS"], BLOCK=config["BLOCK"], REDUCE=reduce,
-        COUNT_BLOCK=COUNT_BLOCK, num_warps=config["num_warps"],
+        SINGLE=blocks.single, ROWS=blocks.rows, BLOCK=blocks.block, REDUCE=reduce,
+        COUNT_BLOCK=COUNT_BLOCK, num_warps=blocks.num_warps,
     )
     return losses, grad, coefficients
 
@@ -648,14 +645,16 @@ def elogitnorm_rows_fused(
     ignore_index: int,
     write_grad: bool,
     write_coefficients: bool,
+    blocks: FusedBlocks | None = None,
     reduce: int = 0,
     traced: bool = True,
+    launch: Launch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`elogitnorm_rows` for small C (:func:`fuses_distances`) in one launch, which also
     takes the argmax and the distance rows: returns ``(losses, grad, coefficients, predicted)``,
     ``predicted`` (N,) int64 as ``logits.argmax(1)``. ``weight`` (C, D) may have any strides.
     ``reduce``, and the coefficients' rows summing to zero for N < C: as in
-    :func:`elogitnorm_rows`.
+    :func:`elogitnorm_rows`. ``blocks``: None, :func:`fused_blocks` of C and D.
     """
     n_rows, n_cols = logits.shape
     device = logits.device
@@ -666,16 +665,278 @@ def elogitnorm_rows_fused(
     predicted = torch.empty(n_rows, dtype=torch.int64, device=device)
     if n_rows == 0:
         return losses, grad, coefficients, predicted
-    config = fused_config(n_cols, weight.shape[1])
-    grid = (cdiv(n_rows, config["ROWS"]),)
-    launcher(_elogitnorm_fused_kernel, grid, traced)(
+    blocks = fused_blocks(n_cols, weight.shape[1]) if blocks is None else blocks
+    launcher(_elogitnorm_fused_kernel, (cdiv(n_rows, blocks.rows),), traced, launch)(
         logits, logits.stride(0), target, predicted, weight, weight.stride(0), weight.stride(1),
         weight.shape[1], losses, grad, grad.stride(0), coefficients, coefficients.stride(0),
         n_rows, n_cols, eps, 1.0 / divisor, ignore_index,
         WRITE_GRAD=write_grad, WRITE_COEFFICIENTS=write_coefficients,
-        ROWS=config["ROWS"], BLOCK=config["BLOCK"], FEATURES=config["FEATURES"],
-        REDUCE=reduce, COUNT_BLOCK=COUNT_BLOCK, DEFERRED=DEFERRED_SUMS,
+        ROWS=blocks.rows, BLOCK=blocks.block, FEATURES=blocks.features,
+        REDUCE=reduce, COUNT_BLOCK=COUNT_BLOCK, DEFERRED=blocks.deferred_sums,
         FOLD=write_coefficients and one_row_per_sample(n_rows, n_cols),
-        num_warps=config["num_warps"],
+        num_warps=blocks.num_warps,
     )
     return losses, grad, coefficients, predicted
+
+
+@dataclass(frozen=True)
+class ELogitNormConfig:
+    """How an eager ELogitNorm call runs (:func:`config_for` chooses it from the shapes).
+
+    ``fused``: the one-launch small-C kernel's blocks (None: the GEMM path). ``blocks``: the
+    GEMM path's column block, rows per program and warps. ``reduce``: a ``sum`` / ``mean`` is
+    reduced in the kernel (each row's share of the loss), else by torch ops from per-row losses.
+    ``node``: a reduced step that needs a gradient forms every gradient in the forward and
+    returns through the C++ node (:mod:`.unit_gradient`), else through the Python Function.
+    ``pooled``: the eager weight gradient comes from :mod:`.class_gradient`'s one launch with
+    these blocks (None: the GEMMs of :func:`elogitnorm_fast.geometry.weight_gradient`).
+    ``launch``: the eager launch (:func:`.rows.launcher`).
+    """
+
+    fused: FusedBlocks | None
+    blocks: RowBlocks
+    reduce: bool = False
+    node: bool = False
+    pooled: PooledConfig | None = None
+    launch: Launch | None = None
+
+
+def config_for(n_rows: int, n_cols: int, n_features: int, reduction: str, *,
+               block_cols: int | None = None, capturing: bool = False) -> ELogitNormConfig:
+    """The configuration of an ELogitNorm of N = ``n_rows``, C = ``n_cols``, D = ``n_features``
+    with ``reduction``. ``block_cols`` forces the GEMM path and its column block
+    (:func:`.rows.row_blocks`). ``capturing``: a CUDA graph is being captured (replayed, host
+    work costs nothing and the node's multiplies would be extra kernels: no node)."""
+    fused = None
+    if block_cols is None and fuses_distances(n_cols, n_features):
+        fused = fused_blocks(n_cols, n_features)
+    blocks = row_blocks(n_cols, block_cols)
+    rows = fused.rows if fused is not None else blocks.rows
+    reduce = reduction != "none" and counts_within_budget(n_rows, rows, reduction)
+    node = reduce and not capturing and has_unit_gradient_node()
+    return ELogitNormConfig(fused, blocks, reduce, node, pooled_config(n_rows, n_cols))
+
+
+def _forward(logits, weight, target, ignore_index, eps, divisor, write_grad, write_coefficients,
+             config, reduce, traced):
+    """``(losses, grad, coefficients, predicted)`` and the fp32 rows ``W[predicted]`` where the
+    GEMM path gathered them (one per sample, N < C; else None): the weight gradient's GEMMs
+    need them again. ``reduce`` (eager only): 1 / 2, the losses are the rows' shares of the sum
+    / mean, and the gradient and coefficients are written for them."""
+    if config.fused is not None:
+        return elogitnorm_rows_fused(
+            logits, target, weight, eps=eps, divisor=divisor, ignore_index=ignore_index,
+            write_grad=write_grad, write_coefficients=write_coefficients, blocks=config.fused,
+            reduce=reduce, traced=traced, launch=config.launch), None
+    # Without autograd: the node's path runs this with grad mode on, and recording would keep
+    # W[predicted] alive until the backward and record a node per op.
+    with torch.no_grad():
+        predicted = logits.argmax(dim=1)  # first index on ties, like torch.max
+        w = as_dtype(weight, torch.float32)
+        rows, per_sample = predicted_rows(w, predicted)
+        # Raw inner products only (R x C, fp32 accumulation); the kernel forms the distances.
+        inner = torch.mm(rows, w.t())
+        norms = torch.linalg.vector_norm(w, dim=1)  # one reduction; the kernel squares them
+    losses, grad, coefficients = elogitnorm_rows(
+        logits, target, predicted, inner, w, norms, per_sample=per_sample, eps=eps,
+        divisor=divisor, ignore_index=ignore_index, write_grad=write_grad,
+        write_coefficients=write_coefficients, blocks=config.blocks, reduce=reduce,
+        traced=traced, launch=config.launch)
+    return (losses, grad, coefficients, predicted), (rows if per_sample else None)
+
+
+@torch.no_grad()  # the node's forward runs it with grad mode on (see _forward)
+def _gemm_weight_gradient(weight, rows, predicted, coefficients):
+    """dW (fp32) from the coefficients by :func:`elogitnorm_fast.geometry.weight_gradient`;
+    ``rows``: the forward's ``W[predicted]`` (one per sample), or None (gathered here, or ``W``
+    itself for one row per class)."""
+    w = as_dtype(weight, torch.float32)
+    if rows is None:
+        rows, per_sample = predicted_rows(w, predicted)
+    else:
+        per_sample = True
+    # One row per sample (N < C): the kernels wrote coefficient rows that sum to zero.
+    return weight_gradient(w, rows, per_sample, predicted, coefficients,
+                           rows_sum_to_zero=per_sample)
+
+
+# ------------------------------ autograd: the triton_op path ------------------------------
+# What torch.compile traces: per-row losses, unit gradients and coefficients forward; the
+# backward rescales them by the upstream gradient and runs the weight gradient's GEMMs.
+
+
+@triton_op("elogitnorm_fast::triton_elogitnorm_rows", mutates_args=())
+def _elogitnorm_rows_op(
+    logits: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+    eps: float,
+    divisor: int,
+    write_grad: bool,
+    write_coefficients: bool,
+    block_cols: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row ELogitNorm losses, unit-upstream gradient, coefficients, predicted classes."""
+    n_rows, n_cols = logits.shape
+    config = config_for(n_rows, n_cols, weight.shape[1], "none",
+                        block_cols=block_cols if block_cols > 0 else None)
+    return _forward(logits, weight, target, ignore_index, eps, divisor, write_grad,
+                    write_coefficients, config, 0, traced=True)[0]
+
+
+@triton_op("elogitnorm_fast::triton_scale_rows", mutates_args=())
+def _scale_rows_op(
+    first: torch.Tensor,
+    second: torch.Tensor,
+    upstream: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``first`` and ``second`` times ``where(target valid, upstream, 0)``."""
+    return scale_rows(first, second, upstream, target, ignore_index=ignore_index)
+
+
+def _op_setup(ctx, inputs, output):
+    _, weight, target, ignore_index, *_ = inputs
+    _, grad_unit, coefficient_unit, predicted = output
+    ctx.save_for_backward(weight, target, grad_unit, coefficient_unit, predicted)
+    ctx.ignore_index = ignore_index
+
+
+def _op_backward(ctx, grad_losses, *_unused):
+    weight, target, grad_unit, coefficient_unit, predicted = ctx.saved_tensors
+    grad_logits, coefficients = _scale_rows_op(grad_unit, coefficient_unit, grad_losses.float(),
+                                               target, ctx.ignore_index)
+    grad_weight = None
+    if ctx.needs_input_grad[1]:
+        grad_weight = as_dtype(_gemm_weight_gradient(weight, None, predicted, coefficients),
+                               weight.dtype)
+    return (grad_logits if ctx.needs_input_grad[0] else None, grad_weight,
+            None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("elogitnorm_fast::triton_elogitnorm_rows", _op_backward,
+                                setup_context=_op_setup)
+
+
+# ------------------------------ autograd: the eager path ------------------------------
+
+
+class _EagerELogitNorm(torch.autograd.Function):
+    """The op's work as a plain Function (no custom-op dispatch, no ``wrap_triton``): inputs
+    ``logits, weight, target, ignore_index, eps, divisor, write_grad, write_coefficients,
+    config, reduce`` (0: per-row losses; 1 / 2: the kernel writes the rows' shares of the sum /
+    mean and the Function returns their sum, the loss itself)."""
+
+    @staticmethod
+    def forward(ctx, logits, weight, target, ignore_index, eps, divisor, write_grad,
+                write_coefficients, config, reduce):
+        output, rows = _forward(logits, weight, target, ignore_index, eps, divisor, write_grad,
+                                write_coefficients, config, reduce, traced=False)
+        if reduce:
+            output = (output[0].sum(), *output[1:])
+        _, grad_unit, coefficient_unit, predicted = output
+        ctx.save_for_backward(weight, target, grad_unit, coefficient_unit, predicted, rows)
+        ctx.ignore_index, ctx.config = ignore_index, config
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # no zero gradients for the three auxiliary outputs
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_losses, *_unused):
+        no_grads = (None,) * 8  # the inputs after logits and weight
+        if grad_losses is None:
+            return None, None, *no_grads
+        check_first_derivative("triton", "ELogitNorm")
+        weight, target, grad_unit, coefficient_unit, predicted, rows = ctx.saved_tensors
+        config, ignore_index = ctx.config, ctx.ignore_index
+        # 0-d where the kernel reduced the loss: every row's share gets the loss's gradient
+        # (the kernels read it with row stride 0). Everything written is linear in it.
+        upstream = grad_losses.float()
+        want_logits, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if want_weight and config.pooled is not None:
+            grad_weight = pooled_weight_gradient(
+                weight, coefficient_unit, predicted, upstream, target, ignore_index=ignore_index,
+                config=config.pooled, traced=False, launch=config.launch)
+            grad_logits = None
+            if want_logits:
+                grad_logits, _ = scale_rows(grad_unit, None, upstream, target,
+                                            ignore_index=ignore_index, traced=False,
+                                            launch=config.launch)
+            return grad_logits, as_dtype(grad_weight, weight.dtype), *no_grads
+        grad_logits, coefficients = scale_rows(grad_unit, coefficient_unit, upstream, target,
+                                               ignore_index=ignore_index, traced=False,
+                                               launch=config.launch)
+        grad_weight = None
+        if want_weight:
+            grad_weight = as_dtype(_gemm_weight_gradient(weight, rows, predicted, coefficients),
+                                   weight.dtype)
+        return grad_logits if want_logits else None, grad_weight, *no_grads
+
+
+def _through_node(logits, weight, target, ignore_index, eps, divisor, need_logits_grad,
+                  need_weight_grad, config, reduce):
+    """An eager ``sum`` / ``mean`` through the C++ node: the kernels' unit gradients, and the
+    weight gradient for the unit upstream gradient (pooled, or the GEMMs), formed here."""
+    (shares, grad_unit, coefficient_unit, predicted), rows = _forward(
+        logits, weight, target, ignore_index, eps, divisor, need_logits_grad, need_weight_grad,
+        config, reduce, traced=False)
+    grad_weight = None
+    if need_weight_grad:
+        if config.pooled is not None:
+            grad_weight = pooled_weight_gradient(
+                weight, coefficient_unit, predicted, None, target, ignore_index=ignore_index,
+                config=config.pooled, traced=False, launch=config.launch)
+        else:
+            grad_weight = _gemm_weight_gradient(weight, rows, predicted, coefficient_unit)
+    return unit_gradient_node(shares.sum(), logits, weight,
+                              grad_unit if need_logits_grad else None, grad_weight, target,
+                              ignore_index, "ELogitNorm")
+
+
+def _needs_grad(tensor: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and tensor.requires_grad
+
+
+def elogitnorm_loss(
+    logits: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    reduction: str,
+    ignore_index: int,
+    eps: float,
+    divisor: int,
+    block_cols: int | None = None,
+    config: ELogitNormConfig | None = None,
+    traced: bool | None = None,
+    capturing: bool | None = None,
+) -> torch.Tensor:
+    """ELogitNorm of fp32 / fp16 / bf16 ``logits`` (N, C) with unit column stride, ``weight``
+    (C, D) and contiguous ``target`` (inputs already validated), as an fp32 loss; ``divisor``
+    is the number, C or C - 1.
+
+    ``traced``: the ``triton_op`` path that torch.compile traces (None: whether torch.compile
+    is tracing); otherwise the eager path of ``config`` (None: :func:`config_for` of the shapes,
+    ``block_cols`` and ``capturing``, None: whether a CUDA graph is being captured).
+    """
+    need_logits_grad, need_weight_grad = _needs_grad(logits), _needs_grad(weight)
+    inputs = (logits, weight, target, ignore_index, float(eps), int(divisor), need_logits_grad,
+              need_weight_grad)
+    if torch.compiler.is_compiling() if traced is None else traced:
+        losses, *_ = _elogitnorm_rows_op(*inputs, block_cols or 0)
+    else:
+        if config is None:
+            if capturing is None:
+                capturing = logits.is_cuda and torch.cuda.is_current_stream_capturing()
+            config = config_for(logits.shape[0], logits.shape[1], weight.shape[1], reduction,
+                                block_cols=block_cols, capturing=capturing)
+        reduce = REDUCE_CODES[reduction] if config.reduce else 0
+        if reduce and (need_logits_grad or need_weight_grad) and config.node:
+            return _through_node(*inputs, config, reduce)
+        losses, *_ = _EagerELogitNorm.apply(*inputs, config, reduce)
+        if reduce:
+            return losses
+    count = mean_count(reduction, target, ignore_index, torch.float32)
+    return reduce_rows(losses, reduction, count)

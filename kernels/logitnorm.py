@@ -32,10 +32,17 @@ forward instead of the backward.
 
 A ``sum`` or ``mean`` (:func:`logitnorm_reduced`) goes further: the kernel counts the valid
 rows itself and writes each row's gradient for its share of the loss (1 or ``1 / count``), so
-the host runs neither the count nor the division, nor their autograd. Small batches (CIFAR
-sizes, where the step is host-bound) are walked by one program that stores the loss itself;
-larger ones take a block of rows per program, each program counting all N targets and writing
-its rows' shares, and one sum adds them up (deterministic: no atomics).
+the host runs neither the count nor the division, nor their autograd. Small batches (where the
+step is host-bound) are walked by one program that stores the loss itself; larger ones take a
+block of rows per program, each program counting all N targets and writing its rows' shares,
+and one sum adds them up (deterministic: no atomics). Such an eager step returns its loss
+through the C++ node of :mod:`.unit_gradient`, which scales the forward's gradient: no logits
+read in the backward at all.
+
+:func:`logitnorm_loss` is the entry point: the eager autograd Functions, or under torch.compile
+the ``triton_op`` s registered here (traceable), with the paths chosen by :func:`config_for`.
+Reference formula: :func:`elogitnorm_fast.reference.logitnorm_reference`; tests:
+``tests/triton/`` (``test_logitnorm_paths.py`` and the parity files beside it).
 
 In the forward, rows with ``C <= BLOCK`` are loaded once and kept on chip; longer rows stream over
 column blocks (pass 1: norm and max, the row's power of two updated as larger entries arrive;
@@ -48,6 +55,7 @@ Imported lazily (needs triton).
 
 Example::
 
+    loss = logitnorm_loss(logits, target, tau=0.04, reduction="mean", ignore_index=-100)
     losses, stats, grad = logitnorm_rows(logits, target, inv_tau=25.0, ignore_index=-100,
                                          expected_upstream=1.0)
     grad = logitnorm_backward_rows(logits, target, stats, upstream, ignore_index=-100,
@@ -60,14 +68,21 @@ Example::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op
 
+from ..reduction import mean_count, reduce_rows
+from ..validation import check_first_derivative
 from .rows import (
+    CHECK_PROGRAMS,
     COUNT_BLOCK,
-    COUNTED_TARGETS,
     REDUCE_CODES,
+    Launch,
+    RowBlocks,
     _program_rows,
     _row_scale,
     _row_targets,
@@ -78,12 +93,13 @@ from .rows import (
     cdiv,
     counts_within_budget,
     grouped_tile_grid,
-    launch_config,
     launcher,
+    row_blocks,
     tile_grid,
     unused_pointer,
     upstream_stride,
 )
+from .unit_gradient import has_unit_gradient_node, unit_gradient_node
 
 #: Row statistics the forward writes for the backward, after the expected upstream gradient:
 #: ``b``, ``c'``, the log of the exponential sum, ``max z'`` and ``rho`` (module docstring).
@@ -246,8 +262,7 @@ def _logitnorm_block(rows, logits_ptr, logits_stride, target_ptr, stats_ptr, gra
 
     # 5. Rows on chip: the gradient for the upstream gradient g the backward expects (the same
     #    arithmetic as the backward's recompute). The row is read again (from cache: it was
-    #    just read) rather than kept live across the reductions, which spilled 1184 B a thread
-    #    at C = 32768 (ptxas, sm_90); reloaded, as much as no write.
+    #    just read) rather than kept live across the reductions, which spilled at C = 32768.
     if WRITE_GRAD:
         z = tl.load(row_base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         grad = _logitnorm_grad_tile(z, cols, target, scale, coupling, log_sum, zmax, row_scale)
@@ -345,15 +360,65 @@ def _expected_args(expected_upstream: torch.Tensor | float | None, fallback: tor
     return fallback, 1.0 if expected_upstream is None else float(expected_upstream), False
 
 
+#: Largest N x C that one program reduces (:data:`LogitNormConfig.reduce` ``"one program"``).
+ONE_PROGRAM_ELEMENTS = 32768
+#: Largest N x C that returns through the C++ node: its multiply reads and writes the gradient
+#: once more, where the Python backward of a plain ``backward()`` only checks the upstream.
+NODE_ELEMENTS = 1 << 20
+
+
+@dataclass(frozen=True)
+class LogitNormConfig:
+    """How an eager LogitNorm call runs (:func:`config_for` chooses it from the shapes).
+
+    ``blocks``: the forward's column block, rows per program and warps. ``reduce``: where a
+    ``sum`` / ``mean`` is reduced: ``"one program"`` (rows on chip only), ``"blocks"`` (a block
+    of rows per program, each counting the valid rows), or None (per-row losses reduced by torch
+    ops). ``node``: a reduced step that needs a gradient returns through the C++ node
+    (:mod:`.unit_gradient`; rows on chip only), else through the Python Function.
+    ``check_programs``: programs the backward's check of the forward's gradient keeps
+    (:func:`.rows.grouped_tile_grid`). ``launch``: the eager launch (:func:`.rows.launcher`).
+    """
+
+    blocks: RowBlocks
+    reduce: str | None = None
+    node: bool = False
+    check_programs: int = CHECK_PROGRAMS
+    launch: Launch | None = None
+
+
+def config_for(n_rows: int, n_cols: int, reduction: str, *, block_cols: int | None = None,
+               capturing: bool = False) -> LogitNormConfig:
+    """The configuration of an (``n_rows``, ``n_cols``) LogitNorm with ``reduction``.
+
+    ``block_cols`` forces the column block (:func:`.rows.row_blocks`). ``capturing``: a CUDA
+    graph is being captured; replayed, host work costs nothing, so a small batch is reduced by
+    blocks of rows (one program walking every row is slow on the device) and the loss returns
+    through the Python Function (the node's multiply would be an extra kernel).
+    """
+    blocks = row_blocks(n_cols, block_cols)
+    reduce = None
+    if reduction != "none" and n_rows > 0:
+        if (block_cols is None and not capturing and blocks.single
+                and n_rows * n_cols <= ONE_PROGRAM_ELEMENTS):
+            reduce = "one program"
+        elif counts_within_budget(n_rows, blocks.rows, reduction):
+            reduce = "blocks"
+    node = (reduce is not None and blocks.single and not capturing
+            and n_rows * n_cols <= NODE_ELEMENTS and has_unit_gradient_node())
+    return LogitNormConfig(blocks, reduce, node)
+
+
 def logitnorm_rows(
     logits: torch.Tensor,
     target: torch.Tensor,
     *,
     inv_tau: float,
     ignore_index: int,
-    block_cols: int | None = None,
+    blocks: RowBlocks | None = None,
     expected_upstream: torch.Tensor | float | None = None,
     traced: bool = True,
+    launch: Launch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-row LogitNorm losses (fp32, 0 on ignored rows), the (5 N + 1,) fp32 row statistics
     :func:`logitnorm_backward_rows` needs (``stats[0]``: the expected upstream gradient, 1 where
@@ -364,31 +429,13 @@ def logitnorm_rows(
     is given and the rows fit on chip, the forward also writes ``expected * dloss_n/dz`` (N, C)
     in the logits' dtype, for :func:`logitnorm_backward_rows` to complete in place; streamed rows
     write nothing (the backward recomputes them at no extra traffic). ``logits`` (N, C) must have
-    unit column stride. ``traced``: see :func:`.rows.launcher`.
+    unit column stride. ``blocks``: None, :func:`.rows.row_blocks` of C. ``traced``,
+    ``launch``: see :func:`.rows.launcher`.
     """
+    blocks = row_blocks(logits.shape[1]) if blocks is None else blocks
     losses = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    return _launch_forward(logits, target, losses, inv_tau, ignore_index,
-                           launch_config(logits.shape[1], block_cols), 0,
-                           expected_upstream is not None, expected_upstream, traced)
-
-
-#: Largest N x C that :func:`logitnorm_reduced` takes in its one program (CIFAR-100 at N = 256).
-REDUCED_MAX_ELEMENTS = 32768
-
-
-def reduces_in_one_program(n_rows: int, n_cols: int) -> bool:
-    """Whether :func:`logitnorm_reduced` takes an (n_rows, n_cols) batch in one program: small
-    enough that one program walking its rows costs less than the host work it saves (CIFAR
-    sizes, eager)."""
-    return 0 < n_rows and n_rows * n_cols <= REDUCED_MAX_ELEMENTS and bool(
-        launch_config(n_cols)["SINGLE"])
-
-
-def reduces_in_blocks(n_rows: int, n_cols: int, reduction: str,
-                      block_cols: int | None = None) -> bool:
-    """Whether :func:`logitnorm_reduced` takes an (n_rows, n_cols) batch with a block of rows
-    per program (each program counting the valid rows itself, :data:`.rows.COUNTED_TARGETS`)."""
-    return counts_within_budget(n_rows, launch_config(n_cols, block_cols)["ROWS"], reduction)
+    return _launch_forward(logits, target, losses, inv_tau, ignore_index, blocks, 0,
+                           expected_upstream is not None, expected_upstream, traced, launch)
 
 
 def logitnorm_reduced(
@@ -400,9 +447,10 @@ def logitnorm_reduced(
     reduction: str,
     write_grad: bool,
     one_program: bool = True,
-    block_cols: int | None = None,
+    blocks: RowBlocks | None = None,
     write_stats: bool = True,
     traced: bool = True,
+    launch: Launch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The ``sum`` or ``mean`` LogitNorm loss (0-d fp32), with the statistics of
     :func:`logitnorm_rows` (``stats[0]``: each valid row's share of the loss, 1 or
@@ -410,42 +458,31 @@ def logitnorm_reduced(
     and, when ``write_grad`` and the rows fit on chip, the gradient of the loss itself, which
     :func:`logitnorm_backward_rows` with ``reduced=True`` completes in place.
 
-    ``one_program`` (small batches, :func:`reduces_in_one_program`): one program walks every
-    block of rows and stores the loss. Otherwise (:func:`reduces_in_blocks`) each program takes
-    a block of rows, counts the valid rows itself and writes its rows' shares of the loss, which
-    one ``sum`` adds up. Either way the host runs neither the count nor the division, and the
-    reduction has no autograd of its own. ``block_cols``: as in :func:`logitnorm_rows` (not with
-    ``one_program``).
+    ``one_program``: one program walks every block of rows and stores the loss (rows on chip
+    only). Otherwise each program takes a block of rows, counts the valid rows itself and
+    writes its rows' shares of the loss, which one ``sum`` adds up. Either way the host runs
+    neither the count nor the division, and the reduction has no autograd of its own.
     """
     n_rows, n_cols = logits.shape
-    if one_program and (block_cols is not None or not reduces_in_one_program(n_rows, n_cols)):
-        raise ValueError(f"logitnorm_reduced takes at most {REDUCED_MAX_ELEMENTS} elements in "
-                         f"rows kept on chip in one program, got N = {n_rows}, C = {n_cols}, "
-                         f"block_cols = {block_cols}")
-    if not one_program and not reduces_in_blocks(n_rows, n_cols, reduction, block_cols):
-        raise ValueError(f"logitnorm_reduced counts at most {COUNTED_TARGETS} targets over its "
-                         f"programs, got N = {n_rows}, C = {n_cols}")
+    blocks = row_blocks(n_cols) if blocks is None else blocks
+    if one_program and not blocks.single:
+        raise ValueError(f"logitnorm_reduced reduces in one program only rows kept on chip, got "
+                         f"C = {n_cols} in blocks of {blocks.block}")
     shape = () if one_program else (n_rows,)
     loss = torch.empty(shape, dtype=torch.float32, device=logits.device)
     loss, stats, grad = _launch_forward(
-        logits, target, loss, inv_tau, ignore_index, launch_config(n_cols, block_cols),
-        REDUCE_CODES[reduction], write_grad, None, traced, one_program, write_stats)
+        logits, target, loss, inv_tau, ignore_index, blocks, REDUCE_CODES[reduction],
+        write_grad, None, traced, launch, one_program, write_stats)
     return (loss if one_program else loss.sum()), stats, grad
 
 
-def writes_gradient(n_cols: int, block_cols: int | None = None) -> bool:
-    """Whether the forward can write the gradient of rows of ``n_cols`` columns: only where the
-    rows stay on chip (one column block), so that the logits are still read once."""
-    return bool(launch_config(n_cols, block_cols)["SINGLE"])
-
-
-def _launch_forward(logits, target, loss, inv_tau, ignore_index, config, reduce, write_grad,
-                    expected_upstream, traced, one_program=False, write_stats=True):
+def _launch_forward(logits, target, loss, inv_tau, ignore_index, blocks, reduce, write_grad,
+                    expected_upstream, traced, launch, one_program=False, write_stats=True):
     """The forward launch shared by :func:`logitnorm_rows` and :func:`logitnorm_reduced`; the
-    gradient is written only where the rows stay on chip (:func:`writes_gradient`;
-    ``write_grad`` asks for it), the statistics (None) only with ``write_stats``."""
+    gradient is written only where the rows stay on chip (``write_grad`` asks for it), the
+    statistics (None) only with ``write_stats``."""
     n_rows, n_cols = logits.shape
-    write_grad = write_grad and bool(config["SINGLE"])
+    write_grad = write_grad and blocks.single
     stats = (torch.empty(STATS_PER_ROW * n_rows + 1, dtype=torch.float32, device=logits.device)
              if write_stats else None)
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if write_grad else None
@@ -453,14 +490,13 @@ def _launch_forward(logits, target, loss, inv_tau, ignore_index, config, reduce,
         return loss, stats, grad
     unused = unused_pointer(loss if stats is None else stats, traced)
     expected_ptr, expected_value, expected_is_ptr = _expected_args(expected_upstream, unused)
-    grid = (1 if one_program else cdiv(n_rows, config["ROWS"]),)
-    launcher(_logitnorm_kernel, grid, traced)(
+    grid = (1 if one_program else cdiv(n_rows, blocks.rows),)
+    launcher(_logitnorm_kernel, grid, traced, launch)(
         logits, logits.stride(0), target, loss, unused if stats is None else stats, n_rows,
         n_cols, inv_tau, ignore_index, unused if grad is None else grad, expected_ptr,
         expected_value, WRITE_GRAD=write_grad, EXPECTED_PTR=expected_is_ptr, REDUCE=reduce,
-        ONE_PROGRAM=one_program, SINGLE=config["SINGLE"], ROWS=config["ROWS"],
-        BLOCK=config["BLOCK"], COUNT_BLOCK=COUNT_BLOCK, WRITE_STATS=write_stats,
-        num_warps=config["num_warps"],
+        ONE_PROGRAM=one_program, SINGLE=blocks.single, ROWS=blocks.rows, BLOCK=blocks.block,
+        COUNT_BLOCK=COUNT_BLOCK, WRITE_STATS=write_stats, num_warps=blocks.num_warps,
     )
     return loss, stats, grad
 
@@ -475,7 +511,9 @@ def logitnorm_backward_rows(
     out: torch.Tensor | None = None,
     expected_upstream: torch.Tensor | float | None = None,
     reduced: bool = False,
+    check_programs: int = CHECK_PROGRAMS,
     traced: bool = True,
+    launch: Launch | None = None,
 ) -> torch.Tensor:
     """``g_n * dloss_n / dz`` (N, C) in the logits' dtype, ``g = where(valid, upstream, 0)``.
 
@@ -484,9 +522,11 @@ def logitnorm_backward_rows(
     forward's gradient for ``expected_upstream``) the result is written into ``out``: tiles whose
     valid rows all received exactly the expected upstream gradient are not touched (nor are their
     logits read), the others are recomputed with the forward's arithmetic (bitwise the same under
-    the interpreter; two compiled kernels may contract multiply-adds differently, an ulp apart).
-    ``reduced``: ``stats`` and ``out`` come from :func:`logitnorm_reduced`, ``upstream`` is the
-    0-d gradient of its loss, and ``expected_upstream`` is not used.
+    the interpreter; two compiled kernels may contract multiply-adds differently, an ulp apart),
+    several column tiles of the same rows per program (``check_programs``:
+    :func:`.rows.grouped_tile_grid`). ``reduced``: ``stats`` and ``out`` come from
+    :func:`logitnorm_reduced`, ``upstream`` is the 0-d gradient of its loss, and
+    ``expected_upstream`` is not used.
     """
     if out is not None and expected_upstream is None and not reduced:
         raise ValueError("out (the forward's gradient) needs the expected_upstream it was "
@@ -501,11 +541,170 @@ def logitnorm_backward_rows(
     if out is None:  # every tile recomputed: one per program
         (rows, block, grid), tiles = tile_grid(n_rows, n_cols), 1
     else:  # mostly checks that stop there: several tiles of the same rows per program
-        rows, block, grid, tiles = grouped_tile_grid(n_rows, n_cols)
-    launcher(_logitnorm_backward_kernel, grid, traced)(
+        rows, block, grid, tiles = grouped_tile_grid(n_rows, n_cols, check_programs)
+    launcher(_logitnorm_backward_kernel, grid, traced, launch)(
         logits, logits.stride(0), target, stats, upstream,
         upstream_stride(upstream), grad, n_rows, n_cols, ignore_index,
         expected_ptr, expected_value, tiles, SKIP_EXPECTED=out is not None,
         EXPECTED_PTR=expected_is_ptr, REDUCED=reduced, ROWS=rows, BLOCK=block, num_warps=4,
     )
     return grad
+
+
+# ------------------------------ autograd: the triton_op path ------------------------------
+# What torch.compile traces: per-row losses and statistics forward, the recomputing backward.
+
+
+@triton_op("elogitnorm_fast::triton_logitnorm_rows", mutates_args=())
+def _logitnorm_rows_op(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    inv_tau: float,
+    ignore_index: int,
+    block_cols: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row LogitNorm losses (fp32) and the (5 N + 1,) row statistics of the backward."""
+    blocks = row_blocks(logits.shape[1], block_cols if block_cols > 0 else None)
+    return logitnorm_rows(logits, target, inv_tau=inv_tau, ignore_index=ignore_index,
+                          blocks=blocks)[:2]
+
+
+@triton_op("elogitnorm_fast::triton_logitnorm_grad", mutates_args=())
+def _logitnorm_grad_op(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    stats: torch.Tensor,
+    upstream: torch.Tensor,
+    ignore_index: int,
+) -> torch.Tensor:
+    """LogitNorm logits gradient, rows times ``where(target valid, upstream, 0)``."""
+    return logitnorm_backward_rows(logits, target, stats, upstream, ignore_index=ignore_index)
+
+
+def _op_setup(ctx, inputs, output):
+    logits, target, _, ignore_index, _ = inputs
+    ctx.save_for_backward(logits, target, output[1])
+    ctx.ignore_index = ignore_index
+
+
+def _op_backward(ctx, grad_losses, _grad_stats):
+    logits, target, stats = ctx.saved_tensors
+    grad = _logitnorm_grad_op(logits, target, stats, grad_losses.float(), ctx.ignore_index)
+    return grad, None, None, None, None
+
+
+torch.library.register_autograd("elogitnorm_fast::triton_logitnorm_rows", _op_backward,
+                                setup_context=_op_setup)
+
+
+# ------------------------------ autograd: the eager path ------------------------------
+
+
+def _complete_gradient(ctx, grad_loss, expected_upstream, reduced):
+    """The eager backward: the forward's gradient completed in place where it was written (once:
+    a second backward through a retained graph recomputes into a new tensor, so a gradient
+    handed out is never written again), else recomputed."""
+    check_first_derivative("triton", "LogitNorm")
+    logits, target, stats = ctx.saved_tensors
+    out, ctx.grad_buffer = ctx.grad_buffer, None
+    return logitnorm_backward_rows(
+        logits, target, stats, grad_loss.float(), ignore_index=ctx.ignore_index, out=out,
+        expected_upstream=expected_upstream if out is not None else None, reduced=reduced,
+        check_programs=ctx.config.check_programs, traced=False, launch=ctx.config.launch)
+
+
+class _EagerLogitNorm(torch.autograd.Function):
+    """Per-row losses; the forward writes the gradient for ``expected_upstream`` (None: no
+    gradient needed) where the rows fit on chip."""
+
+    @staticmethod
+    def forward(ctx, logits, target, inv_tau, ignore_index, expected_upstream, config):
+        losses, stats, ctx.grad_buffer = logitnorm_rows(
+            logits, target, inv_tau=inv_tau, ignore_index=ignore_index, blocks=config.blocks,
+            expected_upstream=expected_upstream, traced=False, launch=config.launch)
+        ctx.save_for_backward(logits, target, stats)
+        ctx.ignore_index, ctx.config, ctx.expected = ignore_index, config, expected_upstream
+        ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)  # no zero gradient for the statistics output
+        return losses, stats
+
+    @staticmethod
+    def backward(ctx, grad_losses, _grad_stats):
+        if grad_losses is None:
+            return None, None, None, None, None, None
+        grad = _complete_gradient(ctx, grad_losses, ctx.expected, reduced=False)
+        return grad, None, None, None, None, None
+
+
+class _EagerReducedLogitNorm(torch.autograd.Function):
+    """The ``sum`` / ``mean`` reduced in the kernel (no count, division or autograd of them on
+    the host); the forward writes the loss's gradient when ``write_grad``."""
+
+    @staticmethod
+    def forward(ctx, logits, target, inv_tau, ignore_index, reduction, write_grad, config):
+        loss, stats, ctx.grad_buffer = logitnorm_reduced(
+            logits, target, inv_tau=inv_tau, ignore_index=ignore_index, reduction=reduction,
+            write_grad=write_grad, one_program=config.reduce == "one program",
+            blocks=config.blocks, traced=False, launch=config.launch)
+        ctx.save_for_backward(logits, target, stats)
+        ctx.ignore_index, ctx.config = ignore_index, config
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad = _complete_gradient(ctx, grad_loss, None, reduced=True)
+        return grad, None, None, None, None, None, None
+
+
+def _needs_grad(tensor: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and tensor.requires_grad
+
+
+def logitnorm_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    tau: float,
+    reduction: str,
+    ignore_index: int,
+    block_cols: int | None = None,
+    config: LogitNormConfig | None = None,
+    traced: bool | None = None,
+    capturing: bool | None = None,
+) -> torch.Tensor:
+    """LogitNorm of fp32 / fp16 / bf16 ``logits`` (N, C) with unit column stride and contiguous
+    ``target`` (inputs already validated), as an fp32 loss.
+
+    ``traced``: the ``triton_op`` path that torch.compile traces (None: whether torch.compile
+    is tracing); otherwise the eager path of ``config`` (None: :func:`config_for` of the shapes,
+    ``block_cols`` and ``capturing``, None: whether a CUDA graph is being captured).
+    """
+    if torch.compiler.is_compiling() if traced is None else traced:
+        count = mean_count(reduction, target, ignore_index, torch.float32)
+        losses, _ = _logitnorm_rows_op(logits, target, 1.0 / tau, ignore_index, block_cols or 0)
+        return reduce_rows(losses, reduction, count)
+    if config is None:
+        if capturing is None:
+            capturing = logits.is_cuda and torch.cuda.is_current_stream_capturing()
+        config = config_for(*logits.shape, reduction, block_cols=block_cols,
+                            capturing=capturing)
+    need_grad = _needs_grad(logits)
+    if reduction != "none" and config.reduce is not None:
+        if need_grad and config.node:
+            loss, _, grad = logitnorm_reduced(
+                logits, target, inv_tau=1.0 / tau, ignore_index=ignore_index,
+                reduction=reduction, write_grad=True,
+                one_program=config.reduce == "one program", blocks=config.blocks,
+                write_stats=False, traced=False, launch=config.launch)
+            return unit_gradient_node(loss, logits, None, grad, None, target, ignore_index,
+                                      "LogitNorm")
+        return _EagerReducedLogitNorm.apply(logits, target, 1.0 / tau, ignore_index, reduction,
+                                            need_grad, config)
+    count = mean_count(reduction, target, ignore_index, torch.float32)
+    # The upstream gradient each valid row gets from a plain backward of the result (the mean's
+    # autograd divides 1 by the same count: an IEEE division, like reciprocal).
+    expected = None
+    if need_grad:
+        expected = count.reciprocal() if count is not None else 1.0
+    losses, _ = _EagerLogitNorm.apply(logits, target, 1.0 / tau, ignore_index, expected, config)
+    return reduce_rows(losses, reduction, count)

@@ -12,26 +12,29 @@ Example::
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from . import direct_launch
+#: An eager launch of a compiled kernel, ``launch(kernel, grid, *args, **kwargs)``; a config's
+#: None means the JIT's own ``kernel[grid](*args, **kwargs)``.
+Launch = Callable[..., None]
 
-#: Largest row length (columns) kept on chip in one block.
-MAX_SINGLE_BLOCK = 32768  # measured on H100: 1.3x faster fwd+bwd at C=32768 than 16384
-#: Column block used when rows stream.
+#: Largest row length (columns) kept on chip in one block; longer rows stream.
+MAX_SINGLE_BLOCK = 32768
+#: Column block of streamed rows.
 STREAM_BLOCK = 4096
-#: Tile width of the rescaling kernel.
+#: Tile width of the elementwise backward kernels.
 SCALE_BLOCK = 2048
 
 
 def cdiv(a: int, b: int) -> int:
-    """``ceil(a / b)`` for the host's launch arithmetic. ``triton.cdiv`` and
-    ``triton.next_power_of_2`` are constexpr functions that unwrap their arguments first, a few
-    microseconds a call, and an eager CIFAR step made 7 such calls (triton 3.6 and 3.9)."""
+    """``ceil(a / b)`` for the host's launch arithmetic (``triton.cdiv`` unwraps constexprs
+    first: host work at every eager launch)."""
     return -(-a // b)
 
 
@@ -40,11 +43,21 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
-def launch_config(num_cols: int, block_cols: int | None = None) -> dict[str, int | bool]:
-    """Block sizes for a row length: ``BLOCK`` columns, ``ROWS`` rows per program, warps.
+@dataclass(frozen=True)
+class RowBlocks:
+    """Block sizes of a row kernel: ``block`` columns by ``rows`` rows per program on
+    ``num_warps`` warps; ``single``: a row fits in one block (kept on chip), else it streams."""
 
-    ``block_cols`` (a power of two) forces the column block, e.g. to test streaming at small C.
-    """
+    block: int
+    rows: int
+    single: bool
+    num_warps: int
+
+
+def row_blocks(num_cols: int, block_cols: int | None = None) -> RowBlocks:
+    """The blocks for rows of ``num_cols`` columns: one block up to :data:`MAX_SINGLE_BLOCK`,
+    else :data:`STREAM_BLOCK` columns at a time. ``block_cols`` (a power of two) forces the
+    column block, e.g. to test streaming at small C."""
     if block_cols is None:
         single_block = next_power_of_2(num_cols)
         block = single_block if single_block <= MAX_SINGLE_BLOCK else STREAM_BLOCK
@@ -55,10 +68,10 @@ def launch_config(num_cols: int, block_cols: int | None = None) -> dict[str, int
     single = num_cols <= block
     rows = min(16, max(1, 2048 // block)) if single else 1
     elements = rows * block
-    # 32 warps for 32768 elements: 32 fp32 values a thread; 16 warps spilled (ptxas, sm_90).
+    # At most 32 fp32 values a thread: fewer warps spilled registers (ptxas, sm_90).
     num_warps = (2 if elements <= 512 else 4 if elements <= 4096 else 8 if elements <= 8192
                  else 16 if elements <= 16384 else 32)
-    return {"BLOCK": block, "ROWS": rows, "SINGLE": single, "num_warps": num_warps}
+    return RowBlocks(block, rows, single, num_warps)
 
 
 def upstream_stride(upstream: torch.Tensor) -> int:
@@ -67,37 +80,28 @@ def upstream_stride(upstream: torch.Tensor) -> int:
     return upstream.stride(0) if upstream.dim() else 0
 
 
-def launcher(kernel, grid: tuple[int, ...], traced: bool):
-    """``kernel[grid]``, through ``torch.library.wrap_triton`` when ``traced``.
-
-    ``wrap_triton`` is what lets torch.compile trace a launch inside a ``triton_op``, but in eager
-    mode it costs ~370 us of host time per launch (measured, torch 2.11 on an H100 machine,
-    where a bare launch of an empty kernel took 13 us: ``gpu_host.py``), so eager callers pass
-    ``traced=False`` (and, with :data:`.direct_launch.ENABLED`, launch the compiled kernel
-    directly). Under the interpreter
-    (``TRITON_INTERPRET=1``) torch 2.11 refuses to wrap a kernel (it takes only ``triton.jit``
-    functions, which the interpreter replaces; torch 2.13 takes both); there the launch is
-    direct, as nothing can trace an interpreted kernel anyway.
-    """
+def launcher(kernel, grid: tuple[int, ...], traced: bool, launch: Launch | None = None):
+    """``kernel[grid]``, through ``torch.library.wrap_triton`` when ``traced``: that lets
+    torch.compile trace a launch inside a ``triton_op`` but costs host time at every launch, so
+    eager callers pass ``traced=False``. ``launch``, where given, launches the kernel instead (a
+    benchmark's launch variant, a test's recorder). Where this torch's ``wrap_triton`` refuses
+    the interpreter's kernels (torch 2.11; 2.13 takes them) the launch is direct: nothing traces
+    an interpreted kernel anyway."""
+    if launch is not None:
+        return functools.partial(launch, kernel, grid)
     if traced and (isinstance(kernel, JITFunction) or _wraps_interpreted_kernels()):
         return torch.library.wrap_triton(kernel)[grid]
-    if direct_launch.ENABLED and isinstance(kernel, JITFunction):
-        return functools.partial(direct_launch.launch, kernel, grid)
     return kernel[grid]
 
 
-_WRAPS_INTERPRETED: list[bool] = []  # looked up once
-
-
 def _wraps_interpreted_kernels() -> bool:
-    """Whether this torch's ``wrap_triton`` takes the interpreter's kernels."""
-    if not _WRAPS_INTERPRETED:
-        try:
-            torch.library.wrap_triton(_scale_rows_kernel)
-            _WRAPS_INTERPRETED.append(True)
-        except RuntimeError:
-            _WRAPS_INTERPRETED.append(False)
-    return _WRAPS_INTERPRETED[0]
+    """Whether this torch's ``wrap_triton`` takes the interpreter's kernels (asked at each
+    traced launch of an interpreted kernel: tests only)."""
+    try:
+        torch.library.wrap_triton(_scale_rows_kernel)
+    except RuntimeError:
+        return False
+    return True
 
 
 def unused_pointer(tensor: torch.Tensor, traced: bool) -> torch.Tensor:
@@ -162,19 +166,18 @@ REDUCE_CODES = {"none": 0, "sum": 1, "mean": 2}
 #: Targets a program reads at a time to count the valid rows of a ``mean`` reduced in the kernel.
 COUNT_BLOCK = 1024
 #: Largest (programs x N) of a ``mean`` reduced with a block of rows per program: every program
-#: counts all N targets (at most 2^21 int64 loads, 16 MiB read from L2, where the N targets
-#: stay; N = 1024, C = 10,000 reads 8 MiB against the 82 MB of logits and gradient that move
-#: through DRAM; 4096 x 32768 would read 128 MiB and takes the host's count instead).
+#: counts all N targets (2^21 int64 loads at most, 16 MiB read from L2, where they stay).
 COUNTED_TARGETS = 1 << 21
 
 
-def counts_within_budget(n_rows: int, rows_per_program: int, reduction: str) -> bool:
+def counts_within_budget(n_rows: int, rows_per_program: int, reduction: str,
+                         budget: int = COUNTED_TARGETS) -> bool:
     """Whether a ``sum`` / ``mean`` of ``n_rows`` rows may be reduced in a kernel with
     ``rows_per_program`` rows per program (:func:`_row_weight`: a mean's programs each count
-    all N targets, :data:`COUNTED_TARGETS` at most in all); never for an empty batch."""
+    all N targets, ``budget`` loads at most in all); never for an empty batch."""
     if n_rows <= 0:
         return False
-    return reduction == "sum" or cdiv(n_rows, rows_per_program) * n_rows <= COUNTED_TARGETS
+    return reduction == "sum" or cdiv(n_rows, rows_per_program) * n_rows <= budget
 
 
 @triton.jit
@@ -202,20 +205,17 @@ def tile_grid(n_rows: int, n_cols: int) -> tuple[int, int, tuple[int]]:
 CHECK_PROGRAMS = 2048
 
 
-def grouped_tile_grid(n_rows: int, n_cols: int) -> tuple[int, int, tuple[int], int]:
+def grouped_tile_grid(n_rows: int, n_cols: int, check_programs: int = CHECK_PROGRAMS
+                      ) -> tuple[int, int, tuple[int], int]:
     """``(ROWS, BLOCK, grid, TILES)``: :func:`tile_grid`'s tiles with ``TILES`` consecutive
     column tiles of the same rows in one program (:func:`_tile_group`), as many per program as
-    still leave :data:`CHECK_PROGRAMS` programs (one program per block of rows at most).
-
-    For a kernel that first checks its rows and mostly stops there: at N = 4096, C = 32768 one
-    program per tile meant 65,536 programs that each loaded two values per row, 0.21 ms on an
-    H100 (the forward's two passes over N x C took 0.42 ms); grouped, 4096 programs.
-    """
+    still leave ``check_programs`` programs (one program per block of rows at most). For a
+    kernel that first checks its rows and mostly stops there: fewer, longer programs."""
     rows, block, _ = tile_grid(n_rows, n_cols)
-    row_blocks, col_tiles = cdiv(n_rows, rows), cdiv(n_cols, block)
-    groups = min(col_tiles, max(1, cdiv(CHECK_PROGRAMS, row_blocks)))
+    row_count, col_tiles = cdiv(n_rows, rows), cdiv(n_cols, block)
+    groups = min(col_tiles, max(1, cdiv(check_programs, row_count)))
     tiles = cdiv(col_tiles, groups)
-    return rows, block, (row_blocks * cdiv(col_tiles, tiles),), tiles
+    return rows, block, (row_count * cdiv(col_tiles, tiles),), tiles
 
 
 @triton.jit
@@ -291,13 +291,15 @@ def scale_rows(
     *,
     ignore_index: int,
     traced: bool = True,
+    launch: Launch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(first * g[:, None], second * g[:, None])`` with ``g = where(valid, upstream, 0)``.
 
     ``first`` / ``second`` are contiguous (N, C) (either may be empty: (0, C); ``second`` may be
     None, and then so is its result); ``upstream`` is any strided (N,) tensor, e.g. a stride-0
     expansion, or 0-d (:func:`upstream_stride`). New tensors are returned, the inputs are left
-    untouched (they may be saved for a second backward). ``traced``: see :func:`launcher`.
+    untouched (they may be saved for a second backward). ``traced``, ``launch``: see
+    :func:`launcher`.
     """
     first_out = torch.empty_like(first)
     second_out = None if second is None else torch.empty_like(second)
@@ -309,7 +311,7 @@ def scale_rows(
         return first_out, second_out
     rows, block, grid = tile_grid(n_rows, n_cols)
     unused = None if has_second else unused_pointer(first_out, traced)
-    launcher(_scale_rows_kernel, grid, traced)(  # HAS_SECOND False: the second pair unused
+    launcher(_scale_rows_kernel, grid, traced, launch)(  # HAS_SECOND False: the second pair unused
         first, first_out, second if has_second else unused,
         second_out if has_second else unused, upstream, upstream_stride(upstream), target,
         n_rows, n_cols, ignore_index,

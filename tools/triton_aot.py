@@ -31,7 +31,7 @@ _SCALARS_I32 = {"n_rows", "n_cols", "n_features", "feature_run", "ignore_index",
 _SCALARS_F32 = {"eps", "inv_tau", "inv_divisor", "inv_temperature", "expected_value"}
 _INDEX_POINTERS = {"target_ptr", "predicted_ptr"}
 #: The logits' dtype; other pointers fp32.
-_DATA_POINTERS = {"logits_ptr", "grad_ptr", "z_ptr", "logits_unit_ptr", "grad_logits_ptr"}
+_DATA_POINTERS = {"logits_ptr", "grad_ptr", "z_ptr"}
 
 
 @dataclass(frozen=True)
@@ -73,71 +73,72 @@ def _signature(fn, constexprs: dict, dtype: str) -> dict[str, str]:
 
 
 def loss_configs() -> list[KernelConfig]:
-    """The loss kernels in the configurations ``launch_config`` picks at the protocol's sizes
-    (C = 10, 1000, 10,000, 32768 kept on chip; C = 100,000 streamed), and ELogitNorm's fused
-    small-C kernel (``fused_config``), fp32 and bf16 logits."""
-    from elogitnorm_fast.kernels.rows import COUNT_BLOCK, launch_config
+    """The loss kernels in the blocks ``row_blocks`` picks at the protocol's sizes (C = 10,
+    1000, 10,000, 32768 kept on chip; C = 100,000 streamed), and ELogitNorm's fused small-C
+    kernel (``fused_blocks``), fp32 and bf16 logits."""
+    from elogitnorm_fast.kernels.rows import COUNT_BLOCK, row_blocks
 
     configs = []
     for num_cols in (10, 1000, 10_000, 32768, 100_000):
-        cfg = launch_config(num_cols)
-        shape = (("SINGLE", cfg["SINGLE"]), ("ROWS", cfg["ROWS"]), ("BLOCK", cfg["BLOCK"]))
+        blocks = row_blocks(num_cols)
+        shape = (("SINGLE", blocks.single), ("ROWS", blocks.rows), ("BLOCK", blocks.block))
         for dtype in ("fp32", "bf16"):
             # LogitNorm's forward writes the gradient too where the rows stay on chip.
             configs.append(KernelConfig(
                 "logitnorm", "_logitnorm_kernel",
-                (("WRITE_GRAD", bool(cfg["SINGLE"])), ("EXPECTED_PTR", True), ("REDUCE", 0),
+                (("WRITE_GRAD", blocks.single), ("EXPECTED_PTR", True), ("REDUCE", 0),
                  ("ONE_PROGRAM", False), *shape, ("COUNT_BLOCK", COUNT_BLOCK),
                  ("WRITE_STATS", True)),
-                cfg["num_warps"], dtype))
+                blocks.num_warps, dtype))
             # The mean reduced by a block of rows per program, each counting the targets.
             configs.append(KernelConfig(
                 "logitnorm", "_logitnorm_kernel",
-                (("WRITE_GRAD", bool(cfg["SINGLE"])), ("EXPECTED_PTR", False), ("REDUCE", 2),
+                (("WRITE_GRAD", blocks.single), ("EXPECTED_PTR", False), ("REDUCE", 2),
                  ("ONE_PROGRAM", False), *shape, ("COUNT_BLOCK", COUNT_BLOCK),
                  ("WRITE_STATS", True)),
-                cfg["num_warps"], dtype))
+                blocks.num_warps, dtype))
             # ELogitNorm per row (the op path) and eager's mean (rows' shares, counted).
             for reduce in (0, 2) if dtype == "fp32" else (2,):
                 configs.append(KernelConfig(
                     "elogitnorm", "_elogitnorm_kernel",
                     (("PER_SAMPLE", True), ("WRITE_GRAD", True), ("WRITE_COEFFICIENTS", True),
                      *shape, ("REDUCE", reduce), ("COUNT_BLOCK", COUNT_BLOCK)),
-                    cfg["num_warps"], dtype))
+                    blocks.num_warps, dtype))
     # LogitNorm's one-program sum and mean at C = 10 and 100 (logitnorm_reduced), for the C++
     # node (no statistics) and for the Python backward.
     for num_cols in (10, 100):
-        cfg = launch_config(num_cols)
+        blocks = row_blocks(num_cols)
         for reduce, write_stats in itertools.product((1, 2), (False, True)):
             configs.append(KernelConfig(
                 "logitnorm", "_logitnorm_kernel",
                 (("WRITE_GRAD", True), ("EXPECTED_PTR", False), ("REDUCE", reduce),
-                 ("ONE_PROGRAM", True), ("SINGLE", True), ("ROWS", cfg["ROWS"]),
-                 ("BLOCK", cfg["BLOCK"]), ("COUNT_BLOCK", COUNT_BLOCK),
-                 ("WRITE_STATS", write_stats)), cfg["num_warps"]))
+                 ("ONE_PROGRAM", True), ("SINGLE", True), ("ROWS", blocks.rows),
+                 ("BLOCK", blocks.block), ("COUNT_BLOCK", COUNT_BLOCK),
+                 ("WRITE_STATS", write_stats)), blocks.num_warps))
     # The fused small-C kernel (argmax and distances inside) at C = 10 and 100, D = 512 (N = 128:
     # N >= C, coefficient rows not folded).
-    from elogitnorm_fast.kernels.elogitnorm import fused_config
+    from elogitnorm_fast.kernels.elogitnorm import fused_blocks
 
     for num_cols in (10, 100):
-        for rows in (None, 4):  # the default, and 4 rows per program (gpu_losses times both)
-            cfg = fused_config(num_cols, 512, rows)
-            for dtype in ("fp32", "bf16") if rows is None else ("fp32",):
+        for rows in (1, 4):  # the default, and 4 rows per program (gpu_losses times both)
+            fused = fused_blocks(num_cols, 512, rows=rows)
+            for dtype in ("fp32", "bf16") if rows == 1 else ("fp32",):
                 configs.append(KernelConfig(
                     "elogitnorm", "_elogitnorm_fused_kernel",
-                    (("WRITE_GRAD", True), ("WRITE_COEFFICIENTS", True), ("ROWS", cfg["ROWS"]),
-                     ("BLOCK", cfg["BLOCK"]), ("FEATURES", cfg["FEATURES"]), ("REDUCE", 2),
-                     ("COUNT_BLOCK", COUNT_BLOCK), ("FOLD", False), ("DEFERRED", True)),
-                    cfg["num_warps"], dtype))
+                    (("WRITE_GRAD", True), ("WRITE_COEFFICIENTS", True), ("ROWS", fused.rows),
+                     ("BLOCK", fused.block), ("FEATURES", fused.features), ("REDUCE", 2),
+                     ("COUNT_BLOCK", COUNT_BLOCK), ("FOLD", False),
+                     ("DEFERRED", fused.deferred_sums)),
+                    fused.num_warps, dtype))
     return configs
 
 
 def other_configs() -> list[KernelConfig]:
     """The backward kernels (LogitNorm's gradient, the row rescaling of ELogitNorm's, its
-    class-pooled weight gradient at C = 10 and 100, the logits gradient riding along, and the
-    same weight gradient for the unit upstream gradient, which the forward of the C++-node path
-    launches, adding the loss's shares on the way) and the logit-scores kernel."""
-    from elogitnorm_fast.kernels.class_gradient import CLASSES, SHARES_BLOCK, pooled_config
+    class-pooled weight gradient at C = 10 and 100, and the same weight gradient for the unit
+    upstream gradient, which the forward of the C++-node path launches) and the logit-scores
+    kernel."""
+    from elogitnorm_fast.kernels.class_gradient import CLASSES, pooled_blocks
 
     return [
         *(KernelConfig("logitnorm", "_logitnorm_backward_kernel",
@@ -145,12 +146,10 @@ def other_configs() -> list[KernelConfig]:
                         ("ROWS", 1), ("BLOCK", 2048)), 4, "bf16")
           for skip in (True, False) for reduced in (False, True)),
         *(KernelConfig("class_gradient", "_pooled_weight_gradient_kernel",
-                       (("SCALE_LOGITS", not unit), ("UNIT_UPSTREAM", unit),
-                        ("SUM_SHARES", unit), ("SHARES_BLOCK", SHARES_BLOCK),
-                        ("CLASSES", CLASSES), ("SCAN", cfg["SCAN"]), ("BLOCK", cfg["BLOCK"]),
-                        ("FEATURES", cfg["FEATURES"])),
-                       cfg["num_warps"], dtype)
-          for cfg in (pooled_config(10), pooled_config(100))
+                       (("UNIT_UPSTREAM", unit), ("CLASSES", CLASSES), ("SCAN", blocks.scan),
+                        ("BLOCK", blocks.block), ("FEATURES", blocks.features)),
+                       blocks.num_warps, dtype)
+          for blocks in (pooled_blocks(10), pooled_blocks(100))
           for unit, dtype in ((False, "fp32"), (False, "bf16"), (True, "fp32"))),
         KernelConfig("rows", "_scale_rows_kernel",
                      (("HAS_FIRST", True), ("HAS_SECOND", True), ("ROWS", 1), ("BLOCK", 2048)), 4),

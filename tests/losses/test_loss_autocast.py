@@ -4,13 +4,11 @@ logits' gradient in their own dtype; autocast never lowers the precision of a ba
 matrix products. Outside autocast the loss keeps the logits' dtype.
 
 The CPU backends run here under ``torch.autocast("cpu")``; the ``triton`` backend's eager paths
-under the Triton interpreter in a child process (:mod:`interpreter`; float16 only: the
-interpreter has no bfloat16 arithmetic).
+under the Triton interpreter in ``tests/triton/test_autocast_interpreted.py``.
 """
 
 from __future__ import annotations
 
-import interpreter
 import pytest
 import torch
 import torch.nn.functional as F
@@ -88,65 +86,41 @@ def check_autocast(call, kind, *, shape=(6, 5, 8), reduction="mean", amp=torch.b
                                    atol=ATOL * max(1.0, expected_grads[1].abs().max().item()))
 
 
-if not interpreter.inside():
-    CPU_BACKENDS = [name for name in ("reference", "torch", "cpu", "auto")
-                    if name == "auto" or name in ef.available_backends("cpu")]
-    #: The reference backend divides z by s as the formula does, which in float32 loses
-    #: digits where s is small against z: the random cases check the other backends' values.
-    FAST_BACKENDS = [name for name in CPU_BACKENDS if name != "reference"]
+CPU_BACKENDS = [name for name in ("reference", "torch", "cpu", "auto")
+                if name == "auto" or name in ef.available_backends("cpu")]
+#: The reference backend divides z by s as the formula does, which in float32 loses
+#: digits where s is small against z: the random cases check the other backends' values.
+FAST_BACKENDS = [name for name in CPU_BACKENDS if name != "reference"]
 
-    @pytest.mark.parametrize("backend", CPU_BACKENDS)
-    @pytest.mark.parametrize("kind", ["elogitnorm", "logitnorm"])
-    @pytest.mark.parametrize("reduction", REDUCTIONS)
-    def test_bfloat16_autocast_gives_a_float32_loss_like_cross_entropy(backend, kind,
-                                                                       reduction):
-        check_autocast(_call(backend, kind), kind, reduction=reduction)
 
-    @pytest.mark.parametrize("backend", CPU_BACKENDS)
-    def test_outside_autocast_the_loss_keeps_the_logits_dtype(backend):
-        logits = torch.randn(4, 3).to(torch.bfloat16)
-        weight, target = torch.randn(3, 2), torch.tensor([0, 1, 2, 0])
-        assert ef.elogitnorm_loss(logits, weight, target, backend=backend).dtype == torch.bfloat16
-        assert ef.logitnorm_loss(logits, target, backend=backend).dtype == torch.bfloat16
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["elogitnorm", "logitnorm"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_bfloat16_autocast_gives_a_float32_loss_like_cross_entropy(backend, kind,
+                                                                   reduction):
+    check_autocast(_call(backend, kind), kind, reduction=reduction)
 
-    @settings(max_examples=30, deadline=None)
-    @given(
-        backend=st.sampled_from(FAST_BACKENDS),
-        kind=st.sampled_from(["elogitnorm", "logitnorm"]),
-        reduction=st.sampled_from(REDUCTIONS),
-        amp=st.sampled_from([torch.bfloat16, torch.float16]),
-        logits_dtype=st.sampled_from([None, torch.float32, torch.float64]),
-        shape=st.tuples(st.integers(1, 9), st.sampled_from([1, 2, 7, 130]), st.integers(1, 40)),
-        backward_inside=st.booleans(),
-        seed=st.integers(0, 2 ** 16),
-    )
-    def test_any_autocast_case_matches_cross_entropy_dtype_and_the_reference(
-            backend, kind, reduction, amp, logits_dtype, shape, backward_inside, seed):
-        check_autocast(_call(backend, kind), kind, shape=shape, reduction=reduction, amp=amp,
-                       logits_dtype=logits_dtype, backward_inside=backward_inside, seed=seed)
 
-    @pytest.mark.skipif(not interpreter.HAS_TRITON, reason="triton is not installed")
-    def test_triton_paths_under_the_interpreter():
-        interpreter.run_child(__file__)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_outside_autocast_the_loss_keeps_the_logits_dtype(backend):
+    logits = torch.randn(4, 3).to(torch.bfloat16)
+    weight, target = torch.randn(3, 2), torch.tensor([0, 1, 2, 0])
+    assert ef.elogitnorm_loss(logits, weight, target, backend=backend).dtype == torch.bfloat16
+    assert ef.logitnorm_loss(logits, target, backend=backend).dtype == torch.bfloat16
 
-else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors ----------------
 
-    #: (loss, reduction, C, logits dtype: None for autocast's float16). C = 6 takes the fused
-    #: distances, C = 130 the GEMM distances and weight gradient (which autocast would run in
-    #: 16 bits whatever the logits' dtype); ``none`` runs its backward inside the region.
-    TRITON_CASES = [("elogitnorm", reduction, c, dtype) for reduction in REDUCTIONS
-                    for c, dtype in ((6, None), (130, None), (130, torch.float32))] + [
-                   ("logitnorm", reduction, 6, None) for reduction in REDUCTIONS] + [
-                   ("logitnorm", "mean", 6, torch.float32)]
-
-    @pytest.mark.parametrize("kind, reduction, c, logits_dtype", TRITON_CASES)
-    def test_triton_float16_autocast_gives_a_float32_loss(kind, reduction, c, logits_dtype):
-        check_autocast(_call("triton", kind), kind, shape=(5, c, 8), reduction=reduction,
-                       amp=torch.float16, logits_dtype=logits_dtype,
-                       backward_inside=reduction == "none")
-
-    def test_triton_outside_autocast_the_loss_keeps_the_logits_dtype():
-        logits = torch.randn(4, 3).half()
-        weight, target = torch.randn(3, 2), torch.tensor([0, 1, 2, 0])
-        assert ef.elogitnorm_loss(logits, weight, target, backend="triton").dtype == torch.half
-        assert ef.logitnorm_loss(logits, target, backend="triton").dtype == torch.half
+@settings(max_examples=30, deadline=None)
+@given(
+    backend=st.sampled_from(FAST_BACKENDS),
+    kind=st.sampled_from(["elogitnorm", "logitnorm"]),
+    reduction=st.sampled_from(REDUCTIONS),
+    amp=st.sampled_from([torch.bfloat16, torch.float16]),
+    logits_dtype=st.sampled_from([None, torch.float32, torch.float64]),
+    shape=st.tuples(st.integers(1, 9), st.sampled_from([1, 2, 7, 130]), st.integers(1, 40)),
+    backward_inside=st.booleans(),
+    seed=st.integers(0, 2 ** 16),
+)
+def test_any_autocast_case_matches_cross_entropy_dtype_and_the_reference(
+        backend, kind, reduction, amp, logits_dtype, shape, backward_inside, seed):
+    check_autocast(_call(backend, kind), kind, shape=shape, reduction=reduction, amp=amp,
+                   logits_dtype=logits_dtype, backward_inside=backward_inside, seed=seed)

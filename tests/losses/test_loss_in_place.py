@@ -2,14 +2,12 @@
 gradient accumulation, ``*=``, ``+=``, ``-=``), scaled, added to another loss, or handed to a
 ``GradScaler``, with the gradients of the float64 reference put through the same code.
 
-The CPU backends run here; the ``triton`` backend's eager paths run on CPU tensors under the
-Triton interpreter in a child process (:mod:`interpreter`), one case per path the backend
-chooses between (see the ``TRITON_PATHS`` table).
+The CPU backends run here; the ``triton`` backend's paths run on CPU tensors under the Triton
+interpreter in ``tests/triton/test_in_place_interpreted.py``.
 """
 
 from __future__ import annotations
 
-import interpreter
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,8 +16,6 @@ from hypothesis import strategies as st
 
 import elogitnorm_fast as ef
 from elogitnorm_fast.reference import (
-    DEFAULT_EPS,
-    DEFAULT_TAU,
     elogitnorm_reference,
     logitnorm_reference,
 )
@@ -132,125 +128,41 @@ def check_grad_scaler(backend, generator=None, enabled_values=(True, False)):
             torch.testing.assert_close(grad.double(), want, rtol=RTOL, atol=ATOL)
 
 
-if not interpreter.inside():
-    CPU_BACKENDS = [name for name in ("reference", "torch", "cpu", "auto")
-                    if name == "auto" or name in ef.available_backends("cpu")]
+CPU_BACKENDS = [name for name in ("reference", "torch", "cpu", "auto")
+                if name == "auto" or name in ef.available_backends("cpu")]
 
-    @pytest.mark.parametrize("backend", CPU_BACKENDS)
-    @pytest.mark.parametrize("kind", ["elogitnorm", "logitnorm"])
-    @pytest.mark.parametrize("reduction", REDUCTIONS)
-    def test_gradient_accumulation_divides_in_place(backend, kind, reduction):
-        logits, weight, target = _case(7, 5, 3)
-        check_ops(_public(backend, kind), kind, logits, weight, target, reduction, ["/="])
 
-    @pytest.mark.parametrize("backend", CPU_BACKENDS)
-    def test_grad_scaler_with_accumulation(backend):
-        check_grad_scaler(backend)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["elogitnorm", "logitnorm"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradient_accumulation_divides_in_place(backend, kind, reduction):
+    logits, weight, target = _case(7, 5, 3)
+    check_ops(_public(backend, kind), kind, logits, weight, target, reduction, ["/="])
 
-    @settings(max_examples=25, deadline=None)
-    @given(
-        backend=st.sampled_from(CPU_BACKENDS),
-        kind=st.sampled_from(["elogitnorm", "logitnorm"]),
-        reduction=st.sampled_from(REDUCTIONS),
-        ops=st.lists(st.sampled_from(OPS), min_size=1, max_size=4),
-        shape=st.tuples(st.integers(1, 9), st.integers(1, 9), st.integers(1, 5)),
-        dtype=st.sampled_from([torch.float32, torch.float64]),
-        grads=st.sampled_from([(True, True), (True, False), (False, True)]),
-        ignored=st.booleans(),
-        seed=st.integers(0, 2 ** 16),
-    )
-    def test_any_in_place_sequence_matches_the_reference(backend, kind, reduction, ops, shape,
-                                                          dtype, grads, ignored, seed):
-        n, c, d = shape
-        generator = torch.Generator().manual_seed(seed)
-        logits, weight, target = _case(n, c, d, dtype=dtype, logits_grad=grads[0],
-                                       weight_grad=grads[1], ignored=ignored and n > 1,
-                                       generator=generator)
-        check_ops(_public(backend, kind), kind, logits, weight, target, reduction, ops,
-                  generator=generator)
 
-    @pytest.mark.skipif(not interpreter.HAS_TRITON, reason="triton is not installed")
-    def test_triton_paths_under_the_interpreter():
-        interpreter.run_child(__file__)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_grad_scaler_with_accumulation(backend):
+    check_grad_scaler(backend)
 
-else:  # ---------------- child process: TRITON_INTERPRET=1, CPU tensors ----------------
-    from elogitnorm_fast.backends import triton_backend
 
-    def _streaming(z, w, y, r):
-        """GEMM distances and rows streamed over column blocks of 4 (C > 4)."""
-        return triton_backend.elogitnorm_loss(z, w, y, reduction=r, ignore_index=-100,
-                                              eps=DEFAULT_EPS, divisor=z.shape[1], block_cols=4)
-
-    def _python_function(z, w, y, r):
-        """The Python Function that returns a sum / mean the kernel reduced, with its Python
-        backward (what runs without the extension's C++ node, or under CUDA-graph capture)."""
-        inputs = (z, w, y, -100, DEFAULT_EPS, z.shape[1], z.requires_grad, w.requires_grad, 0)
-        loss, *_ = triton_backend._EagerELogitNorm.apply(*inputs, {"sum": 1, "mean": 2}[r])
-        return loss
-
-    def _logitnorm_blocks(block):
-        """A block of rows per program (``block`` columns at a time: with ``block`` < C the
-        rows stream and the Python Function returns the loss, else the C++ node does)."""
-        return lambda z, w, y, r: triton_backend.logitnorm_loss(
-            z, y, tau=DEFAULT_TAU, reduction=r, ignore_index=-100, block_cols=block)
-
-    REDUCED = ("mean", "sum")
-    #: path -> (loss, (N, C, D), logits / weight require grad, call, reductions). ``none``
-    #: takes one per-row path per kernel; ``sum`` and ``mean`` choose between the others.
-    TRITON_PATHS = {
-        "elogitnorm fused, pooled weight gradient": (
-            "elogitnorm", (5, 6, 3), (True, True), _public("triton", "elogitnorm"), REDUCTIONS),
-        "elogitnorm fused, logits only": (
-            "elogitnorm", (5, 6, 3), (True, False), _public("triton", "elogitnorm"), REDUCED),
-        "elogitnorm fused, weight only": (
-            "elogitnorm", (5, 6, 3), (False, True), _public("triton", "elogitnorm"), REDUCED),
-        "elogitnorm fused, no gradient": (
-            "elogitnorm", (5, 6, 3), (False, False), _public("triton", "elogitnorm"),
-            ("mean",)),
-        "elogitnorm GEMM distances, GEMM weight gradient (C > 128)": (
-            "elogitnorm", (4, 130, 2), (True, True), _public("triton", "elogitnorm"),
-            REDUCTIONS),
-        "elogitnorm GEMM distances, pooled weight gradient (C D > 2^17)": (
-            "elogitnorm", (3, 40, 3300), (True, True), _public("triton", "elogitnorm"),
-            ("mean",)),
-        "elogitnorm streaming columns": (
-            "elogitnorm", (5, 9, 3), (True, True), _streaming, REDUCTIONS),
-        "elogitnorm Python Function": (
-            "elogitnorm", (5, 6, 3), (True, True), _python_function, REDUCED),
-        "logitnorm one program": (
-            "logitnorm", (5, 6, 1), (True, False), _public("triton", "logitnorm"), REDUCTIONS),
-        "logitnorm one program, no gradient": (
-            "logitnorm", (5, 6, 1), (False, False), _public("triton", "logitnorm"), ("mean",)),
-        "logitnorm blocks of rows (N C > 32768)": (
-            "logitnorm", (34, 1000, 1), (True, False), _public("triton", "logitnorm"),
-            ("mean",)),
-        "logitnorm blocks, rows on chip": (
-            "logitnorm", (5, 6, 1), (True, False), _logitnorm_blocks(8), REDUCED),
-        "logitnorm blocks, streamed rows": (
-            "logitnorm", (5, 9, 1), (True, False), _logitnorm_blocks(4), REDUCED),
-    }
-    _CASES = [(path, reduction) for path, spec in TRITON_PATHS.items() for reduction in spec[4]]
-
-    @pytest.mark.parametrize("path, reduction", _CASES)
-    def test_triton_path_may_be_modified_in_place(path, reduction):
-        kind, (n, c, d), grads, call, _ = TRITON_PATHS[path]
-        logits, weight, target = _case(n, c, d, logits_grad=grads[0], weight_grad=grads[1])
-        check_ops(call, kind, logits, weight, target, reduction, ["/=", "*=", "+="])
-
-    def test_triton_grad_scaler_with_accumulation():
-        check_grad_scaler("triton", enabled_values=(True,))
-
-    @settings(max_examples=6, deadline=None)
-    @given(
-        path=st.sampled_from(sorted(p for p in TRITON_PATHS if "C D" not in p)),
-        ops=st.lists(st.sampled_from(OPS), min_size=1, max_size=4),
-        ignored=st.booleans(),
-        seed=st.integers(0, 2 ** 16),
-    )
-    def test_triton_any_in_place_sequence_matches_the_reference(path, ops, ignored, seed):
-        kind, (n, c, d), grads, call, reductions = TRITON_PATHS[path]
-        generator = torch.Generator().manual_seed(seed)
-        reduction = reductions[seed % len(reductions)]
-        logits, weight, target = _case(n, c, d, logits_grad=grads[0], weight_grad=grads[1],
-                                       ignored=ignored, generator=generator)
-        check_ops(call, kind, logits, weight, target, reduction, ops, generator=generator)
+@settings(max_examples=25, deadline=None)
+@given(
+    backend=st.sampled_from(CPU_BACKENDS),
+    kind=st.sampled_from(["elogitnorm", "logitnorm"]),
+    reduction=st.sampled_from(REDUCTIONS),
+    ops=st.lists(st.sampled_from(OPS), min_size=1, max_size=4),
+    shape=st.tuples(st.integers(1, 9), st.integers(1, 9), st.integers(1, 5)),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    grads=st.sampled_from([(True, True), (True, False), (False, True)]),
+    ignored=st.booleans(),
+    seed=st.integers(0, 2 ** 16),
+)
+def test_any_in_place_sequence_matches_the_reference(backend, kind, reduction, ops, shape,
+                                                      dtype, grads, ignored, seed):
+    n, c, d = shape
+    generator = torch.Generator().manual_seed(seed)
+    logits, weight, target = _case(n, c, d, dtype=dtype, logits_grad=grads[0],
+                                   weight_grad=grads[1], ignored=ignored and n > 1,
+                                   generator=generator)
+    check_ops(_public(backend, kind), kind, logits, weight, target, reduction, ops,
+              generator=generator)

@@ -13,8 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import elogitnorm_fast as ef
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -88,7 +86,8 @@ def test_gpu_table_heading_says_how_the_run_differed(tmp_path):
 
 def test_losses_summary_reports_the_single_block_decision():
     """gpu_losses.summary turns the rows into the targets' ratios, including the comparisons
-    that decide MAX_SINGLE_BLOCK and REDUCE_IN_KERNEL (synthetic rows: no GPU needed)."""
+    that decided the single block and the in-kernel reduction (synthetic rows: no GPU
+    needed)."""
     gpu_losses = _benchmark("gpu_losses")
 
     def row(loss, n, c, impl, ms, **extra):
@@ -193,108 +192,80 @@ def test_graph_timing_covers_small_sizes_and_the_bandwidth_case():
 
 def test_counted_variant_reduces_the_bandwidth_case_in_the_kernel():
     """``triton, counted in blocks``: the 4096 x 32768 mean, counted on the host by default, is
-    reduced by blocks of rows in the kernel while entered, and on the host again afterwards."""
+    reduced by blocks of rows in the kernel in the variant's configuration."""
+    from elogitnorm_fast.kernels import logitnorm
+
     variants = _benchmark("_loss_variants")
-    from elogitnorm_fast.backends import triton_backend
-
-    def reduced_in():
-        return triton_backend.logitnorm_kernel_reduction(4096, 32768, "mean")
-
-    assert reduced_in() is None
-    with variants.kernel_counted_triton().context():
-        assert reduced_in() == "blocks"
-    assert reduced_in() is None
+    default = logitnorm.config_for(4096, 32768, "mean")
+    assert default.reduce is None
+    changed = variants.kernel_counted_triton().change(default, 32768, 0)
+    assert changed.reduce == "blocks" and changed.blocks == default.blocks
 
 
 def test_blockwise_variant_changes_only_the_reduction():
-    """``triton, reduced in blocks`` reduces a CIFAR-sized LogitNorm by blocks of rows while
-    entered, and the step still returns through the C++ node; one program again afterwards."""
-    variants = _benchmark("_loss_variants")
-    from elogitnorm_fast.backends import triton_backend
+    """``triton, reduced in blocks`` reduces a CIFAR-sized LogitNorm by blocks of rows, and the
+    step still returns through the C++ node (where the default does)."""
+    import dataclasses
 
-    def path():
-        return (triton_backend.logitnorm_kernel_reduction(128, 10, "mean"),
-                triton_backend._native_backward(triton_backend._capturing(torch.ones(1))),
-                triton_backend.node_carries_logitnorm(128, 10))
-
-    default = path()
-    with variants.blockwise_reduced_triton().context():
-        assert path() == ("blocks", *default[1:])
-    assert path() == default and default[0] == "one program"
-
-
-def test_fused_and_pooled_variants_switch_their_settings():
-    """``triton, summed per step`` turns the fused kernel's DEFERRED_SUMS off while entered,
-    ``triton, fused tiles of 4096`` gives it the tile and warps it had before FUSED_TILE grew,
-    ``triton, dW unsplit`` removes the pooled weight gradient's split of D (one program per
-    block of classes); each back afterwards."""
-    from elogitnorm_fast.kernels import class_gradient, elogitnorm
+    from elogitnorm_fast.kernels import logitnorm
 
     variants = _benchmark("_loss_variants")
-    assert elogitnorm.DEFERRED_SUMS
-    with variants.per_step_sums_triton().context():
-        assert not elogitnorm.DEFERRED_SUMS
-    assert elogitnorm.DEFERRED_SUMS
-    default = {"ROWS": 1, "BLOCK": 128, "FEATURES": 128, "num_warps": 16}
-    assert elogitnorm.fused_config(100, 512) == default
-    with variants.small_tile_fused_triton().context():
-        assert elogitnorm.fused_config(100, 512) == {"ROWS": 1, "BLOCK": 128, "FEATURES": 32,
-                                                     "num_warps": 4}
-        assert elogitnorm.fused_config(10, 512)["FEATURES"] == 256
-    assert elogitnorm.fused_config(100, 512) == default
+    default = logitnorm.config_for(128, 10, "mean")
+    assert default.reduce == "one program"
+    changed = variants.blockwise_reduced_triton().change(default, 10, 0)
+    assert changed == dataclasses.replace(default, reduce="blocks")
+
+
+def test_fused_and_pooled_variants_change_their_configuration():
+    """``triton, summed per step`` turns the fused kernel's deferred sums off, ``triton, fused
+    tiles of 4096`` gives it the tile and warps it had before the tile grew, ``triton, fused
+    rows of 4`` four rows per program, ``triton, dW unsplit`` removes the pooled weight
+    gradient's split of D (one program per block of classes), ``triton, a program per tile``
+    the backward check's grouping, ``triton, Python backward`` the C++ node; the default
+    configuration is the function's own."""
+    import dataclasses
+
+    from elogitnorm_fast.kernels import class_gradient, elogitnorm, logitnorm
+
+    variants = _benchmark("_loss_variants")
+    default = elogitnorm.config_for(128, 100, 512, "mean")
+    assert default.fused == elogitnorm.FusedBlocks(rows=1, block=128, features=128,
+                                                   num_warps=16, deferred_sums=True)
+    summed = variants.per_step_sums_triton().change(default, 100, 512)
+    assert summed.fused == dataclasses.replace(default.fused, deferred_sums=False)
+    small = variants.small_tile_fused_triton().change(default, 100, 512)
+    assert small.fused == elogitnorm.FusedBlocks(rows=1, block=128, features=32, num_warps=4)
+    small_10 = variants.small_tile_fused_triton().change(
+        elogitnorm.config_for(128, 10, 512, "mean"), 10, 512)
+    assert small_10.fused.features == 256
+    assert variants.four_rows_fused_triton().change(default, 100, 512).fused.rows == 4
     assert class_gradient.feature_runs(7, 512, 32) == (16, 32)
-    with variants.unsplit_pooled_triton().context():
-        assert class_gradient.feature_runs(7, 512, 32) == (1, 512)
-    assert class_gradient.feature_runs(7, 512, 32) == (16, 32)
+    unsplit = variants.unsplit_pooled_triton().change(default, 100, 512).pooled
+    assert class_gradient.feature_runs(7, 512, 32, unsplit.target_programs) == (1, 512)
+    assert variants.gemm_distances_triton().change(default, 100, 512).fused is None
+    logitnorm_default = logitnorm.config_for(4096, 32768, "mean")
+    per_tile = variants.per_tile_check_triton().change(logitnorm_default, 32768, 0)
+    assert per_tile.check_programs > logitnorm_default.check_programs
+    for loss, config in (("elogitnorm", default), ("logitnorm", logitnorm_default)):
+        python = variants.python_backward_triton(loss).change(config, 100, 512)
+        assert python == dataclasses.replace(config, node=False)
 
 
-def test_benchmark_runner_enters_the_context_for_forward_and_backward():
-    """A variant's setting (``fn.context``) holds while the backward runs too."""
-    gpu_losses, variants = _benchmark("gpu_losses"), _benchmark("_loss_variants")
-    from elogitnorm_fast.kernels import rows
-
-    seen = []
-    default = rows.CHECK_PROGRAMS
-    fn = variants.per_tile_check_triton()
-    z = torch.randn(3, 4, requires_grad=True)
-
-    def fake_loss(z, w, y):
-        seen.append(rows.CHECK_PROGRAMS)
-        total = z.sum()
-        total.register_hook(lambda g: seen.append(rows.CHECK_PROGRAMS))
-        return total
-
-    fake_loss.context = fn.context
-    gpu_losses.runner(fake_loss, [(z, None, None)], backward=True)()
-    assert seen[0] == seen[1] > default
-    assert rows.CHECK_PROGRAMS == default
-
-
-def test_host_profile_records_each_triton_launch_and_undoes_its_patch():
-    """gpu_host.recorded_launches makes every kernel launch a profiler event while entered and
-    puts the launchers back (no GPU: the launch itself is a stand-in)."""
+def test_host_profile_records_each_triton_launch():
+    """gpu_host.record_launch (the profiled step's configured ``launch``) makes every kernel
+    launch a profiler event and launches it (no GPU: the kernel is a stand-in)."""
     gpu_host = _benchmark("gpu_host")
-    from elogitnorm_fast.kernels import logitnorm, rows
-
-    real = {module: module.launcher for module in (rows, logitnorm)}
     launched = []
 
-    def stand_in(kernel, grid, traced):
-        return lambda *args, **kwargs: launched.append(grid)
+    class Kernel:
+        fn = types.SimpleNamespace(__name__="_some_kernel")
 
-    kernel = types.SimpleNamespace(fn=types.SimpleNamespace(__name__="_some_kernel"))
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append((grid, args))
 
-    for module in real:
-        module.launcher = stand_in
-    try:
-        with gpu_host.recorded_launches(), torch.profiler.profile(
-                activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            logitnorm.launcher(kernel, (3,), False)(1, 2)
-        assert all(module.launcher is stand_in for module in real)
-    finally:
-        for module, launcher in real.items():
-            module.launcher = launcher
-    assert launched == [(3,)]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        gpu_host.record_launch(Kernel(), (3,), 1, 2)
+    assert launched == [((3,), (1, 2))]
     assert any(event.key == "launch _some_kernel" for event in prof.key_averages())
 
 
@@ -351,7 +322,8 @@ def test_cpu_host_path_counts_each_paths_work(tmp_path):
     """benchmarks/cpu_host_path.py (quick, in its own process: it sets TRITON_INTERPRET before
     importing triton): per case the node path, the Python Functions and F.cross_entropy, each
     with its ops and stand-in launches; the C++ node's backward launches nothing and multiplies,
-    the Python backward launches once, and no CPU-only target check is counted."""
+    the Python backward launches once (twice for ELogitNorm's pooled weight gradient and the
+    logits gradient's rescale: one job a kernel), and no CPU-only target check is counted."""
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_host_path.py"),
                            "--quick", "--out", str(tmp_path)], capture_output=True, text=True,
                           timeout=600)
@@ -365,10 +337,11 @@ def test_cpu_host_path_counts_each_paths_work(tmp_path):
     assert {len(group) for group in by_path.values()} == {6}
     for row in by_path["triton"]:
         assert row["forward_launches"] and row["backward_launches"] == []
-        # The node's multiply (a foreach multiply where both inputs get a gradient).
-        assert {"aten.mul.Tensor", "aten._foreach_mul.Tensor"} & set(row["backward_ops"])
+        # The node's multiply of each gradient (the logits' into its own dtype).
+        assert {"aten.mul.Tensor", "aten.mul.out"} & set(row["backward_ops"])
     for row in by_path["triton, Python backward"]:
-        assert len(row["backward_launches"]) == 1
+        expected = 2 if row["loss"] == "elogitnorm" and row["C"] <= 128 else 1
+        assert len(row["backward_launches"]) == expected, row["backward_launches"]
     for row in by_path["F.cross_entropy"]:
         assert row["forward_launches"] == row["backward_launches"] == []
 
@@ -438,22 +411,15 @@ def test_step_device_time_profiles_the_chosen_steps_and_drops_them():
     assert profiled[1]["kernels_per_step"] > profiled[0]["kernels_per_step"]
 
 
-def test_python_backward_variant_is_set_while_the_forward_chooses_the_path(monkeypatch):
-    """gpu_host's ``triton, Python backward`` runs the forward with NATIVE_BACKWARD off (the
-    eager path is chosen there) and leaves the setting as it was."""
+def test_python_backward_variant_turns_the_node_off():
+    """gpu_host's ``triton, Python backward`` is the variant whose configuration has no C++
+    node; the ``triton`` row is the public API's default."""
+    from elogitnorm_fast.kernels import logitnorm
+
     gpu_host = _benchmark("gpu_host")
-    from elogitnorm_fast.backends import triton_backend
-
-    seen = []
-
-    def fake(z, y, backend):
-        seen.append((backend, triton_backend.NATIVE_BACKWARD))
-        return z.sum()
-
-    monkeypatch.setattr(ef, "logitnorm_loss", fake)
     loss = gpu_host.loss_fn("logitnorm", gpu_host.PYTHON_BACKWARD)
-    loss(torch.ones(2, 3), None, torch.zeros(2, dtype=torch.int64))
-    assert seen == [("triton", False)] and triton_backend.NATIVE_BACKWARD
+    config = logitnorm.config_for(128, 10, "mean")
+    assert not loss.change(config, 10, 0).node
 
 
 def test_loss_matrix_times_the_targets_first():

@@ -1,44 +1,16 @@
-"""The Triton logit-score kernel on the CPU under TRITON_INTERPRET=1.
-
-TRITON_INTERPRET must be set before triton is first imported, and other test modules of the
-same pytest process may import triton first. So the interpreter tests here run only in a child
-pytest process started with the variable set (``test_interpreter_suite_in_subprocess``); in the
-parent process they are skipped with that reason, and in the child the driver is skipped.
-"""
+"""The Triton logit-score kernel on the CPU under the interpreter (the ``tests/triton``
+interpreter suite: ``TRITON_INTERPRET=1 pytest tests/triton``; see conftest.py), against the
+score formulas, the torch path and the exact scores."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_scoring_properties import NAMES, assert_scores_match, laid_out, logit_rows
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 ALL = ("msp", "max_logit", "energy", "entropy", "gen")
-
-interpreter_only = pytest.mark.skipif(
-    not INTERPRETING,
-    reason="runs in the child process started by test_interpreter_suite_in_subprocess",
-)
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.skipif(INTERPRETING, reason="this is the child process")
-def test_interpreter_suite_in_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "failed" not in result.stdout
 
 
 def _formula(z, name, temperature=1.0, gamma=0.1, top_m=100):
@@ -47,7 +19,6 @@ def _formula(z, name, temperature=1.0, gamma=0.1, top_m=100):
     return formula(z, name, temperature, gamma, top_m)
 
 
-@interpreter_only
 @pytest.mark.parametrize("shape", [(1, 1), (3, 2), (17, 10), (70, 100), (5, 1000), (4, 2500)])
 def test_triton_matches_formula(shape):
     from elogitnorm_fast.scoring import logit_scores
@@ -59,7 +30,6 @@ def test_triton_matches_formula(shape):
         torch.testing.assert_close(out[name].double(), _formula(logits, name), rtol=tol, atol=tol)
 
 
-@interpreter_only
 def test_triton_matches_torch_path_and_temperature():
     from elogitnorm_fast.scoring import logit_scores
 
@@ -72,7 +42,6 @@ def test_triton_matches_torch_path_and_temperature():
     torch.testing.assert_close(hot.double(), _formula(logits, "energy", 2.5), rtol=2e-5, atol=2e-5)
 
 
-@interpreter_only
 def test_triton_masked_rows_strides_and_fp16():
     from elogitnorm_fast.scoring import logit_scores
 
@@ -94,7 +63,6 @@ def test_triton_masked_rows_strides_and_fp16():
     )
 
 
-@interpreter_only
 def test_triton_infinite_nan_and_tied_rows_across_blocks():
     # +inf, ties for the maximum, all -inf and NaN placed in different column blocks of a row
     # that streams (C = 2500 > one block of 1024): the documented limits, from mpmath
@@ -127,7 +95,6 @@ def test_triton_infinite_nan_and_tied_rows_across_blocks():
         torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5)
 
 
-@interpreter_only
 def test_triton_ranking_matches_exact_scores_and_order_asked():
     from exact_scores import exact_scores
     from test_score_ranking import confident_logits, sklearn_report
@@ -149,25 +116,20 @@ def test_triton_ranking_matches_exact_scores_and_order_asked():
             assert ours[key] == pytest.approx(oracle[key], abs=1e-12), (name, key)
 
 
-if INTERPRETING:  # hypothesis drives the interpreter only in the child process
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
-    from test_scoring_properties import NAMES, assert_scores_match, laid_out, logit_rows
+@settings(max_examples=15, deadline=None)
+@given(z=logit_rows(), wide=st.booleans(), names=st.permutations(NAMES),
+       layout=st.sampled_from(["contiguous", "transposed", "strided"]))
+def test_triton_matches_the_exact_scores_on_extremes(z, wide, names, layout):
+    # wide: the same rows padded past one column block with -inf (masked classes), so the
+    # running merge of blocks sees every kind of row
+    from exact_scores import exact_scores
 
-    @settings(max_examples=15, deadline=None)
-    @given(z=logit_rows(), wide=st.booleans(), names=st.permutations(NAMES),
-           layout=st.sampled_from(["contiguous", "transposed", "strided"]))
-    def test_triton_matches_the_exact_scores_on_extremes(z, wide, names, layout):
-        # wide: the same rows padded past one column block with -inf (masked classes), so the
-        # running merge of blocks sees every kind of row
-        from exact_scores import exact_scores
+    from elogitnorm_fast.scoring import logit_scores
 
-        from elogitnorm_fast.scoring import logit_scores
-
-        if wide:
-            pad = torch.full((z.shape[0], 1100), float("-inf"), dtype=z.dtype)
-            z = torch.cat([pad[:, :700], z, pad[:, 700:]], dim=1)
-        logits = laid_out(z.float(), layout)
-        out = logit_scores(logits, names, backend="triton")
-        assert list(out) == list(names)
-        assert_scores_match(out, exact_scores(logits), torch.float32)
+    if wide:
+        pad = torch.full((z.shape[0], 1100), float("-inf"), dtype=z.dtype)
+        z = torch.cat([pad[:, :700], z, pad[:, 700:]], dim=1)
+    logits = laid_out(z.float(), layout)
+    out = logit_scores(logits, names, backend="triton")
+    assert list(out) == list(names)
+    assert_scores_match(out, exact_scores(logits), torch.float32)

@@ -54,18 +54,34 @@ class _CountedHits(dict):
         return entry
 
 
+def _direct_launch():
+    """benchmarks/direct_launch.py (the benchmarks import their helpers by plain name)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    folder = str(Path(__file__).resolve().parents[2] / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module("direct_launch")
+    finally:
+        sys.path.remove(folder)
+
+
 @pytest.mark.parametrize("n,c,d", [(128, 10, 64), (128, 100, 512), (256, 1000, 64)])
 def test_direct_launch_matches_reference(n, c, d, monkeypatch):
-    """With ``kernels.direct_launch`` on, each eager kernel's first launch goes through the JIT
-    and the later ones straight to its launcher (addresses as integers, no hooks): every
-    reduction twice, fused / pooled and GEMM paths; at C = 10 also logits at an address 4 bytes
-    past a multiple of 16 (a specialization of their own; one size only, each new
-    specialization compiles)."""
-    from elogitnorm_fast.kernels import direct_launch
+    """With the benchmark's direct launch as the configuration's ``launch``, each eager
+    kernel's first launch goes through the JIT and the later ones straight to its launcher
+    (addresses as integers, no hooks): every reduction twice, fused / pooled and GEMM paths; at
+    C = 10 also logits at an address 4 bytes past a multiple of 16 (a specialization of their
+    own; one size only, each new specialization compiles)."""
+    from kernel_paths import check_elogitnorm as check_elogitnorm_path
+    from kernel_paths import check_logitnorm as check_logitnorm_path
+    from kernel_paths import elogitnorm_config, logitnorm_config
 
+    direct_launch = _direct_launch()
     table = _CountedHits()
-    monkeypatch.setattr(direct_launch, "ENABLED", True)
-    monkeypatch.setattr(direct_launch, "_COMPILED", table)
+    monkeypatch.setattr(direct_launch, "_COMPILED", table)  # a benchmark module's table
     logits, weight, target = make_case(n, c, d, dtype=torch.float32, device="cuda")
     target[::5] = -100
     shifted = torch.empty(n * c + 1, device="cuda")[1:].view(n, c)
@@ -73,8 +89,12 @@ def test_direct_launch_matches_reference(n, c, d, monkeypatch):
     shifted.requires_grad_(True)
     for z in (logits, shifted, logits, shifted) if c == 10 else (logits, logits):
         for reduction in REDUCTIONS:
-            check_elogitnorm("triton", z, weight, target, reduction, rtol=RTOL, atol=ATOL)
-            check_logitnorm("triton", z, target, reduction, rtol=RTOL, atol=ATOL)
+            check_elogitnorm_path(z, weight, target, reduction, rtol=RTOL, atol=ATOL,
+                                  config=elogitnorm_config(z, weight, reduction,
+                                                           launch=direct_launch.launch))
+            check_logitnorm_path(z, target, reduction, rtol=RTOL, atol=ATOL,
+                                 config=logitnorm_config(z, reduction,
+                                                         launch=direct_launch.launch))
     assert table and table.hits >= len(table)
 
 
@@ -142,14 +162,13 @@ def test_logitnorm_backward_completes_the_forward_gradient(c, reduction):
     check_logitnorm("triton", logits, target, reduction, rtol=RTOL, atol=ATOL)
 
 
-def _gradients(native, logits, weight, target, scale, monkeypatch):
-    from elogitnorm_fast.backends import triton_backend
+def _gradients(native, logits, weight, target, scale):
+    from kernel_paths import elogitnorm, elogitnorm_config, logitnorm, logitnorm_config
 
-    monkeypatch.setattr(triton_backend, "NATIVE_BACKWARD", native)
     z = logits.detach().clone().requires_grad_(True)
     w = weight.detach().clone().requires_grad_(True)
-    loss = (ef.elogitnorm_loss(z, w, target, backend="triton")
-            + ef.logitnorm_loss(z, target, backend="triton"))
+    loss = (elogitnorm(z, w, target, config=elogitnorm_config(z, w, node=native)).to(z.dtype)
+            + logitnorm(z, target, config=logitnorm_config(z, node=native)).to(z.dtype))
     assert _graph_has(loss.grad_fn, "UnitGradientNode", depth=3) == native
     return torch.autograd.grad(loss * scale, (z, w))
 
@@ -164,7 +183,7 @@ def _graph_has(node, name, depth):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,c,d", [(128, 10, 64), (256, 1000, 64)])
-def test_cpp_node_and_python_backward_agree(n, c, d, dtype, monkeypatch):
+def test_cpp_node_and_python_backward_agree(n, c, d, dtype):
     """Eager mean through the C++ node (the forward's unit gradients times the upstream
     gradient) and through the Python Functions; fp32 and bf16 logits (fused and GEMM paths).
 
@@ -176,10 +195,10 @@ def test_cpp_node_and_python_backward_agree(n, c, d, dtype, monkeypatch):
     from elogitnorm_fast.kernels import class_gradient
 
     logits, weight, target = make_case(n, c, d, "some_ignored", dtype=dtype, device="cuda")
-    atomics = not class_gradient.pools(n, c)  # the weight gradient from the GEMMs
+    atomics = class_gradient.pooled_config(n, c) is None  # the weight gradient from the GEMMs
     for scale in (1.0, 2.5):
-        native = _gradients(True, logits, weight, target, scale, monkeypatch)
-        python = _gradients(False, logits, weight, target, scale, monkeypatch)
+        native = _gradients(True, logits, weight, target, scale)
+        python = _gradients(False, logits, weight, target, scale)
         for name, ours, theirs in zip(("logits", "weight"), native, python, strict=True):
             assert ours.dtype == theirs.dtype, name
             if scale == 1.0 and not (name == "weight" and atomics):
@@ -288,14 +307,24 @@ def test_opcheck_triton_ops():
 
 
 def test_capture_is_seen_by_the_small_batch_reduction_choice():
-    """triton_backend._capturing (which sends small LogitNorm batches to the block-wise
-    reduction under CUDA-graph capture) is true inside a capture and false outside."""
-    from elogitnorm_fast.backends import triton_backend
+    """A small LogitNorm mean is reduced by one program and returns through the C++ node
+    eager, and by blocks of rows through the Python Function while a CUDA graph is captured
+    (the kernel modules look the capture up themselves)."""
+    from kernel_paths import logitnorm, returned_by
 
-    x = torch.randn(4, 4, device="cuda")
+    logits, _, target = make_case(128, 10, 1, "some_ignored", dtype=torch.float32,
+                                  device="cuda")
+    assert returned_by(logitnorm(logits, target)) == "native"
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiles the blocks kernel outside the capture
+        logitnorm(logits, target, capturing=True)
+    torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        inside = triton_backend._capturing(x)
-        x.mul_(2)  # a capture needs some work
-    assert inside and not triton_backend._capturing(x)
-    assert not triton_backend._capturing(x.cpu())
+        captured = logitnorm(logits, target)
+    assert returned_by(captured) == "python"
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = logitnorm_reference(logits.detach().double(), target)
+    torch.testing.assert_close(captured.double(), expected, rtol=RTOL, atol=ATOL)

@@ -1,4 +1,7 @@
-"""Eager Triton launches without the JIT's per-launch work: off by default, timed as a variant.
+"""Eager Triton launches without the JIT's per-launch work: a benchmark variant, not the default.
+
+Passed as a loss configuration's ``launch`` (``benchmarks/triton_variants.py``), it replaces
+``kernel[grid](...)`` for every eager launch of that call.
 
 ``kernel[grid](*args, **kwargs)`` costs tens of microseconds of host time per launch on the
 H100 machine (13 us for an empty kernel, about 40 us for the LogitNorm forward's: ``gpu_host.py``),
@@ -19,9 +22,9 @@ or recorded globals send every launch through the JIT, as does a key not seen be
 
 The launcher's calling convention (grid, stream, function handle, packed metadata, launch
 metadata, the two hooks, then every parameter in order, constexprs included) is what both
-triton releases' ``JITFunction.run`` uses; it is not a public API, which is why this is off until
-a GPU run has timed it (``gpu_losses.py``'s ``triton, direct launch``) and the GPU tests have
-compared its results (``tests/test_triton_gpu.py``). Imported lazily (needs triton).
+triton releases' ``JITFunction.run`` uses; it is not a public API, which is why it stays a
+benchmark variant until a GPU run has timed it (``gpu_losses.py``'s ``triton, direct launch``)
+and the GPU tests have compared its results (``tests/triton/test_triton_gpu.py``).
 """
 
 from __future__ import annotations
@@ -34,8 +37,6 @@ try:
 except ImportError:  # triton before 3.4: no knobs (its launch differs); every launch via the JIT
     knobs = None
 
-#: Whether :func:`.rows.launcher` launches eager kernels through :func:`launch`.
-ENABLED = False
 #: Compiled kernels kept; past it the table is cleared (shapes that change every step).
 MAX_ENTRIES = 1024
 

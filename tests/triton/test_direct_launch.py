@@ -1,17 +1,32 @@
-"""The direct launch's bookkeeping (``kernels.direct_launch``), on the CPU: which launches go
-through the JIT and which call the compiled kernel's launcher, with what; and that its key
-separates every launch that triton's own specialization (this triton's binder) separates.
-Whether the launcher runs the kernel right is checked on a GPU (``tests/test_triton_gpu.py``)."""
+"""The direct launch's bookkeeping (``benchmarks/direct_launch.py``, a benchmark variant), on
+the CPU: which launches go through the JIT and which call the compiled kernel's launcher, with
+what; and that its key separates every launch that triton's own specialization (this triton's
+binder) separates. Whether the launcher runs the kernel right is checked on a GPU
+(``tests/triton/test_triton_gpu.py``)."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="triton is not installed")
+
+BENCHMARKS = str(Path(__file__).resolve().parents[2] / "benchmarks")
+
+
+def _direct_launch():
+    """benchmarks/direct_launch.py (the benchmarks import their helpers by plain name)."""
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        return importlib.import_module("direct_launch")
+    finally:
+        sys.path.remove(BENCHMARKS)
 
 
 class _Compiled:
@@ -53,8 +68,7 @@ class _Driver:
 
 @pytest.fixture
 def direct(monkeypatch):
-    from elogitnorm_fast.kernels import direct_launch
-
+    direct_launch = _direct_launch()
     monkeypatch.setattr(direct_launch, "driver", _Driver())
     monkeypatch.setattr(direct_launch, "_COMPILED", {})
     return direct_launch
@@ -134,8 +148,11 @@ def test_the_key_separates_what_triton_specializes():
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    from elogitnorm_fast.kernels import direct_launch
     from elogitnorm_fast.kernels.logitnorm import _logitnorm_kernel as kernel
+
+    direct_launch = _direct_launch()
+    if not hasattr(kernel, "signature"):
+        pytest.skip("TRITON_INTERPRET=1 is set: triton.jit gives the interpreter's kernels")
 
     binder = create_function_from_signature(kernel.signature, kernel.params,
                                             make_backend(GPUTarget("cuda", 90, 32)))
@@ -161,29 +178,22 @@ def test_the_key_separates_what_triton_specializes():
     assert len(seen) == 3 * len(ints)
 
 
-def test_the_launcher_takes_the_direct_path_only_for_compiled_kernels(monkeypatch):
-    """On: a ``triton.jit`` kernel's eager launch goes to :func:`direct_launch.launch`; a traced
-    launch still through ``wrap_triton``, and anything else (the interpreter's kernels) as
-    before. Off (the default): never."""
+def test_the_launcher_takes_the_direct_path_only_when_given():
+    """A configuration's ``launch`` (``direct_launch.launch`` in the benchmark variant) takes a
+    kernel's eager launch; without one, the JIT's ``kernel[grid]``."""
     import functools
 
     import triton
-    from triton.runtime.jit import JITFunction
 
-    from elogitnorm_fast.kernels import direct_launch, rows
+    from elogitnorm_fast.kernels import rows
+
+    direct_launch = _direct_launch()
 
     @triton.jit
     def _kernel(x_ptr):
         pass
 
-    if not isinstance(_kernel, JITFunction):
-        pytest.skip("TRITON_INTERPRET=1 is set: triton.jit gives the interpreter's kernels")
-    assert not direct_launch.ENABLED
     assert not isinstance(rows.launcher(_kernel, (1,), False), functools.partial)
-    monkeypatch.setattr(direct_launch, "ENABLED", True)
-    launch = rows.launcher(_kernel, (1,), False)
+    launch = rows.launcher(_kernel, (1,), False, direct_launch.launch)
     assert isinstance(launch, functools.partial) and launch.func is direct_launch.launch
     assert launch.args == (_kernel, (1,))
-    assert not isinstance(rows.launcher(_kernel, (1,), True), functools.partial)
-    other = object.__new__(type("Interpreted", (), {"__getitem__": lambda self, grid: grid}))
-    assert rows.launcher(other, (2,), False) == (2,)
