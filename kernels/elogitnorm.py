@@ -54,7 +54,8 @@ rows, else the GEMMs); an eager ``sum`` / ``mean`` reduces the loss in the kerne
 through the C++ node of :mod:`.unit_gradient`, dW formed in the forward. Under torch.compile the
 ``triton_op`` s registered here run instead (traceable). :func:`config_for` chooses the paths.
 Reference formula: :func:`elogitnorm_fast.reference.elogitnorm_reference`; tests:
-``tests/triton/test_elogitnorm_paths.py`` and the parity files beside it.
+``tests/triton/test_parity.py`` (every path against the reference) and the
+behaviour files beside it.
 
 Example::
 

@@ -42,7 +42,8 @@ read in the backward at all.
 :func:`logitnorm_loss` is the entry point: the eager autograd Functions, or under torch.compile
 the ``triton_op`` s registered here (traceable), with the paths chosen by :func:`config_for`.
 Reference formula: :func:`elogitnorm_fast.reference.logitnorm_reference`; tests:
-``tests/triton/`` (``test_logitnorm_paths.py`` and the parity files beside it).
+``tests/triton/test_parity.py`` and ``test_reductions.py`` (every path against the reference),
+``test_logitnorm_backward.py``.
 
 In the forward, rows with ``C <= BLOCK`` are loaded once and kept on chip; longer rows stream over
 column blocks (pass 1: norm and max, the row's power of two updated as larger entries arrive;
