@@ -10,31 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
-import time
-
-import torch
 
 import elogitnorm_fast as ef
 
-from peak_memory import measure
+from peak_memory import machine_info, measure
 
 SIZES = [(128, 10, 512), (128, 100, 512), (256, 1000, 512), (256, 1000, 2048)]
-
-
-def machine_info(device: str) -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    info = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit,
-        "torch": torch.__version__, "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-        "device": device,
-    }
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def main() -> None:

@@ -16,8 +16,10 @@ address-space cap so that an all-pairs reference that would exhaust the machine 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -25,12 +27,14 @@ import time
 from pathlib import Path
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
+    """This process's resident set now."""
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _reset_peak() -> bool:
+def reset_peak() -> bool:
+    """Reset the resident-set high-water mark; False where the kernel does not allow it."""
     try:
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
@@ -39,12 +43,71 @@ def _reset_peak() -> bool:
         return False
 
 
-def _peak_bytes() -> int:
+def peak_bytes() -> int:
+    """The resident-set high-water mark since the last :func:`reset_peak`."""
     with open("/proc/self/status") as handle:
         for line in handle:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure_cpu_call(call) -> tuple[int, float]:
+    """``(peak extra bytes, seconds)`` of ``call()`` on the CPU; -1 bytes where the peak cannot
+    be reset."""
+    before = rss_bytes()
+    exact = reset_peak()
+    start = time.perf_counter()
+    call()
+    seconds = time.perf_counter() - start
+    return (max(0, peak_bytes() - before) if exact else -1), seconds
+
+
+def run_isolated(command: list[str], record: dict, *, memory_cap_bytes: int | None,
+                 timeout_s: float) -> dict:
+    """Run ``command`` (which prints one JSON object last) in a fresh process; returns
+    ``record`` with ``status`` (``"ok"``, ``"OOM"``: past the address-space cap or killed,
+    ``"timeout"``) and the printed fields."""
+
+    def cap() -> None:  # runs in the child before exec
+        if memory_cap_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (memory_cap_bytes, memory_cap_bytes))
+
+    # A fixed glibc mmap threshold: blocks of 64 KiB and more are mapped and unmapped on free,
+    # so memory freed by the warm-up call does not hide the measured call's peak (the default
+    # threshold grows after frees, and freed heap memory stays resident).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+                              preexec_fn=cap, env=env)
+    except subprocess.TimeoutExpired:
+        return {**record, "status": "timeout", "limit_s": timeout_s}
+    if done.returncode != 0:
+        text = done.stderr.lower()
+        if done.returncode < 0 or any(s in text for s in ("out of memory", "memoryerror",
+                                                          "can't allocate")):
+            return {**record, "status": "OOM", "cap_bytes": memory_cap_bytes}
+        raise RuntimeError(f"isolated run failed: {' '.join(command)}\n{done.stderr[-2000:]}")
+    return {**record, "status": "ok", **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def machine_info(device: str = "cpu") -> dict:
+    """Date, commit, versions and the machine, for a results file."""
+    import torch
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as handle:
+            model = next((line.split(":", 1)[1].strip() for line in handle
+                          if line.startswith("model name")), model)
+    info = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit,
+            "torch": torch.__version__, "python": platform.python_version(), "cpu": model,
+            "cores": os.cpu_count(), "threads": torch.get_num_threads(), "device": device}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
 
 
 def _run(args: argparse.Namespace) -> dict:
@@ -84,14 +147,7 @@ def _run(args: argparse.Namespace) -> dict:
         seconds = time.perf_counter() - start
         extra = torch.cuda.max_memory_allocated() - before
     else:
-        before = _rss_bytes()
-        exact = _reset_peak()
-        start = time.perf_counter()
-        step(logits, weight, target)
-        seconds = time.perf_counter() - start
-        extra = max(0, _peak_bytes() - before)
-        if not exact:
-            extra = -1
+        extra, seconds = measure_cpu_call(lambda: step(logits, weight, target))
     return {"peak_extra_bytes": extra, "seconds_first_call": seconds}
 
 
@@ -117,29 +173,9 @@ def measure(
         "--n", str(n), "--c", str(c), "--d", str(d), "--device", device, "--dtype", dtype,
     ]
 
-    def cap() -> None:  # runs in the child before exec
-        if memory_cap_bytes is not None:
-            resource.setrlimit(resource.RLIMIT_AS, (memory_cap_bytes, memory_cap_bytes))
-
     record = {"loss": loss, "backend": backend, "n": n, "c": c, "d": d, "device": device,
               "dtype": dtype}
-    # A fixed glibc mmap threshold: blocks of 64 KiB and more are mapped and unmapped on free,
-    # so memory freed by the warm-up call does not hide the measured call's peak (the default
-    # threshold grows after frees, and freed heap memory stays resident).
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
-                              preexec_fn=cap, env=env)
-    except subprocess.TimeoutExpired:
-        return {**record, "status": "timeout", "limit_s": timeout_s}
-    if done.returncode != 0:
-        oom = "out of memory" in done.stderr.lower() or "memoryerror" in done.stderr.lower() or (
-            done.returncode < 0
-        ) or "can't allocate" in done.stderr.lower()
-        if oom:
-            return {**record, "status": "OOM", "cap_bytes": memory_cap_bytes}
-        raise RuntimeError(f"peak-memory run failed: {' '.join(command)}\n{done.stderr[-2000:]}")
-    return {**record, "status": "ok", **json.loads(done.stdout.strip().splitlines()[-1])}
+    return run_isolated(command, record, memory_cap_bytes=memory_cap_bytes, timeout_s=timeout_s)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,8 @@
 """Render benchmark JSON into Markdown tables and a PNG (full-size runs: ``docs/performance.md``).
 
 Reads, from one folder: pytest-benchmark files ``*_cpu.json`` (each benchmark's median and its
-``extra_info``) and the GPU scripts' ``gpu_*.json`` (``{"machine": ..., "rows": [...]}``).
+``extra_info``), the peak-memory scripts' ``*_memory_cpu.json`` (``{"machine": ...,
+"records": [...]}``) and the GPU scripts' ``gpu_*.json`` (``{"machine": ..., "rows": [...]}``).
 Loss benchmarks carry ``extra_info`` keys ``loss``, ``mode`` (``fwd`` / ``fwd+bwd``), ``impl``,
 ``n``, ``c``, ``d``; those feed the plot (time vs C per implementation, and speed-up bars of the
 fastest package backend against each baseline).
@@ -54,13 +55,18 @@ def _machine(payload: dict) -> str:
             f"sizes: {info.get('size_mode', '?')}")
 
 
+def _files(folder: Path, pattern: str, key: str):
+    """``(path, payload, payload[key])`` of each JSON file matching ``pattern`` that has items
+    under ``key``."""
+    for path in sorted(folder.glob(pattern)):
+        payload = json.loads(path.read_text())
+        if payload.get(key):
+            yield path, payload, payload[key]
+
+
 def cpu_tables(folder: Path) -> list[str]:
     lines = []
-    for path in sorted(folder.glob("*_cpu.json")):
-        payload = json.loads(path.read_text())
-        benches = payload.get("benchmarks", [])
-        if not benches:
-            continue
+    for path, payload, benches in _files(folder, "*_cpu.json", "benchmarks"):
         lines += [f"#### {path.stem} ({_machine(payload)})", ""]
         groups: dict[str, list[dict]] = {}
         for bench in benches:
@@ -73,6 +79,31 @@ def cpu_tables(folder: Path) -> list[str]:
                 median = bench["stats"]["median"]
                 lines.append(f"| {group} | {_label(bench)} | {1e3 * median:.4g} | "
                              f"{median / fastest:.2f}x |")
+        lines.append("")
+    return lines
+
+
+MEMORY_KEYS = ("loss", "variant", "backend", "n", "c", "d", "chunk_rows", "status")
+
+
+def memory_tables(folder: Path) -> list[str]:
+    """One table per ``*_memory_cpu.json``: each fresh-process measurement's peak extra memory
+    and the seconds of that one step."""
+    lines = []
+    for path, payload, records in _files(folder, "*_memory_cpu.json", "records"):
+        machine = payload.get("machine", {})
+        stamp = ", ".join(str(machine[k]) for k in ("cpu", "torch", "commit", "date")
+                          if machine.get(k))
+        keys = [k for k in MEMORY_KEYS if any(record.get(k) is not None for record in records)]
+        lines += [f"#### {path.stem} ({stamp})", "",
+                  "| " + " | ".join(keys) + " | peak extra (MiB) | one step (s) |",
+                  "|" + "---|" * (len(keys) + 2)]
+        for record in records:
+            extra = record.get("peak_extra_bytes")
+            seconds = record.get("seconds", record.get("seconds_first_call"))
+            lines.append("| " + " | ".join(_cell(record.get(k)) for k in keys) + " | "
+                         + ("" if extra is None else f"{extra / 2**20:.0f}") + " | "
+                         + _cell(seconds) + " |")
         lines.append("")
     return lines
 
@@ -181,6 +212,7 @@ def write_report(results: Path, markdown: Path) -> list[Path]:
     results, markdown = Path(results), Path(markdown)
     markdown.parent.mkdir(parents=True, exist_ok=True)
     lines = ["### CPU", ""] + (cpu_tables(results) or ["(no CPU results)", ""])
+    lines += ["### Peak memory (CPU)", ""] + (memory_tables(results) or ["(no results)", ""])
     lines += ["### GPU", ""] + (gpu_tables(results) or ["(no GPU results)", ""])
     written = []
     png = markdown.with_suffix(".png")
