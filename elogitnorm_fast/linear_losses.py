@@ -9,7 +9,8 @@ with ``reduction="none"`` the upstream gradient is per row and unknown in the fo
 backward recomputes the chunks instead. Extra memory is ``O(chunk_rows x C + C x D)``.
 
 The row computations are those of the unfused backends (:mod:`.linear_losses_rows`): ``torch``
-on any device, the compiled ops on CPU (``cpu``) and CUDA (``cuda``).
+on any device, the compiled ops on CPU (``cpu``) and CUDA (``cuda``), the Triton kernels on CUDA
+(``triton``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from . import linear_losses_rows as rows
-from .backends import check_backend_name, unavailable_reason
+from .backends import check_backend_name, resolve_backend
 from .geometry import accumulation_dtype, as_dtype
 from .linear_losses_weight import WeightGradient
 from .reference import DEFAULT_EPS, DEFAULT_TAU, divisor_value
@@ -32,46 +33,22 @@ from .validation import (
     check_target,
 )
 
-#: The backends the fused losses run on.
-FUSED_BACKENDS = ("torch", "cpu", "cuda")
-#: What ``backend="auto"`` tries per device type, as the unfused losses do (less ``triton``,
-#: whose row kernels are not wired to the fused form); other device types get ``torch``.
-_PREFERENCE = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "torch")}
 #: ``chunk_rows=None`` takes as many rows as fit one chunk's logits in this many bytes: the loop
 #: holds a few chunk-sized buffers (logits, their gradient, distance rows) beside the C x D
-#: weight gradient, so this bounds the part that grows with the batch.
+#: weight gradient, so this bounds the part that grows with the batch...
 CHUNK_BYTES = 32 * 2**20
+#: ... or in this fraction of the weight's bytes, where that is more: every chunk reads the
+#: weight and writes its gradient, so a larger head takes larger chunks to amortise those passes.
+WEIGHT_SHARE = 8
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_RESOLVED: dict[tuple[str, str], str] = {}
 
 
-def default_chunk_rows(rows_total: int, classes: int, itemsize: int) -> int:
-    """Rows per chunk for ``chunk_rows=None``: chunk x C x itemsize <= :data:`CHUNK_BYTES`,
-    at least 1 and at most the batch."""
-    return max(1, min(rows_total, CHUNK_BYTES // max(1, classes * itemsize)))
-
-
-def fused_backend(backend: str, device: torch.device) -> str:
-    """The name of the backend that runs the fused loss on ``device`` for ``backend``
-    (``"auto"`` or one of :data:`FUSED_BACKENDS`); ``RuntimeError`` naming the backend and
-    the reason where it cannot run there."""
-    key = (backend, device.type)
-    if key in _RESOLVED:
-        return _RESOLVED[key]
-    check_backend_name(backend)
-    if backend == "auto":
-        name = next(n for n in _PREFERENCE.get(device.type, ("torch",)) + ("torch",)
-                    if unavailable_reason(n, device) is None)
-    elif backend not in FUSED_BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {FUSED_BACKENDS} for the fused "
-                         f"linear losses, got {backend!r}")
-    else:
-        reason = unavailable_reason(backend, device)
-        if reason is not None:
-            raise RuntimeError(f"backend {backend!r} is not available on {device}: {reason}")
-        name = backend
-    _RESOLVED[key] = name
-    return name
+def default_chunk_rows(rows_total: int, classes: int, features: int, itemsize: int) -> int:
+    """Rows per chunk for ``chunk_rows=None``: chunk x C x itemsize <= the larger of
+    :data:`CHUNK_BYTES` and C x D x itemsize / :data:`WEIGHT_SHARE`, at least 1 and at most the
+    batch."""
+    budget = max(CHUNK_BYTES, classes * features * itemsize // WEIGHT_SHARE)
+    return max(1, min(rows_total, budget // max(1, classes * itemsize)))
 
 
 class _LogitsShape(NamedTuple):
@@ -128,6 +105,11 @@ def _loss_dtype(logits: _LogitsShape) -> torch.dtype:
     return logits.dtype
 
 
+#: The row computations per backend (``cpu`` and ``cuda``: the compiled ops).
+_ELOGITNORM_ROWS = {"torch": rows.elogitnorm_rows_torch, "triton": rows.elogitnorm_rows_triton}
+_LOGITNORM_ROWS = {"torch": rows.logitnorm_rows_torch, "triton": rows.logitnorm_rows_triton}
+
+
 def _chunk_rows(
     z: torch.Tensor, target: torch.Tensor, kind: str, backend: str, reduction: str,
     upstream: torch.Tensor | None, weight_grad: WeightGradient | None, weight: torch.Tensor,
@@ -137,13 +119,12 @@ def _chunk_rows(
     (:mod:`.linear_losses_rows`); ELogitNorm's distance term goes to ``weight_grad``."""
     if kind == "elogitnorm":
         ignore_index, eps, divisor = options
-        compute = (rows.elogitnorm_rows_torch if backend == "torch"
-                   else rows.elogitnorm_rows_compiled)
+        compute = _ELOGITNORM_ROWS.get(backend, rows.elogitnorm_rows_compiled)
         return compute(z, weight, target, reduction=reduction, upstream=upstream,
                        weight_grad=weight_grad, ignore_index=ignore_index, eps=eps,
                        divisor=divisor, own_pairs=own_pairs)
     ignore_index, tau = options
-    compute = rows.logitnorm_rows_torch if backend == "torch" else rows.logitnorm_rows_compiled
+    compute = _LOGITNORM_ROWS.get(backend, rows.logitnorm_rows_compiled)
     return compute(z, target, reduction=reduction, upstream=upstream, ignore_index=ignore_index,
                    tau=tau)
 
@@ -185,10 +166,12 @@ def _chunked(features, weight, bias, target, kind, backend, reduction, upstream,
         losses.append(loss)
         if upstream is None:
             continue
-        if need_x:
-            grad_x[start:stop] = grad_z @ w
         if weight_grad is not None:
-            weight_grad.add_products(grad_z, x)
+            part = weight_grad.add_chunk(grad_z, x, need_x)
+            if need_x:
+                grad_x[start:stop] = part
+        elif need_x:
+            grad_x[start:stop] = grad_z @ w
         if need_b:
             column_sums = grad_z.sum(dim=0)
             grad_b = column_sums if grad_b is None else grad_b.add_(column_sums)
@@ -234,6 +217,7 @@ class _FusedLinearLoss(torch.autograd.Function):
                 loss = _chunked(features, weight, bias, target, kind, backend, reduction, None,
                                 chunk, needs, options)[0]
                 ctx.save_for_backward(features, weight, bias, target)
+                ctx.grads = None
                 return loss.to(loss_dtype)
             count, upstream = _upstream_for_mean(target, ignore_index, reduction, dtype)
             if not any(needs):
@@ -241,7 +225,15 @@ class _FusedLinearLoss(torch.autograd.Function):
             loss, grad_x, grad_w, grad_b = _chunked(features, weight, bias, target, kind,
                                                     backend, reduction, upstream, chunk, needs,
                                                     options)
-        ctx.save_for_backward(grad_x, grad_w, grad_b)
+        # The inputs are saved (no copy) so that a second backward (retain_graph) can
+        # recompute; the first takes over the gradients and scales them in place, so the
+        # C x D weight gradient is never copied. Under torch.compile they are saved as usual.
+        if torch.compiler.is_compiling():
+            ctx.grads = None
+            ctx.save_for_backward(features, weight, bias, target, grad_x, grad_w, grad_b)
+        else:
+            ctx.grads = [grad_x, grad_w, grad_b]
+            ctx.save_for_backward(features, weight, bias, target)
         if count is not None:
             loss = loss / count
         return loss.to(loss_dtype)
@@ -255,15 +247,21 @@ class _FusedLinearLoss(torch.autograd.Function):
                 "elogitnorm_loss(F.linear(features, weight, bias), weight, target) (or "
                 "logitnorm_loss) with backend='reference'")
         kind, backend, reduction, chunk, needs, options = ctx.options
-        if reduction == "none":
-            features, weight, bias, target = ctx.saved_tensors
-            dtype = accumulation_dtype(features, weight, *(() if bias is None else (bias,)))
+        features, weight, bias, target, *saved = ctx.saved_tensors
+        dtype = accumulation_dtype(features, weight, *(() if bias is None else (bias,)))
+        grads = ctx.grads if reduction != "none" else None
+        if grads is not None:  # the first backward: the forward's gradients, ours to scale
+            ctx.grads = None
+            grads = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads]
+        elif saved:  # traced by torch.compile
+            grads = [None if g is None else g * grad_output.to(g.dtype) for g in saved]
+        else:  # reduction="none", or a second backward: recompute the chunks
+            upstream = grad_output.to(dtype)
+            if reduction != "none":
+                upstream = upstream * _upstream_for_mean(target, options[0], reduction, dtype)[1]
             with torch.autocast(features.device.type, enabled=False):
                 _, *grads = _chunked(features, weight, bias, target, kind, backend, reduction,
-                                     grad_output.to(dtype), chunk, needs, options)
-        else:
-            grads = [None if g is None else g * grad_output.to(g.dtype)
-                     for g in ctx.saved_tensors]
+                                     upstream, chunk, needs, options)
         out = [None if g is None else g.to(dtype)
                for g, dtype in zip(grads, ctx.dtypes, strict=True)]
         return (*out,) + (None,) * 8
@@ -274,12 +272,13 @@ def _fused(kind, features, weight, bias, target, reduction, ignore_index, chunk_
     logits = _check_linear(features, weight, bias)
     ignore_index = check_ignore_index(ignore_index)
     chunk_rows = check_count("chunk_rows", chunk_rows, optional=True)
-    name = fused_backend(backend, features.device)
+    name = resolve_backend(backend, features.device, op="linear_losses").NAME
     target = check_target(target, logits, ignore_index, values=name == "torch")
     options = options_of(logits, ignore_index)
     n, classes = logits.shape
     dtype = accumulation_dtype(features, weight)
-    chunk = chunk_rows or default_chunk_rows(n, classes, torch.finfo(dtype).bits // 8)
+    chunk = chunk_rows or default_chunk_rows(n, classes, features.shape[1],
+                                             torch.finfo(dtype).bits // 8)
     grad = torch.is_grad_enabled()
     needs = (grad and features.requires_grad, grad and weight.requires_grad,
              grad and bias is not None and bias.requires_grad)
@@ -316,9 +315,11 @@ def linear_elogitnorm_loss(
         ignore_index: an integer within int64.
         eps: as in :func:`elogitnorm_fast.elogitnorm_loss`.
         divisor: ``"classes"`` (C, the released code's) or ``"paper"`` (C - 1).
-        chunk_rows: rows per chunk; None takes as many as fit :data:`CHUNK_BYTES` of logits.
-        backend: ``"auto"`` or one of :data:`FUSED_BACKENDS` (the row computation used; the
-            logits are formed with ``torch.addmm`` in the accumulation dtype).
+        chunk_rows: rows per chunk; None: :func:`default_chunk_rows` (32 MiB of logits, more
+            for heads over 256 MiB).
+        backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"`` (the row
+            computation used; the logits are formed with ``torch.addmm`` in the accumulation
+            dtype).
 
     Raises:
         TypeError / ValueError: naming the argument and the value, before any work.
@@ -420,7 +421,7 @@ class LinearELogitNormLoss(_LinearLoss):
         divisor_value(2, divisor)  # validates the name
         self.ignore_index = check_ignore_index(ignore_index)
         self.chunk_rows = check_count("chunk_rows", chunk_rows, optional=True)
-        check_backend_name(backend)
+        check_backend_name(backend, op="linear_losses")
         self.reduction, self.eps, self.divisor, self.backend = reduction, eps, divisor, backend
 
     def forward(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -456,7 +457,7 @@ class LinearLogitNormLoss(_LinearLoss):
         check_options(reduction, tau=tau)
         self.ignore_index = check_ignore_index(ignore_index)
         self.chunk_rows = check_count("chunk_rows", chunk_rows, optional=True)
-        check_backend_name(backend)
+        check_backend_name(backend, op="linear_losses")
         self.tau, self.reduction, self.backend = tau, reduction, backend
 
     def forward(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

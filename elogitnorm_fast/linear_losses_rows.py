@@ -9,7 +9,11 @@ unfused losses, so the fused loss is that backend's loss on ``F.linear(features,
   backward, run as plain functions on the chunk (no nested autograd graph), and LogitNorm's
   gradient in closed form (the ``torch`` backend leaves that one to autograd);
 * ``cpu`` / ``cuda``: the compiled ops ``elogitnorm_forward`` / ``elogitnorm_backward`` /
-  ``logitnorm_forward`` / ``logitnorm_backward`` (schemas in ``csrc/ops.cpp``), called directly.
+  ``logitnorm_forward`` / ``logitnorm_backward`` (schemas in ``csrc/ops.cpp``), called directly;
+* ``triton``: the Triton kernels' ``triton_op`` s (:mod:`elogitnorm_fast.kernels.elogitnorm`,
+  :mod:`elogitnorm_fast.kernels.logitnorm`): per-row losses and unit-upstream gradients, then
+  the rows scaled by their upstream gradient. The kernels compute in fp32, so float64 chunks
+  take the ``torch`` rows, as the ``triton`` backend does.
 
 Every function takes the chunk's logits ``z`` (accumulation dtype), the targets, the reduction
 the chunk is computed with (``"sum"``, or ``"none"``), and ``upstream``: None for the loss alone,
@@ -93,16 +97,20 @@ def weight_is_unscaled(weight: torch.Tensor) -> bool:
             or 2.0 ** (-window - 1) <= largest < 2.0 ** window)
 
 
-def _distance_coefficients(z, upstream, scale_grad, sample_slot, row_class, distances, eps,
+def _per_sample_rows(sample_slot, row_class):
+    """Each sample's row of the compiled forward's distances (0 for ignored samples, whose
+    upstream gradient is 0) and its predicted class."""
+    rows = torch.where(sample_slot >= 0, sample_slot, torch.zeros_like(sample_slot))
+    return rows, row_class.index_select(0, rows).clamp_min_(0)  # -1: no valid row (g = 0)
+
+
+def _distance_coefficients(z, upstream, scale_grad, sample_slot, predicted, inverse, eps,
                            weight_grad):
     """The distance term's coefficients ``c_nj = -g_n r_n (v_n - z_nj) / Delta_nj^3`` per
-    sample (0 at clamped distances and at the sample's own class), its predicted classes and
-    the close pairs, from the compiled forward's outputs, for rows whose logits and weight
-    the kernels did not rescale (``r``: ``scale_grad``)."""
+    sample (0 at clamped distances and at the sample's own class) and the close pairs, from
+    the compiled forward's outputs, for rows whose logits and weight the kernels did not
+    rescale (``r``: ``scale_grad``). ``inverse``: the samples' distance rows, overwritten."""
     valid = sample_slot >= 0
-    rows = torch.where(valid, sample_slot, torch.zeros_like(sample_slot))
-    predicted = row_class.index_select(0, rows).clamp_min_(0)  # -1: no valid row (g = 0)
-    inverse = distances.index_select(0, rows)
     clamped = inverse < eps
     exact = weight_grad.close_pairs(inverse, predicted)
     inverse.reciprocal_()
@@ -112,7 +120,7 @@ def _distance_coefficients(z, upstream, scale_grad, sample_slot, row_class, dist
     coefficients = (z.gather(1, predicted[:, None]) - z).mul_(g[:, None])
     coefficients.mul_(inverse).mul_(inverse).mul_(inverse).neg_()
     coefficients.masked_fill_(clamped, 0.0).scatter_(1, predicted[:, None], 0.0)
-    return coefficients, predicted, exact
+    return coefficients, exact
 
 
 def elogitnorm_rows_compiled(z, weight, target, *, reduction, upstream, weight_grad,
@@ -138,10 +146,12 @@ def elogitnorm_rows_compiled(z, weight, target, *, reduction, upstream, weight_g
         reduction, float(eps), True, weight_wanted and not own)
     del grad_unit
     if own:
-        coefficients, predicted, exact = _distance_coefficients(
-            z, upstream, scale_grad, sample_slot, row_class, distances, eps, weight_grad)
-        del distances
-        weight_grad.add_distance_pairs(coefficients, predicted, exact)
+        rows, predicted = _per_sample_rows(sample_slot, row_class)
+        inverse = distances.index_select(0, rows)
+        del distances  # one rows x C buffer fewer while the coefficients are formed
+        coefficients, exact = _distance_coefficients(
+            z, upstream, scale_grad, sample_slot, predicted, inverse, eps, weight_grad)
+        weight_grad.defer_distance_pairs(coefficients, predicted, exact)
     elif weight_wanted:
         weight_grad.add(grad_weight)
     return loss, grad_logits
@@ -187,3 +197,60 @@ def logitnorm_rows_compiled(z, target, *, reduction, upstream, ignore_index, tau
     grad_logits = torch.ops.elogitnorm_fast.logitnorm_backward.default(
         upstream, z, target, grad_unit, count, reduction, ignore_index)
     return loss, grad_logits
+
+
+def _row_upstream(upstream: torch.Tensor, rows: int) -> torch.Tensor:
+    """One fp32 upstream gradient per row (the kernels zero the ignored rows themselves)."""
+    return upstream.float().expand(rows).contiguous()
+
+
+def elogitnorm_rows_triton(z, weight, target, *, reduction, upstream, weight_grad,
+                           ignore_index, eps, divisor, own_pairs=False) -> Rows:
+    """ELogitNorm rows through the Triton kernels; the distance term's weight gradient is
+    accumulated into ``weight_grad`` by its GEMMs (no C x D temporary per chunk)."""
+    if z.dtype == torch.float64:
+        return elogitnorm_rows_torch(z, weight, target, reduction=reduction, upstream=upstream,
+                                     weight_grad=weight_grad, ignore_index=ignore_index, eps=eps,
+                                     divisor=divisor)
+    from .kernels import elogitnorm  # noqa: F401  (registers the ops; imports triton)
+
+    want = upstream is not None
+    weight_wanted = want and weight_grad is not None
+    losses, grad_unit, coefficient_unit, predicted = (
+        torch.ops.elogitnorm_fast.triton_elogitnorm_rows.default(
+            z, weight, target.contiguous(), ignore_index, float(eps), int(divisor), want,
+            weight_wanted, 0))
+    loss = losses.to(z.dtype)
+    loss = loss if reduction == "none" else loss.sum()
+    if not want:
+        return loss, None
+    grad_logits, coefficients = torch.ops.elogitnorm_fast.triton_scale_rows.default(
+        grad_unit, coefficient_unit, _row_upstream(upstream, z.shape[0]), target.contiguous(),
+        ignore_index)
+    del grad_unit, coefficient_unit
+    if weight_wanted:
+        # The kernels may store minus the row's sum at the predicted class, where any value
+        # multiplies w_m - w_m = 0; the GEMM form needs it to be 0.
+        coefficients = coefficients.to(weight_grad.weight.dtype)
+        coefficients.scatter_(1, predicted[:, None], 0.0)
+        weight_grad.add_distance_pairs(coefficients, predicted)
+    return loss, grad_logits.to(z.dtype)
+
+
+def logitnorm_rows_triton(z, target, *, reduction, upstream, ignore_index, tau) -> Rows:
+    """LogitNorm rows through the Triton kernels (float64 chunks: the ``torch`` rows)."""
+    if z.dtype == torch.float64:
+        return logitnorm_rows_torch(z, target, reduction=reduction, upstream=upstream,
+                                    ignore_index=ignore_index, tau=tau)
+    from .kernels import logitnorm  # noqa: F401  (registers the ops; imports triton)
+
+    target = target.contiguous()
+    losses, stats = torch.ops.elogitnorm_fast.triton_logitnorm_rows.default(
+        z, target, 1.0 / tau, ignore_index, 0)
+    loss = losses.to(z.dtype)
+    loss = loss if reduction == "none" else loss.sum()
+    if upstream is None:
+        return loss, None
+    grad = torch.ops.elogitnorm_fast.triton_logitnorm_grad.default(
+        z, target, stats, _row_upstream(upstream, z.shape[0]), ignore_index)
+    return loss, grad.to(z.dtype)

@@ -34,7 +34,7 @@ OPS = ("losses", "linear_losses", "logit_scores", "knn")
 #: The backends that implement each op family.
 IMPLEMENTS = {
     "losses": BACKENDS,
-    "linear_losses": ("torch", "cpu", "cuda"),
+    "linear_losses": ("torch", "cpu", "cuda", "triton"),
     "logit_scores": ("torch", "cpu", "triton"),
     "knn": ("torch", "cpu"),
 }
@@ -42,7 +42,7 @@ IMPLEMENTS = {
 #: device, and device types not listed get it alone.
 _PREFERENCE = {
     "losses": {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")},
-    "linear_losses": {"cuda": ("cuda", "torch"), "cpu": ("cpu", "torch")},
+    "linear_losses": {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")},
     "logit_scores": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
     "knn": {"cpu": ("cpu", "torch")},
 }

@@ -201,7 +201,8 @@ def test_every_integer_target_dtype_matches_int64(backend, dtype):
 
 OPS = ("losses", "linear_losses", "logit_scores", "knn")
 #: The documented "auto" order per op family on CUDA (docs/backends.md).
-CUDA_PREFERENCE = {"losses": ("triton", "cuda", "torch"), "linear_losses": ("cuda", "torch"),
+CUDA_PREFERENCE = {"losses": ("triton", "cuda", "torch"),
+                   "linear_losses": ("triton", "cuda", "torch"),
                    "logit_scores": ("triton", "torch"), "knn": ("torch",)}
 
 
@@ -211,7 +212,8 @@ def test_one_vocabulary_for_every_op_family():
 
     assert REGISTRY_OPS == OPS
     assert BACKENDS == ("reference", "torch", "cpu", "cuda", "triton")
-    assert IMPLEMENTS == {"losses": BACKENDS, "linear_losses": ("torch", "cpu", "cuda"),
+    assert IMPLEMENTS == {"losses": BACKENDS,
+                          "linear_losses": ("torch", "cpu", "cuda", "triton"),
                           "logit_scores": ("torch", "cpu", "triton"), "knn": ("torch", "cpu")}
     assert ef.available_backends() == ef.available_backends(op="losses")
     for op in OPS:

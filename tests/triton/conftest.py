@@ -32,6 +32,7 @@ INTERPRETER_FILES = {
     "test_logit_scores_triton.py",
     "test_autocast_interpreted.py",
     "test_in_place_interpreted.py",
+    "test_linear_losses_interpreted.py",
 }
 
 # The interpreted halves of behaviours tested elsewhere reuse those files' helpers.
