@@ -25,8 +25,8 @@ only: they were measured side by side in one run.
 """
 #: Implementations that are this package's own code paths (the rest are baselines).
 OURS = ("cpu", "cuda", "triton", "torch backend", "KNNScorer", "one pass", "ours")
-GPU_KEYS = ("op", "loss", "pass", "impl", "backend", "config", "n", "c", "d", "N", "C", "D",
-            "rows", "k", "status", "ms", "median_ms", "fwd_ms", "fwd_bwd_ms", "fwd_graph_ms",
+GPU_KEYS = ("op", "loss", "pass", "impl", "variant", "backend", "config", "n", "c", "d", "N", "C",
+            "D", "rows", "k", "status", "ms", "median_ms", "fwd_ms", "fwd_bwd_ms", "fwd_graph_ms",
             "fwd_bwd_graph_ms",
             "speedup", "fwd_bwd_floor_fraction", "fraction_of_floor", "bandwidth_fraction",
             "tflops", "peak_extra_MiB_fwd_bwd", "host_us_fwd", "host_us_fwd_bwd", "launch_us",

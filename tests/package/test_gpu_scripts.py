@@ -496,3 +496,25 @@ def test_gpu_losses_writes_the_cases_timed_when_stopped(tmp_path, monkeypatch):
     assert written["unfinished"] == "stopped before every case was timed"
     assert [(r["loss"], r["N"], r["C"]) for r in written["rows"]] == timed[:1]
     assert "summary" in written
+
+
+def test_linear_variants_compute_the_same_loss_on_the_cpu():
+    """Each variant of gpu_linear.py builds its step; on CPU tensors with the torch rows, the
+    fused and unfused forms of a loss agree, and a missing Liger-Kernel is a row, not a crash."""
+    gpu_linear = _benchmark("gpu_linear")
+    inputs = gpu_linear.make_inputs(6, 11, 4, "cpu", torch.float32)
+    values = {}
+    for name, backend in gpu_linear.VARIANTS:
+        if name.startswith("liger"):
+            continue
+        loss = gpu_linear.loss_function(name, "torch" if backend != "-" else backend)
+        value, grads = gpu_linear.training_step(loss, *inputs)
+        assert [g.shape for g in grads] == [t.shape for t in inputs[:3]]
+        values[name] = value
+    for kind in ("elogitnorm", "logitnorm"):
+        torch.testing.assert_close(values[f"fused_{kind}"], values[f"unfused_{kind}"])
+    torch.testing.assert_close(values["unfused_cross_entropy"], torch.nn.functional.cross_entropy(
+        torch.nn.functional.linear(*inputs[:3]), inputs[3]))
+    if importlib.util.find_spec("liger_kernel") is None:
+        row = gpu_linear.measure("liger_fused_linear_cross_entropy", "-", inputs, None)
+        assert row["status"] == "not installed"
