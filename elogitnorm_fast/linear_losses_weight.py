@@ -5,7 +5,8 @@ features), ELogitNorm's distance term as a full C x D gradient (from a backend t
 or that term as its coefficients ``c_nj = dL/dDelta_nj / Delta_nj`` per (sample, class), which
 :meth:`WeightGradient.add_distance_pairs` turns into GEMMs accumulating in place (the
 ``colsum(c) * W`` part is summed as a C-vector and applied once at the end), so a chunk costs
-no C x D temporary.
+no C x D temporary. Deferred to :meth:`WeightGradient.add_chunk`, the coefficients share the
+chunk's GEMMs with ``G`` (stacked), so the weight is read and its gradient written once each.
 """
 
 from __future__ import annotations
