@@ -156,16 +156,18 @@ def test_no_grad_gives_the_loss(backend, loss):
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("loss", LOSSES)
-@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])
-def test_bfloat16_features(backend, loss, weight_dtype):
-    """bf16 features (fp32 or bf16 weight and bias): the float64 reference on the same rounded
-    values, within bf16 rounding of the logits, and gradients in the inputs' dtypes."""
+@pytest.mark.parametrize(("half", "weight_dtype"), [
+    (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float16), (torch.float16, torch.float32)])
+def test_half_precision_features(backend, loss, half, weight_dtype):
+    """bf16 / fp16 features (fp32 or 16-bit weight and bias): the float64 reference on the same
+    rounded values, within 16-bit rounding of the logits, and gradients in the inputs' dtypes."""
     features, weight, bias, target = make_inputs(40, 60, 16)
-    x = features.detach().bfloat16().requires_grad_(True)
+    x = features.detach().to(half).requires_grad_(True)
     w = weight.detach().to(weight_dtype).requires_grad_(True)
     b = bias.detach().to(weight_dtype).requires_grad_(True)
     ours = fused(loss, x, w, b, target, backend, chunk_rows=9)
-    assert ours.dtype == torch.promote_types(torch.bfloat16, weight_dtype)
+    assert ours.dtype == torch.promote_types(half, weight_dtype)
     exact = [t.detach().double().requires_grad_(True) for t in (x, w, b)]
     truth = unfused(loss, *exact, target, "reference")
     torch.testing.assert_close(ours.double(), truth, rtol=2e-2, atol=2e-2)
