@@ -196,8 +196,11 @@ def test_ctrl_c_exits_130_quietly_and_keeps_previous_outputs(inputs):
     fifo = inputs / "slow.npy"
     os.mkfifo(fifo)  # reading it blocks until a writer opens it: a command that waits
     argv = _score_argv(inputs, "--id", str(fifo), "--scorers", "msp")
+    # SIGINT at its default in the child, as in a terminal, even where this test runs with it
+    # ignored (a background job), which the child would inherit.
     child = subprocess.Popen(_cli(*argv), cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     writer = None
     try:
         deadline = time.monotonic() + 120
