@@ -28,7 +28,7 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
+from linear_variants import loss_function
 
 import elogitnorm_fast as ef
 
@@ -48,14 +48,10 @@ SLOW_ROUNDS = 3
 def _loss_fn(variant: str):
     if variant.endswith("_cpu") and ef.unavailable_reason("cpu", "cpu") is not None:
         pytest.skip(ef.unavailable_reason("cpu", "cpu"))
-    backend = variant.rsplit("_", 1)[-1]
-    if variant.startswith("fused_elogitnorm"):
-        return lambda x, w, b, y: ef.linear_elogitnorm_loss(x, w, b, y, backend=backend)
-    if variant.startswith("fused_logitnorm"):
-        return lambda x, w, b, y: ef.linear_logitnorm_loss(x, w, b, y, backend=backend)
-    if variant.startswith("unfused_elogitnorm"):
-        return lambda x, w, b, y: ef.elogitnorm_loss(F.linear(x, w, b), w, y, backend=backend)
-    return lambda x, w, b, y: F.cross_entropy(F.linear(x, w, b), y)
+    if variant == "unfused_cross_entropy":
+        return loss_function(variant, "-")
+    name, _, backend = variant.rpartition("_")
+    return loss_function(name, backend)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -33,7 +33,6 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
 
@@ -43,6 +42,7 @@ from gpu_host import PYTHON_BACKWARD, loss_fn, make_inputs  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from _gpu_common import write_rows  # noqa: E402
+from peak_memory import cpu_name  # noqa: E402
 
 #: (loss, N, C, D): the CIFAR sizes, and N = 256, C = 1000 (ELogitNorm's GEMM path; D = 64 keeps
 #: the CPU's GEMMs short, and D does not change the ops).
@@ -150,16 +150,6 @@ def print_table(rows: list[dict]) -> None:
         print(f"{case:22s} {row['path']:24s} {spread:>14s}  "
               f"{len(row['forward_ops'])} + {len(row['forward_launches'])} | "
               f"{len(row['backward_ops'])} + {len(row['backward_launches'])}")
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else the architecture."""
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

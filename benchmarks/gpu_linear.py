@@ -14,7 +14,7 @@ Usage: ``python benchmarks/gpu_linear.py --out DIR [--quick]``
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from linear_variants import loss_function
 
 from _gpu_common import begin, stop_on_sigterm, write_rows
 
@@ -26,29 +26,6 @@ VARIANTS = (
     ("liger_fused_linear_cross_entropy", "-"),
 )
 SIZES = {"full": (8192, 256_000, 1024), "quick": (2048, 64_000, 512)}
-
-
-def loss_function(name: str, backend: str):
-    """``loss(features, weight, bias, target)`` of variant ``name``; raises ``ImportError`` for
-    Liger-Kernel where it is not installed."""
-    import elogitnorm_fast as ef
-
-    if name == "fused_elogitnorm":
-        return lambda x, w, b, y: ef.linear_elogitnorm_loss(x, w, b, y, backend=backend)
-    if name == "fused_logitnorm":
-        return lambda x, w, b, y: ef.linear_logitnorm_loss(x, w, b, y, backend=backend)
-    if name == "unfused_elogitnorm":
-        return lambda x, w, b, y: ef.elogitnorm_loss(F.linear(x, w, b), w, y, backend=backend)
-    if name == "unfused_logitnorm":
-        return lambda x, w, b, y: ef.logitnorm_loss(F.linear(x, w, b), y, backend=backend)
-    if name == "unfused_cross_entropy":
-        return lambda x, w, b, y: F.cross_entropy(F.linear(x, w, b), y)
-    if name == "liger_fused_linear_cross_entropy":
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-        criterion = LigerFusedLinearCrossEntropyLoss()
-        return lambda x, w, b, y: criterion(w, x, y, b)
-    raise ValueError(f"unknown variant {name!r}")
 
 
 def make_inputs(n: int, c: int, d: int, device: str, dtype: torch.dtype):

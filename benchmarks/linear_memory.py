@@ -29,10 +29,14 @@ import json
 import sys
 from pathlib import Path
 
+from linear_variants import loss_function
+
 from peak_memory import machine_info, measure_cpu_call, run_isolated
 
 VARIANTS = ("fused_elogitnorm", "fused_logitnorm", "unfused_elogitnorm", "unfused_logitnorm",
             "unfused_ce")
+#: This script's names that :func:`linear_variants.loss_function` spells out.
+_NAMES = {"unfused_ce": "unfused_cross_entropy"}
 #: (variant, backend) pairs of the full run, per size.
 RUNS = (("fused_elogitnorm", "cpu"), ("fused_elogitnorm", "torch"), ("fused_logitnorm", "cpu"),
         ("unfused_elogitnorm", "cpu"), ("unfused_elogitnorm", "torch"), ("unfused_ce", "-"))
@@ -46,26 +50,10 @@ SWEEP_RESULTS = RESULTS.with_name("linear_chunks_memory_cpu.json")
 
 def step_function(variant: str, backend: str, chunk_rows: int | None = None):
     """``step(features, weight, bias, target)``: one fwd+bwd of ``variant``."""
-    import torch.nn.functional as F
-
-    import elogitnorm_fast as ef
+    loss = loss_function(_NAMES.get(variant, variant), backend, chunk_rows)
 
     def step(features, weight, bias, target):
-        if variant == "fused_elogitnorm":
-            loss = ef.linear_elogitnorm_loss(features, weight, bias, target, backend=backend,
-                                             chunk_rows=chunk_rows)
-        elif variant == "fused_logitnorm":
-            loss = ef.linear_logitnorm_loss(features, weight, bias, target, backend=backend,
-                                            chunk_rows=chunk_rows)
-        else:
-            logits = F.linear(features, weight, bias)
-            if variant == "unfused_elogitnorm":
-                loss = ef.elogitnorm_loss(logits, weight, target, backend=backend)
-            elif variant == "unfused_logitnorm":
-                loss = ef.logitnorm_loss(logits, target, backend=backend)
-            else:
-                loss = F.cross_entropy(logits, target)
-        loss.backward()
+        loss(features, weight, bias, target).backward()
 
     return step
 

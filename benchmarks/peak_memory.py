@@ -91,19 +91,24 @@ def run_isolated(command: list[str], record: dict, *, memory_cap_bytes: int | No
     return {**record, "status": "ok", **json.loads(done.stdout.strip().splitlines()[-1])}
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the architecture."""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def machine_info(device: str = "cpu") -> dict:
     """Date, commit, versions and the machine, for a results file."""
     import torch
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as handle:
-            model = next((line.split(":", 1)[1].strip() for line in handle
-                          if line.startswith("model name")), model)
     info = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit,
-            "torch": torch.__version__, "python": platform.python_version(), "cpu": model,
+            "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_name(),
             "cores": os.cpu_count(), "threads": torch.get_num_threads(), "device": device}
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)

@@ -211,13 +211,13 @@ class _FusedLinearLoss(torch.autograd.Function):
         dtype = accumulation_dtype(features, weight, *(() if bias is None else (bias,)))
         ctx.options = (kind, backend, reduction, chunk, needs, options)
         ctx.dtypes = (features.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.grads = None  # the forward's gradients, where the first backward may take them over
         with torch.autocast(features.device.type, enabled=False):
             if reduction == "none":
                 # The per-row upstream gradient comes with the backward: recompute there.
                 loss = _chunked(features, weight, bias, target, kind, backend, reduction, None,
                                 chunk, needs, options)[0]
                 ctx.save_for_backward(features, weight, bias, target)
-                ctx.grads = None
                 return loss.to(loss_dtype)
             count, upstream = _upstream_for_mean(target, ignore_index, reduction, dtype)
             if not any(needs):
@@ -229,7 +229,6 @@ class _FusedLinearLoss(torch.autograd.Function):
         # recompute; the first takes over the gradients and scales them in place, so the
         # C x D weight gradient is never copied. Under torch.compile they are saved as usual.
         if torch.compiler.is_compiling():
-            ctx.grads = None
             ctx.save_for_backward(features, weight, bias, target, grad_x, grad_w, grad_b)
         else:
             ctx.grads = [grad_x, grad_w, grad_b]
@@ -249,7 +248,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         kind, backend, reduction, chunk, needs, options = ctx.options
         features, weight, bias, target, *saved = ctx.saved_tensors
         dtype = accumulation_dtype(features, weight, *(() if bias is None else (bias,)))
-        grads = ctx.grads if reduction != "none" else None
+        grads = ctx.grads
         if grads is not None:  # the first backward: the forward's gradients, ours to scale
             ctx.grads = None
             grads = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads]

@@ -214,27 +214,25 @@ def elogitnorm_rows_triton(z, weight, target, *, reduction, upstream, weight_gra
                                      divisor=divisor)
     from .kernels import elogitnorm  # noqa: F401  (registers the ops; imports triton)
 
+    # From here z, the weight and the kernels' outputs are all fp32.
     want = upstream is not None
     weight_wanted = want and weight_grad is not None
+    target = target.contiguous()
     losses, grad_unit, coefficient_unit, predicted = (
         torch.ops.elogitnorm_fast.triton_elogitnorm_rows.default(
-            z, weight, target.contiguous(), ignore_index, float(eps), int(divisor), want,
-            weight_wanted, 0))
-    loss = losses.to(z.dtype)
-    loss = loss if reduction == "none" else loss.sum()
+            z, weight, target, ignore_index, float(eps), int(divisor), want, weight_wanted, 0))
+    loss = losses if reduction == "none" else losses.sum()
     if not want:
         return loss, None
     grad_logits, coefficients = torch.ops.elogitnorm_fast.triton_scale_rows.default(
-        grad_unit, coefficient_unit, _row_upstream(upstream, z.shape[0]), target.contiguous(),
-        ignore_index)
+        grad_unit, coefficient_unit, _row_upstream(upstream, z.shape[0]), target, ignore_index)
     del grad_unit, coefficient_unit
     if weight_wanted:
         # The kernels may store minus the row's sum at the predicted class, where any value
         # multiplies w_m - w_m = 0; the GEMM form needs it to be 0.
-        coefficients = coefficients.to(weight_grad.weight.dtype)
         coefficients.scatter_(1, predicted[:, None], 0.0)
         weight_grad.add_distance_pairs(coefficients, predicted)
-    return loss, grad_logits.to(z.dtype)
+    return loss, grad_logits
 
 
 def logitnorm_rows_triton(z, target, *, reduction, upstream, ignore_index, tau) -> Rows:
@@ -246,11 +244,10 @@ def logitnorm_rows_triton(z, target, *, reduction, upstream, ignore_index, tau) 
 
     target = target.contiguous()
     losses, stats = torch.ops.elogitnorm_fast.triton_logitnorm_rows.default(
-        z, target, 1.0 / tau, ignore_index, 0)
-    loss = losses.to(z.dtype)
-    loss = loss if reduction == "none" else loss.sum()
+        z, target, 1.0 / tau, ignore_index, 0)  # z is fp32 here, as the losses and gradient
+    loss = losses if reduction == "none" else losses.sum()
     if upstream is None:
         return loss, None
     grad = torch.ops.elogitnorm_fast.triton_logitnorm_grad.default(
         z, target, stats, _row_upstream(upstream, z.shape[0]), ignore_index)
-    return loss, grad.to(z.dtype)
+    return loss, grad

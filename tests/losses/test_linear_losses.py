@@ -88,6 +88,26 @@ def compare(loss, backend, expected_backend, inputs, *, rtol, atol, **options):
         torch.testing.assert_close(mine, other, rtol=rtol, atol=atol)
 
 
+
+def compare_to_float64(loss, backend, inputs, *, rtol, atol, reference="reference", **options):
+    """Fused on ``backend`` against the unfused loss on ``reference`` in float64, on the same
+    (rounded) values: loss and the gradient of every input that requires one, in its dtype.
+    Returns the fused loss."""
+    features, weight, bias, target = inputs
+    exact = [None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+             for t in (features, weight, bias)]
+    ours = fused(loss, features, weight, bias, target, backend, **options)
+    truth = unfused(loss, *exact, target, reference, **options)
+    torch.testing.assert_close(ours.double(), truth, rtol=rtol, atol=atol, equal_nan=True)
+    upstream = torch.rand(truth.shape, dtype=torch.float64, device=truth.device) + 0.5
+    tensors = (features, weight, bias)
+    for mine, expected, tensor in zip(grads(ours, tensors, upstream.to(ours.dtype)),
+                                      grads(truth, exact, upstream), tensors, strict=True):
+        if tensor is not None and tensor.requires_grad:
+            assert mine.dtype == tensor.dtype
+            torch.testing.assert_close(mine.double(), expected, rtol=rtol, atol=atol)
+    return ours
+
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)

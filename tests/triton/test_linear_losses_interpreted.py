@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_linear_losses import compare, fused, grads, make_inputs, unfused
+from test_linear_losses import compare, compare_to_float64, make_inputs
 
 import elogitnorm_fast as ef
 
@@ -17,20 +17,8 @@ REDUCTIONS = ("mean", "sum", "none")
 
 def _against_reference(loss, inputs, *, rtol=2e-4, atol=2e-6, **options):
     """Fused ``triton`` on float32 inputs against the float64 reference on the same values."""
-    features, weight, bias, target = inputs
-    exact = [None if t is None else t.detach().double().requires_grad_(t.requires_grad)
-             for t in (features, weight, bias)]
-    ours = fused(loss, features, weight, bias, target, "triton", **options)
-    truth = unfused(loss, *exact, target, "reference", **options)
+    ours = compare_to_float64(loss, "triton", inputs, rtol=rtol, atol=atol, **options)
     assert ours.dtype == torch.float32
-    torch.testing.assert_close(ours.double(), truth, rtol=rtol, atol=atol, equal_nan=True)
-    upstream = torch.rand(ours.shape, dtype=torch.float64) + 0.5
-    for mine, reference, tensor in zip(grads(ours, (features, weight, bias), upstream.float()),
-                                       grads(truth, exact, upstream), (features, weight, bias),
-                                       strict=True):
-        if tensor is not None and tensor.requires_grad:
-            assert mine.dtype == tensor.dtype
-            torch.testing.assert_close(mine.double(), reference, rtol=rtol, atol=atol)
 
 
 def test_auto_on_cpu_tensors_is_not_triton():
